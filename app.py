@@ -1,0 +1,53 @@
+"""The application factory, and the module-level `app` that `gunicorn app:app` serves."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from importlib import import_module
+from typing import Any
+
+from flask import Flask
+from flask_compress import Compress
+
+from lib import access_log, db, errors, health, http
+from lib.config import ConfigError, build_config
+from lib.json import ORJSONProvider
+from lib.logger import setup_logging
+from settings import APP_ID
+
+COMPRESSED_MIMETYPES = ['application/json', 'application/problem+json']
+
+
+def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
+    """A configured app; `overrides` replace settings (tests use them)."""
+    config = build_config(overrides)
+    setup_logging(**config.get('LOGGING', {}))
+    app = Flask(APP_ID)
+    app.config.update(config, COMPRESS_MIMETYPES=COMPRESSED_MIMETYPES, COMPRESS_ALGORITHM=['zstd', 'br', 'gzip'])
+    app.json = ORJSONProvider(app)
+    # Order matters for after_request (last registered runs first): the access record is
+    # registered first so it runs last and sees the final response.
+    access_log.init_app(app)
+    http.init_app(app)
+    Compress(app)
+    errors.init_app(app)
+    db.init_app(app)
+    app.register_blueprint(health.blueprint)
+    for name in config['MODULES']:
+        app.register_blueprint(import_module(name).blueprint)
+    return app
+
+
+def __getattr__(name: str) -> Flask:
+    """`app` is built on first use, so importing `create_app` (tests) configures nothing."""
+    if name != 'app':
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    try:
+        application = create_app()
+    except ConfigError as error:
+        # One clear line instead of a traceback; gunicorn's master checks the same at start.
+        sys.stderr.write(f'dbapi: configuration error: {error}\n')
+        raise SystemExit(3) from None
+    globals()['app'] = application
+    return application

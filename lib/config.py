@@ -1,0 +1,120 @@
+"""Turn `settings` (plain strings from the environment) into a checked app config.
+
+Every check raises `ConfigError` with one line that names the bad setting, so a wrong
+deployment fails at start instead of serving an open, closed or half-working API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import settings
+
+ENVIRONMENTS = ('local', 'testing', 'production')
+# Tokens shipped in this repository for local use and tests: never valid in production.
+KNOWN_TOKENS = frozenset({'local-dev-token', 'testing-token', 'changeme', 'secret', 'token'})
+MIN_PRODUCTION_TOKEN_LENGTH = 24
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names it."""
+
+
+def _int(name: str, value: Any, minimum: int = 0) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f'{name}={value!r} is not a whole number') from None
+    if number < minimum:
+        raise ConfigError(f'{name}={number} must be at least {minimum}')
+    return number
+
+
+def _float(name: str, value: Any, minimum: float = 0.0) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f'{name}={value!r} is not a number') from None
+    if number <= minimum:
+        raise ConfigError(f'{name}={number} must be more than {minimum}')
+    return number
+
+
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() in {'1', 'true', 'yes', 'on'}
+
+
+def token_label(token: bytes) -> str:
+    """A short, non-reversible name for a token, safe to log."""
+    return 'sha256:' + hashlib.sha256(token).hexdigest()[:10]
+
+
+def parse_tokens(environment: str, raw: Any) -> dict[bytes, str]:
+    """The configured tokens (comma-separated) mapped to their log labels."""
+    tokens = [raw] if isinstance(raw, bytes) else [t.strip() for t in str(raw or '').split(',')]
+    tokens = [t.encode('utf-8') if isinstance(t, str) else t for t in tokens if t]
+    if not tokens:
+        raise ConfigError('BEARER is empty: set at least one token (or BEARER_FILE)')
+    if environment == 'production':
+        for token in tokens:
+            if token.decode('utf-8', 'replace') in KNOWN_TOKENS:
+                raise ConfigError('BEARER holds a default token: production needs a token of its own')
+            if len(token) < MIN_PRODUCTION_TOKEN_LENGTH:
+                raise ConfigError(f'BEARER has a token shorter than {MIN_PRODUCTION_TOKEN_LENGTH} characters')
+    return {token: token_label(token) for token in tokens}
+
+
+def check_databases(databases: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(databases, Mapping) or settings.DEFAULT not in databases:
+        raise ConfigError(f'DATABASES has no {settings.DEFAULT!r} database (set DEFAULT_DB_NAME)')
+    checked = {}
+    for name, params in databases.items():
+        prefix = name.upper()
+        if not params.get('dbname'):
+            raise ConfigError(f'{prefix}_DB_NAME is not set for database {name!r}')
+        port = _int(f'{prefix}_DB_PORT', params.get('port') or 5432, minimum=1)
+        checked[name] = {key: value for key, value in dict(params, port=port).items() if value not in ('', None)}
+    return checked
+
+
+def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The Flask config for one app: settings, then `overrides` (tests), all checked."""
+    raw: dict[str, Any] = {
+        'ENVIRONMENT': settings.ENVIRONMENT,
+        'BEARER': settings.BEARER,
+        'DEBUG': settings.DEBUG,
+        'DATABASES': settings.DATABASES,
+        'MODULES': settings.MODULES,
+        'MAX_CONTENT_LENGTH': settings.MAX_CONTENT_LENGTH,
+        'COMPRESS_MIN_SIZE': settings.COMPRESS_MIN_SIZE,
+        'PROXY_HOPS': settings.PROXY_HOPS,
+        'POOL_SIZE': settings.POOL_SIZE,
+        'POOL_TIMEOUT': settings.POOL_TIMEOUT,
+        'CONNECT_TIMEOUT': settings.CONNECT_TIMEOUT,
+        'STATEMENT_TIMEOUT': settings.STATEMENT_TIMEOUT,
+    }
+    raw.update(overrides or {})
+    environment = raw['ENVIRONMENT']
+    if environment not in ENVIRONMENTS:
+        raise ConfigError(f'ENVIRONMENT={environment!r} is not one of {", ".join(ENVIRONMENTS)}')
+    debug = _flag(raw['DEBUG'])
+    if debug and environment != 'local':
+        raise ConfigError(f'DEBUG is on in ENVIRONMENT={environment!r}: debug mode is for local only')
+    config = dict(raw)
+    config.update(
+        DEBUG=debug,
+        BEARER_TOKENS=parse_tokens(environment, raw['BEARER']),
+        DATABASES=check_databases(raw['DATABASES']),
+        MODULES=list(raw['MODULES']),
+        MAX_CONTENT_LENGTH=_int('MAX_CONTENT_LENGTH', raw['MAX_CONTENT_LENGTH'], minimum=1024),
+        COMPRESS_MIN_SIZE=_int('COMPRESS_MIN_SIZE', raw['COMPRESS_MIN_SIZE']),
+        PROXY_HOPS=_int('PROXY_HOPS', raw['PROXY_HOPS']),
+        POOL_SIZE=_int('POOL_SIZE', raw['POOL_SIZE'], minimum=1),
+        POOL_TIMEOUT=_float('POOL_TIMEOUT', raw['POOL_TIMEOUT']),
+        CONNECT_TIMEOUT=_int('CONNECT_TIMEOUT', raw['CONNECT_TIMEOUT'], minimum=1),
+        STATEMENT_TIMEOUT=_int('STATEMENT_TIMEOUT', raw['STATEMENT_TIMEOUT']),
+    )
+    del config['BEARER']  # only the parsed form stays, so the raw value cannot leak into a dump
+    return config

@@ -1,0 +1,309 @@
+"""The database layer: per-process pools, connections scoped to a request, the Db helper.
+
+Connections taken during a request are given back when the request ends, whatever the
+action did, so a forgetful action cannot drain the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from flask import Flask, current_app, g, has_app_context
+from psycopg2 import sql
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as PlainCursor
+from psycopg2.extras import RealDictCursor
+
+from lib.pool import ConnectionPool, PoolClosed
+from settings import APP_ID
+
+Params = Mapping[str, Any] | Sequence[Any] | None
+Row = dict[str, Any] | tuple[Any, ...]
+
+
+class PooledConnection(Connection):
+    """A psycopg2 connection that remembers whether its rows should be dicts."""
+
+    named: bool = True
+
+
+class Pools:
+    """Every database's pool for one app in one process, created lazily after the fork."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.databases: dict[str, dict[str, Any]] = config['DATABASES']
+        self.size: int = config['POOL_SIZE']
+        self.timeout: float = config['POOL_TIMEOUT']
+        self.connect_timeout: int = config['CONNECT_TIMEOUT']
+        self.statement_timeout: int = config['STATEMENT_TIMEOUT']
+        self._pools: dict[str, ConnectionPool] = {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._inherited: list[ConnectionPool] = []
+
+    def get(self, name: str) -> ConnectionPool:
+        pool = self._pools.get(name)
+        if pool is not None and self._pid == os.getpid():
+            return pool
+        with self._lock:
+            self._forget_inherited()
+            pool = self._pools.get(name)
+            if pool is None:
+                pool = self._pools[name] = self._create(name)
+            return pool
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {name: pool.stats for name, pool in self._pools.items()}
+
+    def _create(self, name: str) -> ConnectionPool:
+        if name not in self.databases:
+            raise KeyError(f'no database named {name!r} is configured (known: {", ".join(self.databases)})')
+        params = dict(
+            self.databases[name],
+            connect_timeout=self.connect_timeout,
+            application_name=f'{APP_ID}:{os.getpid()}',
+            options=f'-c statement_timeout={self.statement_timeout}',
+            connection_factory=PooledConnection,
+            # A dead peer is noticed within ~30 s instead of the kernel's two hours.
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
+        return ConnectionPool(name, params, max_size=self.size, timeout=self.timeout)
+
+    def _forget_inherited(self) -> None:
+        """After a fork, never touch the parent's sockets: closing them would end its sessions."""
+        if self._pid == os.getpid():
+            return
+        self._inherited.extend(self._pools.values())
+        self._pools = {}
+        self._pid = os.getpid()
+
+
+def init_app(app: Flask) -> None:
+    app.extensions['dbapi.pools'] = Pools(app.config)
+    app.teardown_request(release_request_connections)
+
+
+def pools() -> Pools:
+    return current_app.extensions['dbapi.pools']
+
+
+def prepare(conn: Connection, named: bool, autocommit: bool) -> Connection:
+    conn.autocommit = autocommit  # client-side in psycopg2: no round trip
+    conn.named = named
+    conn.cursor_factory = RealDictCursor if named else None  # for actions that use conn.cursor()
+    return conn
+
+
+@contextmanager
+def connection(name: str, named: bool = True, autocommit: bool = True) -> Iterator[Connection]:
+    """A connection from `name`'s pool for the length of the block, then back to the pool clean."""
+    pool = pools().get(name)
+    with pool.connection() as conn:
+        yield prepare(conn, named, autocommit)
+
+
+def get_conn_from_dbname(name: str, named: bool = True, autocommit: bool = True) -> Connection:
+    """A connection that goes back to its pool when the current request ends.
+
+    Outside a request use `connection(name)` instead, which gives it back at the end of a block.
+    """
+    if not has_app_context() or not hasattr(g, 'request_id'):
+        raise RuntimeError('get_conn_from_dbname() needs a request; use lib.db.connection() elsewhere')
+    pool = pools().get(name)
+    conn = pool.getconn()
+    g.setdefault('_dbapi_borrowed', []).append((pool, conn))
+    return prepare(conn, named, autocommit)
+
+
+def release_request_connections(_exc: BaseException | None = None) -> None:
+    """Give back every connection the request borrowed (teardown: runs even after errors)."""
+    borrowed = g.pop('_dbapi_borrowed', None)
+    for pool, conn in borrowed or ():
+        with suppress(PoolClosed):
+            pool.putconn(conn)
+
+
+@contextmanager
+def transactional(conn: Connection) -> Iterator[Db]:
+    """A `Db` over `conn` inside one transaction: committed at the end, rolled back on error."""
+    autocommit = conn.autocommit
+    conn.autocommit = False
+    try:
+        yield Db(conn)
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.autocommit = autocommit
+
+
+def get_db_from_conn(conn: Connection) -> Db:
+    return Db(conn)
+
+
+def quote(name: str) -> sql.SQL:
+    """One quoted identifier, ready for a query that is executed with parameters.
+
+    `psycopg2.sql.Identifier` leaves `%` alone, so a name holding `%s` would be read as a
+    placeholder; doubling it keeps the name a name. The queries built here always pass
+    parameters (at least an empty list), which is what makes `%%` mean `%`.
+    """
+    if not isinstance(name, str) or not name or '\x00' in name:
+        raise ValueError(f'identifier {name!r} must be a non-empty string without NUL')
+    return sql.SQL('"' + name.replace('"', '""').replace('%', '%%') + '"')
+
+
+def identifier(name: str) -> sql.Composed:
+    """A table or function name; `schema.table` becomes "schema"."table"."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f'identifier {name!r} must be a non-empty string')
+    return sql.SQL('.').join(quote(part) for part in name.split('.'))
+
+
+def _columns(names: Iterable[str]) -> sql.Composed:
+    return sql.SQL(', ').join(map(quote, names))
+
+
+def _pairs(values: Mapping[str, Any], prefix: str, params: dict[str, Any], glue: str = ' AND ') -> sql.Composable:
+    """`"col" = %(p0)s` joined by `glue`; values go to `params` under generated names.
+
+    Placeholder names never come from column names, so a hostile column name can only ever
+    be a (quoted) identifier.
+    """
+    parts = []
+    for index, (column, value) in enumerate(values.items()):
+        key = f'{prefix}{index}'
+        params[key] = value
+        parts.append(sql.SQL('{} = {}').format(quote(column), sql.Placeholder(key)))
+    return sql.SQL(glue).join(parts) if parts else sql.SQL('TRUE')
+
+
+class Db:
+    """Small helpers over one connection: identifiers quoted, every value a bound parameter."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.named = getattr(conn, 'named', True)
+
+    def cursor(self) -> PlainCursor:
+        # Always tuples underneath: `_rows` builds the dicts faster than RealDictCursor does.
+        return self.conn.cursor(cursor_factory=PlainCursor)
+
+    def _rows(self, cursor: Any) -> list[Row]:
+        if cursor.description is None:
+            return []
+        rows = cursor.fetchall()
+        if not self.named:
+            return rows
+        # Plain tuples zipped with the column names: several times faster than RealDictCursor.
+        columns = [column.name for column in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+    def fetch_all(self, query: str | sql.Composable, params: Params = None) -> list[Row]:
+        with self.cursor() as cursor:
+            cursor.execute(query, params)
+            return self._rows(cursor)
+
+    def fetch_row(self, query: str | sql.Composable, params: Params = None) -> Row | None:
+        rows = self.fetch_all(query, params)
+        return rows[0] if rows else None
+
+    def fetch_one(self, query: str | sql.Composable, params: Params = None) -> Any:
+        """The first column of the first row, or None."""
+        with self.cursor() as cursor:
+            cursor.execute(query, params)
+            row = cursor.fetchone() if cursor.description else None
+            return row[0] if row else None
+
+    def execute(self, query: str | sql.Composable, params: Params = None) -> int:
+        """Run a statement; the number of rows it touched."""
+        with self.cursor() as cursor:
+            cursor.execute(query, params)
+            return cursor.rowcount
+
+    def select(self, table: str, where: Mapping[str, Any] | None = None) -> list[Row]:
+        params: dict[str, Any] = {}
+        query = sql.SQL('SELECT * FROM {} WHERE {}').format(identifier(table), _pairs(where or {}, 'w', params))
+        return self.fetch_all(query, params)
+
+    def insert(self, table: str, values: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Row]:
+        """Insert one row (a dict) or several (a list of dicts with the same keys); the rows written."""
+        rows = [values] if isinstance(values, Mapping) else list(values)
+        if not rows:
+            return []
+        columns = list(rows[0])
+        for row in rows:
+            if list(row) != columns:
+                raise ValueError(f'insert into {table!r}: every row needs the columns {columns}, got {list(row)}')
+        placeholders = sql.SQL('({})').format(sql.SQL(', ').join(sql.Placeholder() * len(columns)))
+        query = sql.SQL('INSERT INTO {} ({}) VALUES {} RETURNING *').format(
+            identifier(table), _columns(columns), sql.SQL(', ').join([placeholders] * len(rows))
+        )
+        return self.fetch_all(query, [row[column] for row in rows for column in columns])
+
+    def update(self, table: str, data: Mapping[str, Any], identifier_: Mapping[str, Any]) -> int:
+        """Set `data` on the rows matching `identifier_`; how many rows changed."""
+        if not data:
+            raise ValueError(f'update of {table!r} needs at least one column to set')
+        if not identifier_:
+            raise ValueError(f'update of {table!r} needs an identifier: refusing to update every row')
+        params: dict[str, Any] = {}
+        query = sql.SQL('UPDATE {} SET {} WHERE {}').format(
+            identifier(table), _pairs(data, 's', params, glue=', '), _pairs(identifier_, 'w', params)
+        )
+        return self.execute(query, params)
+
+    def upsert(self, table: str, data: Mapping[str, Any], identifier_: Mapping[str, Any]) -> Row | None:
+        """Insert, or update on conflict with `identifier_`'s unique key, in one atomic statement."""
+        if not identifier_:
+            raise ValueError(f'upsert into {table!r} needs an identifier (a unique key)')
+        values = {**identifier_, **data}
+        # Nothing to update still returns the row: a no-op update of the key locks and returns it.
+        updated = list(data) or [next(iter(identifier_))]
+        query = sql.SQL('INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {} RETURNING *').format(
+            identifier(table),
+            _columns(values),
+            sql.SQL(', ').join(sql.Placeholder() * len(values)),
+            _columns(identifier_),
+            sql.SQL(', ').join(sql.SQL('{0} = EXCLUDED.{0}').format(quote(c)) for c in updated),
+        )
+        return self.fetch_row(query, list(values.values()))
+
+    def delete(self, table: str, where: Mapping[str, Any]) -> int:
+        if not where:
+            raise ValueError(f'delete needs a condition: refusing to empty {table!r}')
+        params: dict[str, Any] = {}
+        query = sql.SQL('DELETE FROM {} WHERE {}').format(identifier(table), _pairs(where, 'w', params))
+        return self.execute(query, params)
+
+    def _call(self, function: str, params: Sequence[Any] | Mapping[str, Any] | None) -> tuple[sql.Composable, Any]:
+        if isinstance(params, Mapping):
+            arguments = sql.SQL(', ').join(
+                sql.SQL('{} => {}').format(quote(name), sql.Placeholder()) for name in params
+            )
+            return sql.SQL('SELECT * FROM {}({})').format(identifier(function), arguments), list(params.values())
+        params = list(params or ())
+        arguments = sql.SQL(', ').join(sql.Placeholder() * len(params))
+        return sql.SQL('SELECT * FROM {}({})').format(identifier(function), arguments), params
+
+    def sp_fetch_one(self, function: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> Any:
+        """Call a stored function; the first column of its first row."""
+        return self.fetch_one(*self._call(function, params))
+
+    def sp_fetch_all(self, function: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> list[Row]:
+        """Call a set-returning stored function; all its rows."""
+        return self.fetch_all(*self._call(function, params))

@@ -1,0 +1,51 @@
+"""Decorators that only record what an action needs; `lib.actions` acts on the record.
+
+Because nothing is wrapped, the order of the decorators does not matter and an action stays
+a plain function that tests can call with plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from marshmallow import Schema
+
+from settings import DEFAULT
+
+F = TypeVar('F', bound=Callable[..., Any])
+
+SCHEMA_ATTR = '__dbapi_schema__'
+CONN_ATTR = '__dbapi_conn__'
+
+
+@dataclass(frozen=True, slots=True)
+class ConnSpec:
+    database: str
+    named: bool
+    autocommit: bool
+
+
+def use_schema(schema: type[Schema] | Schema) -> Callable[[F], F]:
+    """Load the JSON body with `schema`; the action gets the loaded fields as keyword arguments."""
+    instance = schema() if isinstance(schema, type) else schema
+    if not isinstance(instance, Schema):
+        raise TypeError(f'use_schema() needs a marshmallow Schema, got {schema!r}')
+
+    def record(action: F) -> F:
+        setattr(action, SCHEMA_ATTR, instance)
+        return action
+
+    return record
+
+
+def inject_conn(database: str = DEFAULT, named: bool = True, autocommit: bool = False) -> Callable[[F], F]:
+    """Pass a pooled connection to `database` as `conn`: committed when the action returns,
+    rolled back when it raises, and back in the pool clean either way."""
+
+    def record(action: F) -> F:
+        setattr(action, CONN_ATTR, ConnSpec(database, named, autocommit))
+        return action
+
+    return record

@@ -1,0 +1,39 @@
+"""Per-request plumbing every response shares: the request id and the safety headers."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from flask import Flask, Response, g, request
+
+REQUEST_ID_HEADER = 'X-Request-ID'
+# An incoming id is kept only if it is short and plain, so it cannot forge log lines.
+VALID_REQUEST_ID = re.compile(r'[A-Za-z0-9._:@/+=-]{1,128}')
+RESPONSE_HEADERS = {
+    'X-Content-Type-Options': 'nosniff',
+    'Cache-Control': 'no-store',
+}
+
+
+def assign_request_id() -> None:
+    incoming = request.headers.get(REQUEST_ID_HEADER, '')
+    g.request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+
+
+def request_id() -> str:
+    """This request's id, assigned now if the request failed before the first hook ran."""
+    if 'request_id' not in g:
+        assign_request_id()
+    return g.request_id
+
+
+def finish_response(response: Response) -> Response:
+    response.headers[REQUEST_ID_HEADER] = request_id()
+    response.headers.update(RESPONSE_HEADERS)
+    return response
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(assign_request_id)
+    app.after_request(finish_response)

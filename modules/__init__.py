@@ -1,0 +1,1 @@
+"""Action modules: each package exposes a `blueprint` built from its routes table."""

@@ -1,0 +1,5 @@
+from lib.actions import module_blueprint
+
+from .routes import routes
+
+blueprint = module_blueprint(__name__, routes)

@@ -1,0 +1,5 @@
+SQL_USERS = """
+SELECT name, email
+FROM users
+WHERE name = %(name)s
+"""

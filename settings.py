@@ -1,0 +1,78 @@
+"""All configuration, as module-level constants (the Django-style pattern of the design).
+
+`ENVIRONMENT` (default `local`) selects `env/<ENVIRONMENT>/.env`; variables already set in
+the process environment win over the file. Secrets may also come from `<NAME>_FILE`
+(the Docker secrets convention). Nothing here is validated: `lib.config` does that at start,
+so a wrong value fails with one line that names it.
+"""
+
+import os
+import re
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+BASE_DIR = Path(__file__).resolve().parent
+
+APP_ID = 'dbapi'
+ENVIRONMENT = os.getenv('ENVIRONMENT', 'local')
+
+load_dotenv(dotenv_path=BASE_DIR / 'env' / ENVIRONMENT / '.env', override=False)
+
+
+def _secret(name: str, default: str = '') -> str:
+    """The value of `name`, or the content of the file named by `<name>_FILE`."""
+    path = os.getenv(f'{name}_FILE')
+    if path:
+        return Path(path).read_text(encoding='utf-8').strip()
+    return os.getenv(name, default)
+
+
+PROCESS_ID = os.getenv('PROCESS_ID', APP_ID)
+LOG_LEVEL = os.getenv('LOG_LEVEL', 'INFO').upper()
+LOG_DIR = os.getenv('LOG_DIR', str(BASE_DIR / 'logs'))
+LOG_PATH = os.getenv('LOG_PATH', os.path.join(LOG_DIR, f'{APP_ID}.log'))
+LOG_STDOUT = os.getenv('LOG_STDOUT', '0')
+LOG_MAX_BYTES = os.getenv('LOG_MAX_BYTES', str(50 * 1024 * 1024))
+LOG_BACKUP_COUNT = os.getenv('LOG_BACKUP_COUNT', '5')
+LOG_RETENTION_DAYS = os.getenv('LOG_RETENTION_DAYS', '15')
+LOG_FORMAT = os.getenv('LOG_FORMAT', 'console' if ENVIRONMENT == 'local' else 'json')
+ELK_APP = f'{APP_ID}.{PROCESS_ID}'
+ELK_INDEX = f'{APP_ID}_{ENVIRONMENT}'
+ELK_PROCESS = APP_ID
+
+# Several tokens, separated by commas, so they can be rotated without downtime.
+BEARER = _secret('BEARER')
+
+DEBUG = os.getenv('DEBUG', '0')
+MAX_CONTENT_LENGTH = os.getenv('MAX_CONTENT_LENGTH', str(20 * 1024 * 1024))
+COMPRESS_MIN_SIZE = os.getenv('COMPRESS_MIN_SIZE', '500')
+# How many reverse proxies (nginx) stand in front of the app and append to X-Forwarded-For.
+PROXY_HOPS = os.getenv('PROXY_HOPS', '0')
+
+# Database pools: one per named database per process.
+POOL_SIZE = os.getenv('POOL_SIZE', '4')
+POOL_TIMEOUT = os.getenv('POOL_TIMEOUT', '5')
+CONNECT_TIMEOUT = os.getenv('CONNECT_TIMEOUT', '3')
+STATEMENT_TIMEOUT = os.getenv('STATEMENT_TIMEOUT', '30000')  # milliseconds
+
+DEFAULT = 'default'
+
+
+def _database(prefix: str) -> dict[str, str]:
+    return {
+        'dbname': os.getenv(f'{prefix}_DB_NAME', ''),
+        'user': os.getenv(f'{prefix}_DB_USER', ''),
+        'password': _secret(f'{prefix}_DB_PASS'),
+        'host': os.getenv(f'{prefix}_DB_HOST', ''),
+        'port': os.getenv(f'{prefix}_DB_PORT', '5432'),
+    }
+
+
+_DB_PREFIXES = {m.group(1) for m in map(re.compile(r'^([A-Z][A-Z0-9_]*)_DB_NAME$').match, os.environ) if m}
+DATABASES = {prefix.lower(): _database(prefix) for prefix in _DB_PREFIXES | {DEFAULT.upper()}}
+
+# Registering a module is one line here.
+MODULES = [
+    'modules.example',
+]

@@ -1,0 +1,124 @@
+"""Fixtures chained app -> client -> helpers, against the machine's real PostgreSQL.
+
+Each test session makes its own database and drops it at the end. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+os.environ.setdefault('ENVIRONMENT', 'testing')
+
+import psycopg2
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from psycopg2 import sql
+
+from app import create_app
+from lib.apply_sql import apply_sql
+
+PG = {
+    'host': os.getenv('TEST_PG_HOST', '127.0.0.1'),
+    'port': int(os.getenv('TEST_PG_PORT', '5432')),
+    'user': os.getenv('TEST_PG_USER', 'postgres'),
+}
+TOKEN = 'testing-token'
+AUTH = {'Authorization': f'Bearer {TOKEN}'}
+MODULES = ['modules.example', 'tests.modules.probe']
+
+
+def admin_connection() -> psycopg2.extensions.connection:
+    conn = psycopg2.connect(dbname='postgres', connect_timeout=5, **PG)
+    conn.autocommit = True
+    return conn
+
+
+def create_database(prefix: str = 'dbapi_test') -> str:
+    name = f'{prefix}_{uuid.uuid4().hex[:10]}'
+    with admin_connection() as conn, conn.cursor() as cursor:
+        cursor.execute(sql.SQL('CREATE DATABASE {}').format(sql.Identifier(name)))
+    return name
+
+
+def drop_database(name: str) -> None:
+    conn = admin_connection()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(sql.SQL('DROP DATABASE IF EXISTS {} WITH (FORCE)').format(sql.Identifier(name)))
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope='session')
+def database() -> Iterator[dict[str, Any]]:
+    """A database of this session's own, with every module's schema applied."""
+    name = create_database()
+    params = dict(PG, dbname=name)
+    apply_sql(params, MODULES)
+    yield params
+    drop_database(name)
+
+
+def make_app(database: dict[str, Any], log_dir: str, **overrides: Any) -> Flask:
+    config = {
+        'ENVIRONMENT': 'testing',
+        'BEARER': TOKEN,
+        'DATABASES': {'default': database},
+        'MODULES': MODULES,
+        'POOL_SIZE': 4,
+        'POOL_TIMEOUT': 2,
+        'LOGGING': {'log_dir': log_dir, 'console': False},
+    }
+    config.update(overrides)
+    return create_app(config)
+
+
+@pytest.fixture
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp('logs'))
+
+
+@pytest.fixture
+def app(database: dict[str, Any], log_dir: str) -> Iterator[Flask]:
+    application = make_app(database, log_dir)
+    yield application
+    application.extensions['dbapi.pools'].close()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+class Api:
+    """POSTs actions the way an internal backend does."""
+
+    def __init__(self, client: FlaskClient) -> None:
+        self.client = client
+
+    def post(self, path: str, body: Any = None, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        return self.client.post(path, json=body, headers={**AUTH, **(headers or {})}, **kwargs)
+
+
+@pytest.fixture
+def api(client: FlaskClient) -> Api:
+    return Api(client)
+
+
+@pytest.fixture
+def db(database: dict[str, Any]) -> Iterator[psycopg2.extensions.connection]:
+    """A plain connection to the test database, to check what actions really wrote."""
+    conn = psycopg2.connect(**database)
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+def query(conn: psycopg2.extensions.connection, text: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cursor:
+        cursor.execute(text, params)
+        return cursor.fetchall() if cursor.description else []

@@ -1,0 +1,126 @@
+import datetime
+import decimal
+import uuid
+
+from psycopg2.extensions import connection as Connection
+
+from lib.db import get_conn_from_dbname, get_db_from_conn, transactional
+from lib.decorators import inject_conn, use_schema
+from settings import DEFAULT
+
+from .schemas import ItemSchema, NoteSchema, SleepSchema, TypesSchema
+
+calls: list[str] = []  # what reached an action: validation failures must never show up here
+
+
+@use_schema(ItemSchema)
+@inject_conn(DEFAULT)
+def add_item(conn: Connection, code: str, qty: int, parent: int | None) -> dict:
+    calls.append('add_item')
+    return get_db_from_conn(conn).insert('probe_items', dict(code=code, qty=qty, parent=parent))[0]
+
+
+@use_schema(NoteSchema)
+@inject_conn(DEFAULT)
+def write_then_fail(conn: Connection, note: str) -> None:
+    get_db_from_conn(conn).insert('probe_log', dict(note=note))
+    raise RuntimeError('boom after writing')
+
+
+@use_schema(NoteSchema)
+@inject_conn(DEFAULT)
+def write_note(conn: Connection, note: str) -> int:
+    return get_db_from_conn(conn).fetch_one(
+        'INSERT INTO probe_log (note) VALUES (%(note)s) RETURNING id', dict(note=note)
+    )
+
+
+@use_schema(SleepSchema)
+@inject_conn(DEFAULT)
+def sleep(conn: Connection, seconds: float) -> bool:
+    get_db_from_conn(conn).fetch_one('SELECT pg_sleep(%s)', [seconds])
+    return True
+
+
+@inject_conn(DEFAULT)
+def divide_by_zero(conn: Connection) -> int:
+    return get_db_from_conn(conn).fetch_one('SELECT 1 / 0')
+
+
+@inject_conn(DEFAULT)
+def bad_sql(conn: Connection) -> int:
+    return get_db_from_conn(conn).fetch_one('SELEC nothing')
+
+
+@inject_conn(DEFAULT, named=False)
+def tuples(conn: Connection) -> list:
+    return get_db_from_conn(conn).fetch_all('SELECT 1 AS a, 2 AS b')
+
+
+@inject_conn(DEFAULT)
+def raw_cursor(conn: Connection) -> list:
+    with conn.cursor() as cursor:
+        cursor.execute('SELECT 1 AS a')
+        return cursor.fetchall()
+
+
+def leak() -> int:
+    """Takes a connection the article's way and never gives it back."""
+    conn = get_conn_from_dbname(DEFAULT)
+    return get_db_from_conn(conn).fetch_one('SELECT pg_backend_pid()')
+
+
+@inject_conn(DEFAULT)
+def backend_pid(conn: Connection) -> int:
+    return conn.get_backend_pid()
+
+
+@inject_conn(DEFAULT)
+def in_transaction(conn: Connection) -> dict:
+    with transactional(conn) as db:
+        db.insert('probe_log', dict(note='tx'))
+    return {'autocommit': conn.autocommit}
+
+
+@inject_conn(DEFAULT)
+def pg_types(conn: Connection) -> dict:
+    return get_db_from_conn(conn).fetch_row(
+        """SELECT now() AS ts, current_date AS day, '12:34:56'::time AS t, 1.50::numeric AS num,
+                  '3 days 04:00:00'::interval AS span, '\\x0102'::bytea AS raw,
+                  gen_random_uuid() AS id, '{"a": [1, 2]}'::jsonb AS doc, ARRAY[1, 2] AS arr, NULL AS nothing"""
+    )
+
+
+def python_types() -> dict:
+    return {
+        'datetime': datetime.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=datetime.UTC),
+        'date': datetime.date(2024, 5, 6),
+        'time': datetime.time(7, 8, 9),
+        'decimal': decimal.Decimal('12345678901234567890.123456789'),
+        'uuid': uuid.UUID('12345678-1234-5678-1234-567812345678'),
+        'timedelta': datetime.timedelta(hours=1, seconds=1),
+        'bytes': b'\x00\x01',
+        'memoryview': memoryview(b'ab'),
+        'tuple': (1, 2),
+    }
+
+
+@use_schema(TypesSchema)
+def echo_types(day: datetime.date, amount: decimal.Decimal) -> dict:
+    return {'day_type': type(day).__name__, 'amount_type': type(amount).__name__, 'day': day, 'amount': amount}
+
+
+def big() -> list:
+    return [{'i': i, 'text': 'x' * 50} for i in range(200)]
+
+
+def returns_none() -> None:
+    return None
+
+
+def crash() -> None:
+    raise KeyError('secret internal detail')
+
+
+def returns_string() -> str:
+    return '<b>not html</b>'
