@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install the Debian packages the tests and the benchmark drive for real: nginx, wrk.
+# (CI runs as root on a fresh machine; a developer without root installs them by hand.)
+set -euo pipefail
+missing=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}'" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The package starts a system nginx on port 80; the tests run their own.
+if command -v service >/dev/null 2>&1; then service nginx stop >/dev/null 2>&1 || true; fi
