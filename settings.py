@@ -76,3 +76,7 @@ DATABASES = {prefix.lower(): _database(prefix) for prefix in _DB_PREFIXES | {DEF
 MODULES = [
     'modules.example',
 ]
+# Modules for one deployment only (comma-separated import names), e.g. the benchmark's
+# `modules.bench`, which production never serves unless asked for here.
+EXTRA_MODULES = [name.strip() for name in os.getenv('EXTRA_MODULES', '').split(',') if name.strip()]
+MODULES += [name for name in EXTRA_MODULES if name not in MODULES]
