@@ -8,7 +8,7 @@ from lib.db import get_conn_from_dbname, get_db_from_conn, transactional
 from lib.decorators import inject_conn, use_schema
 from settings import DEFAULT
 
-from .schemas import ItemSchema, NoteSchema, SleepSchema, TypesSchema
+from .schemas import ItemSchema, NoteSchema, NoteSleepSchema, SleepSchema, TypesSchema
 
 calls: list[str] = []  # what reached an action: validation failures must never show up here
 
@@ -33,6 +33,16 @@ def write_note(conn: Connection, note: str) -> int:
     return get_db_from_conn(conn).fetch_one(
         'INSERT INTO probe_log (note) VALUES (%(note)s) RETURNING id', dict(note=note)
     )
+
+
+@use_schema(NoteSleepSchema)
+@inject_conn(DEFAULT)
+def write_then_sleep(conn: Connection, note: str, seconds: float) -> int:
+    """A transaction held open mid-way: for killing the worker in the middle of it."""
+    db = get_db_from_conn(conn)
+    db.insert('probe_log', dict(note=note))
+    db.fetch_one('SELECT pg_sleep(%s)', [seconds])
+    return db.fetch_one('SELECT count(*) FROM probe_log WHERE note = %s', [note])
 
 
 @use_schema(SleepSchema)

@@ -6,6 +6,7 @@ routes = [
         'add_item',
         'write_then_fail',
         'write_note',
+        'write_then_sleep',
         'sleep',
         'divide_by_zero',
         'bad_sql',

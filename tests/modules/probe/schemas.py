@@ -15,6 +15,11 @@ class SleepSchema(Schema):
     seconds = fields.Float(required=True)
 
 
+class NoteSleepSchema(Schema):
+    note = fields.String(required=True)
+    seconds = fields.Float(required=True)
+
+
 class TypesSchema(Schema):
     day = fields.Date(required=True)
     amount = fields.Decimal(required=True)
