@@ -11,8 +11,8 @@ setting() { .venv/bin/python -c "import settings; print($1)"; }
 
 if [ -z "$(setting "settings.DATABASES['default']['host']")" ]; then
   scripts/bootstrap.sh requirements.txt requirements-local.txt
-  echo "No database configured for ENVIRONMENT=$ENVIRONMENT: starting a private PostgreSQL in .local/pgdata"
-  eval "$(.venv/bin/python scripts/local_postgres.py .local/pgdata "$(setting "settings.DATABASES['default']['dbname'] or 'dbapi'")")"
+  echo "No database configured for ENVIRONMENT=$ENVIRONMENT: starting a private PostgreSQL in ${LOCAL_PGDATA:-.local/pgdata}"
+  eval "$(.venv/bin/python scripts/local_postgres.py "${LOCAL_PGDATA:-.local/pgdata}" "$(setting "settings.DATABASES['default']['dbname'] or 'dbapi'")")"
 fi
 .venv/bin/python -m lib.apply_sql
 

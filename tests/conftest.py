@@ -39,8 +39,12 @@ def admin_connection() -> psycopg2.extensions.connection:
 
 def create_database(prefix: str = 'dbapi_test') -> str:
     name = f'{prefix}_{uuid.uuid4().hex[:10]}'
-    with admin_connection() as conn, conn.cursor() as cursor:
-        cursor.execute(sql.SQL('CREATE DATABASE {}').format(sql.Identifier(name)))
+    conn = admin_connection()  # not `with conn`: in psycopg2 2.9 that opens a transaction
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(sql.SQL('CREATE DATABASE {}').format(sql.Identifier(name)))
+    finally:
+        conn.close()
     return name
 
 

@@ -1,0 +1,115 @@
+"""Settings and start-up checks: a wrong setting fails with one line naming it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lib.config import ConfigError, build_config
+from tests.conftest import MODULES
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD_DB = {'default': {'dbname': 'x', 'host': '127.0.0.1', 'port': '5432', 'user': 'postgres'}}
+
+
+def config(**overrides):
+    return build_config({'DATABASES': GOOD_DB, 'MODULES': MODULES, **overrides})
+
+
+@pytest.mark.parametrize(
+    ('overrides', 'message'),
+    [
+        ({'ENVIRONMENT': 'staging'}, "ENVIRONMENT='staging'"),
+        ({'BEARER': ''}, 'BEARER is empty'),
+        ({'BEARER': ' , '}, 'BEARER is empty'),
+        ({'ENVIRONMENT': 'production', 'BEARER': 'local-dev-token'}, 'default token'),
+        ({'ENVIRONMENT': 'production', 'BEARER': 'short'}, 'shorter than'),
+        ({'ENVIRONMENT': 'production', 'BEARER': 'x' * 40, 'DEBUG': '1'}, 'DEBUG is on'),
+        ({'DEBUG': 'true'}, 'DEBUG is on'),
+        ({'POOL_SIZE': 'four'}, "POOL_SIZE='four'"),
+        ({'POOL_SIZE': 0}, 'POOL_SIZE=0'),
+        ({'POOL_TIMEOUT': 0}, 'POOL_TIMEOUT=0'),
+        ({'DATABASES': {}}, "no 'default' database"),
+        ({'DATABASES': {'default': {'dbname': ''}}}, 'DEFAULT_DB_NAME is not set'),
+        ({'DATABASES': {'default': {'dbname': 'x', 'port': 'abc'}}}, "DEFAULT_DB_PORT='abc'"),
+    ],
+)
+def test_bad_settings_name_themselves(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config(**overrides)
+
+
+def test_good_production_config():
+    built = config(ENVIRONMENT='production', BEARER='a' * 32 + ',' + 'b' * 32)
+    assert len(built['BEARER_TOKENS']) == 2
+    assert 'BEARER' not in built  # only labels and bytes are kept
+    assert built['DEBUG'] is False
+
+
+def run_settings(env: dict[str, str], code: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if not k.endswith(('_DB_NAME', '_DB_HOST')) and k != 'BEARER'}
+    result = subprocess.run(
+        [sys.executable, '-c', code], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_env_file_is_loaded_and_process_environment_wins():
+    assert run_settings({'ENVIRONMENT': 'testing'}, 'import settings; print(settings.BEARER)') == 'testing-token'
+    out = run_settings({'ENVIRONMENT': 'testing', 'BEARER': 'from-env'}, 'import settings; print(settings.BEARER)')
+    assert out == 'from-env'
+
+
+def test_secrets_from_files_and_named_databases(tmp_path):
+    secret = tmp_path / 'bearer'
+    secret.write_text('file-token\n')
+    password = tmp_path / 'pass'
+    password.write_text('pw')
+    env = {
+        'ENVIRONMENT': 'testing',
+        'BEARER_FILE': str(secret),
+        'DEFAULT_DB_PASS_FILE': str(password),
+        'REPORTS_DB_NAME': 'reports',
+        'REPORTS_DB_HOST': 'replica',
+    }
+    code = 'import settings as s; print(s.BEARER, s.DATABASES["default"]["password"], s.DATABASES["reports"]["host"])'
+    assert run_settings(env, code) == 'file-token pw replica'
+
+
+def test_wrong_setting_stops_gunicorn_app_with_one_line():
+    env = {**os.environ, 'ENVIRONMENT': 'production', 'BEARER': 'local-dev-token', 'DEFAULT_DB_NAME': 'x'}
+    result = subprocess.run(
+        [sys.executable, '-c', 'import app; app.app'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 3
+    assert result.stderr.strip().splitlines() == [
+        'dbapi: configuration error: BEARER holds a default token: production needs a token of its own'
+    ]
+
+
+def test_article_defect_5_requirements_pin_what_the_start_needs():
+    pins = {}
+    for line in (ROOT / 'requirements.txt').read_text().splitlines():
+        if '==' in line and not line.startswith('#'):
+            name, version = line.split('==')
+            pins[name.strip().lower()] = version.strip()
+    for package in (
+        'flask',
+        'flask-compress',
+        'psycopg2-binary',
+        'marshmallow',
+        'python-dotenv',
+        'python-json-logger',
+        'gunicorn',
+    ):
+        assert package in pins, package
+    # every runtime line is pinned exactly
+    for line in (ROOT / 'requirements.txt').read_text().splitlines():
+        if line.strip() and not line.startswith('#'):
+            assert re.fullmatch(r'[A-Za-z0-9_.\-]+==[\w.]+', line.strip()), line
