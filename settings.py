@@ -29,6 +29,8 @@ def _secret(name: str, default: str = '') -> str:
 
 
 PROCESS_ID = os.getenv('PROCESS_ID', APP_ID)
+# Names this replica in the X-Served-By response header when set (the stack sets the task slot).
+REPLICA_ID = os.getenv('REPLICA_ID', '')
 LOG_LEVEL = os.getenv('LOG_LEVEL', 'INFO').upper()
 LOG_DIR = os.getenv('LOG_DIR', str(BASE_DIR / 'logs'))
 LOG_PATH = os.getenv('LOG_PATH', os.path.join(LOG_DIR, f'{APP_ID}.log'))

@@ -5,9 +5,13 @@ from __future__ import annotations
 import re
 import uuid
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
+
+import settings
 
 REQUEST_ID_HEADER = 'X-Request-ID'
+# Which replica answered, when REPLICA_ID is set: shows the balancing behind nginx.
+SERVED_BY_HEADER = 'X-Served-By'
 # An incoming id is kept only if it is short and plain, so it cannot forge log lines.
 VALID_REQUEST_ID = re.compile(r'[A-Za-z0-9._:@/+=-]{1,128}')
 RESPONSE_HEADERS = {
@@ -31,9 +35,13 @@ def request_id() -> str:
 def finish_response(response: Response) -> Response:
     response.headers[REQUEST_ID_HEADER] = request_id()
     response.headers.update(RESPONSE_HEADERS)
+    replica = current_app.config['REPLICA_ID']
+    if replica:
+        response.headers[SERVED_BY_HEADER] = replica
     return response
 
 
 def init_app(app: Flask) -> None:
+    app.config.setdefault('REPLICA_ID', settings.REPLICA_ID)
     app.before_request(assign_request_id)
     app.after_request(finish_response)
