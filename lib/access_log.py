@@ -1,77 +1,246 @@
-"""One access record per request, written when the response is sent.
+"""One access record per request, written when the response has been sent.
 
 It answers "what happened to request X, who called, how long did it take, what failed"
 without ever holding a body, a token or a submitted value.
+
+The record is written by a WSGI wrapper around the whole Flask app, not by an `after_request`
+hook: hooks are skipped when something fails late enough (a hook that raises, an exception
+that escapes Flask, a worker told to stop mid-request), and a record missing exactly then is
+the worst kind of missing. The wrapper sees every request: it writes the record when the
+body has been sent (or the exchange failed), with the real status and bytes. Flask adds what
+only it knows (module, action, token label, the failure) through the WSGI environ, from a
+`teardown_request` hook, which Flask always runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
+import sys
 import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, current_app, g, request
+
+from lib.errors import SQLSTATE_STATUS, ApiError
+from lib.http import VALID_REQUEST_ID
+from lib.log_format import current_request_id
 
 log = logging.getLogger('dbapi.access')
 
+REQUEST_ID_KEY = 'HTTP_X_REQUEST_ID'
+FLASK_KEY = 'dbapi.access'  # environ key: what Flask knew about the request
+# Database messages can quote the submitted values ('invalid input syntax for type integer: "42x"'):
+# for these failures the record names the kind and the constraint, never the message.
+DATABASE_SLUGS = frozenset(slug for _, slug in SQLSTATE_STATUS.values())
+MAX_FIELD_PATHS = 50
 
-def start_timer() -> None:
-    g.started_ns = time.perf_counter_ns()
+WSGIEnviron = dict[str, Any]
+StartResponse = Callable[..., Any]
 
 
-def client_ip(hops: int) -> str | None:
-    """The caller's address: X-Forwarded-For is trusted only for the configured proxy hops."""
-    remote = request.remote_addr
-    if hops <= 0:
+def settle_request_id(environ: WSGIEnviron) -> str:
+    """The request's id, settled before Flask runs, so every record of the request carries it.
+
+    A missing or unsafe X-Request-ID is replaced in the environ by a fresh one, which
+    `lib.http` then finds valid and keeps: the response, the access record and any
+    traceback of the request all show the same id.
+    """
+    incoming = environ.get(REQUEST_ID_KEY, '')
+    if incoming and VALID_REQUEST_ID.fullmatch(incoming):
+        return incoming
+    request_id = uuid.uuid4().hex
+    environ[REQUEST_ID_KEY] = request_id
+    return request_id
+
+
+def client_ip(environ: WSGIEnviron, hops: int) -> str | None:
+    """The caller's address: X-Forwarded-For is trusted only for the configured proxy hops.
+
+    Each trusted proxy appends the address it saw, so the client is the `hops`-th entry from
+    the right; anything left of it was written by the client and proves nothing.
+    """
+    remote = environ.get('REMOTE_ADDR') or None
+    forwarded = environ.get('HTTP_X_FORWARDED_FOR') if hops > 0 else None
+    if not forwarded:
         return remote
-    forwarded = [part.strip() for part in request.headers.get('X-Forwarded-For', '').split(',') if part.strip()]
-    if len(forwarded) < hops:
-        return remote
-    return forwarded[-hops]
+    entries = forwarded.rsplit(',', hops)
+    if len(entries) < hops:
+        return remote  # fewer entries than proxies: this request did not come through them all
+    candidate = entries[-hops].strip()
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return remote  # `client.ip` is an `ip` field: a non-address would get the record rejected
+    return candidate
 
 
-def failed_fields(errors: Any) -> list[str] | None:
-    """The names of the fields that failed validation (never their values)."""
-    if isinstance(errors, dict):
-        return sorted(str(key) for key in errors)
-    return None
+def url_path(environ: WSGIEnviron) -> str:
+    path = environ.get('PATH_INFO', '')
+    # WSGI hands the path over as latin-1; the client sent UTF-8.
+    return path if path.isascii() else path.encode('latin-1').decode('utf-8', 'replace')
 
 
-def access_record(response: Response) -> Response:
-    started = g.get('started_ns')
-    duration_ns = time.perf_counter_ns() - started if started else 0
-    status = response.status_code
-    module = request.blueprint
-    fields: dict[str, Any] = {
-        'event.dataset': 'dbapi.access',
-        'event.duration': duration_ns,
-        'duration_ms': round(duration_ns / 1e6, 3),
-        'http.request.id': g.get('request_id'),
-        'http.request.method': request.method,
-        'url.path': request.path,
-        'dbapi.module': module,
-        'dbapi.action': (request.view_args or {}).get('route'),
-        'http.response.status_code': status,
-        'http.response.body.bytes': response.calculate_content_length(),
-        'client.ip': client_ip(current_app.config['PROXY_HOPS']),
-        'user_agent.original': request.user_agent.string or None,
-        'dbapi.token': g.get('token_label'),
-        'event.outcome': 'success' if status < 400 else 'failure',
-    }
-    problem = g.get('problem')
-    if problem is not None:
-        fields['error.type'] = problem.slug
+def field_paths(errors: Any, prefix: str = '') -> list[str]:
+    """The dotted names of the fields that failed validation (`items.0.code`), never the values."""
+    if not isinstance(errors, dict):
+        return [prefix] if prefix else []
+    paths: list[str] = []
+    for key, value in errors.items():
+        name = f'{prefix}.{key}' if prefix else str(key)
+        paths.extend(field_paths(value, name) if isinstance(value, dict) else [name])
+    return paths[:MAX_FIELD_PATHS]
+
+
+def problem_fields(problem: ApiError) -> dict[str, Any]:
+    fields: dict[str, Any] = {'error.code': problem.slug}
+    if problem.slug not in DATABASE_SLUGS:
         fields['error.message'] = problem.detail
-        invalid = failed_fields(problem.errors) if problem.status == 422 else None
-        if invalid:
-            fields['dbapi.invalid_fields'] = invalid
-    level = logging.ERROR if status >= 500 else logging.INFO
-    log.log(level, '%s %s %s', request.method, request.path, status, extra={'ecs': fields})
-    return response
+    if not isinstance(problem.errors, dict):
+        return fields
+    if problem.status == 422:
+        fields['dbapi.invalid_fields'] = field_paths(problem.errors)
+    elif problem.errors.get('constraint'):
+        fields['dbapi.constraint'] = problem.errors['constraint']
+    return fields
+
+
+def remember_request(_: BaseException | None = None) -> None:
+    """`teardown_request`: leave what Flask knows in the environ for the record (always runs)."""
+    module = request.blueprint
+    action = (request.view_args or {}).get('route')
+    actions = getattr(current_app.blueprints.get(module or ''), 'actions', None)
+    if actions is None or action not in actions:
+        action = None  # only real actions: a scanner's made-up names stay in url.path
+    request.environ[FLASK_KEY] = (module, action, g.get('token_label'), g.get('problem'))
+
+
+class Exchange:
+    """One request on its way through the wrapper; `finish` writes its record exactly once."""
+
+    __slots__ = ('environ', 'request_id', 'sent', 'server_start_response', 'started_ns', 'status', 'wrapper')
+
+    def __init__(self, wrapper: AccessLog, environ: WSGIEnviron, start_response: StartResponse) -> None:
+        self.started_ns = time.perf_counter_ns()
+        self.wrapper = wrapper
+        self.environ = environ
+        self.server_start_response = start_response
+        self.request_id = settle_request_id(environ)
+        current_request_id.set(self.request_id)
+        self.status = 0
+        self.sent = 0
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        self.status = int(status[:3])
+        return self.server_start_response(status, headers, exc_info)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.started_ns == 0:
+            return
+        duration_ns = time.perf_counter_ns() - self.started_ns
+        self.started_ns = 0
+        current_request_id.set(None)
+        try:
+            self.wrapper.write(self, duration_ns, error)
+        except Exception as failure:  # noqa: BLE001 - the record must never break the response
+            self.wrapper.report(failure)
+
+
+class LoggedBody:
+    """The response body, counted as it is sent; the record is written at its end or close."""
+
+    __slots__ = ('_body', '_exchange')
+
+    def __init__(self, body: Iterable[bytes], exchange: Exchange) -> None:
+        self._body = body
+        self._exchange = exchange
+
+    def __iter__(self) -> Iterator[bytes]:
+        exchange = self._exchange
+        try:
+            for chunk in self._body:
+                exchange.sent += len(chunk)
+                yield chunk
+        except GeneratorExit:
+            exchange.finish()  # dropped unfinished (the server stopped asking): not an error of the app
+            raise
+        except BaseException as error:
+            exchange.finish(error)
+            raise
+        exchange.finish()  # runs when the server asks for more after the last chunk: it was sent
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, 'close', None)
+            if close is not None:
+                close()
+        finally:
+            self._exchange.finish()
+
+
+class AccessLog:
+    """WSGI middleware around the Flask app: one access record for every request."""
+
+    def __init__(self, app: Any, proxy_hops: int) -> None:
+        self.app = app
+        self.proxy_hops = proxy_hops
+        self._reported = False
+
+    def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
+        exchange = Exchange(self, environ, start_response)
+        try:
+            body = self.app(environ, exchange.start_response)
+        except BaseException as error:
+            exchange.finish(error)
+            raise
+        return LoggedBody(body, exchange)
+
+    def write(self, exchange: Exchange, duration_ns: int, error: BaseException | None) -> None:
+        status = exchange.status or 500  # no status: the exception escaped, the server answers 500
+        failed = status >= 500 or error is not None
+        level = logging.ERROR if failed else logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        environ = exchange.environ
+        method = environ.get('REQUEST_METHOD', '')
+        path = url_path(environ)
+        module, action, token_label, problem = environ.get(FLASK_KEY) or (None, None, None, None)
+        fields: dict[str, Any] = {
+            'event.dataset': 'dbapi.access',
+            'event.duration': duration_ns,
+            'duration_ms': round(duration_ns / 1e6, 3),
+            'event.outcome': 'failure' if failed or status >= 400 else 'success',
+            'http.request.id': exchange.request_id,
+            'http.request.method': method,
+            'url.path': path,
+            'dbapi.module': module,
+            'dbapi.action': action,
+            'dbapi.token_label': token_label,
+            'http.response.status_code': status,
+            'http.response.body.bytes': exchange.sent,
+            'client.ip': client_ip(environ, self.proxy_hops),
+            'user_agent.original': environ.get('HTTP_USER_AGENT'),
+        }
+        if problem is not None:
+            fields.update(problem_fields(problem))
+        exc_info = None
+        if error is not None:
+            exc_info = (type(error), error, error.__traceback__)
+        log.log(
+            level, '%s %s %d %.3fms', method, path, status, duration_ns / 1e6, exc_info=exc_info, extra={'ecs': fields}
+        )
+
+    def report(self, failure: Exception) -> None:
+        if self._reported:
+            return
+        self._reported = True
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(f'dbapi: cannot write an access record: {type(failure).__name__}: {failure}\n')
 
 
 def init_app(app: Flask) -> None:
-    app.before_request(start_timer)
-    # after_request hooks run last-registered first: registered before the others, this one
-    # runs after them and sees the final status, headers and (compressed) size.
-    app.after_request(access_record)
+    app.teardown_request(remember_request)
+    app.wsgi_app = AccessLog(app.wsgi_app, app.config['PROXY_HOPS'])  # type: ignore[method-assign]

@@ -1,190 +1,163 @@
-"""Logging for ELK: one NDJSON line per record, Elastic Common Schema names, a file per process.
+"""Logging for ELK: where the lines go, for the app's processes and gunicorn's master alike.
 
-Several processes appending to and rotating one file lose and shuffle lines (Python's
-logging cookbook says so), so every process writes its own file, named with the host and
-pid, and rotates it by size. Filebeat reads them all. A logging failure (a full disk, an
-unwritable directory) is reported once on stderr and never breaks a request.
+- JSON files, always: one per process under LOG_DIR (`lib.log_files`), ECS lines (`lib.log_format`).
+- The same JSON lines on stdout with LOG_STDOUT=1, for a Docker log driver.
+- A readable console on stderr when LOG_FORMAT=console (the default in `local`).
+
+`setup_logging` runs in every process that serves (each gunicorn worker, from `create_app`);
+`gunicorn_logconfig` gives gunicorn's master the same handlers, so its own lines (boot, worker
+timeouts) are JSON in its own file too. `python -m lib.logger --retention` is the start
+script's retention step; rotation runs it as well, so a long-lived replica cannot fill the volume.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
-import socket
 import sys
 import threading
-import time
-from collections.abc import Mapping
-from datetime import UTC, datetime
-from logging.handlers import RotatingFileHandler
-from pathlib import Path
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import orjson
-from pythonjsonlogger.orjson import OrjsonFormatter
-
 import settings
+from lib.log_files import ProcessFileHandler, delete_old_logs
+from lib.log_format import EcsFormatter
 
-ECS_VERSION = '8.11.0'
-FIELDS_ATTR = 'ecs'  # `extra={'ecs': {...}}`: dotted ECS names added to the line as they are
 CONSOLE_FORMAT = '%(asctime)s %(levelname)-7s %(name)s: %(message)s'
-HOSTNAME = socket.gethostname()
+ACCESS_LOGGER = 'dbapi.access'
+TAG = '_dbapi_options'  # set on every handler made here: which options made it
+HANDLER_KINDS = ('file', 'stdout', 'console')
 
 
-def utc_timestamp(created: float) -> str:
-    """ISO-8601, UTC, milliseconds and `Z`, as Elasticsearch's date type expects."""
-    moment = datetime.fromtimestamp(created, tz=UTC)
-    return moment.strftime('%Y-%m-%dT%H:%M:%S.') + f'{moment.microsecond // 1000:03d}Z'
+@dataclass(frozen=True, slots=True)
+class LogOptions:
+    log_dir: str
+    level: str
+    console: bool
+    stdout_json: bool
+    max_bytes: int
+    backup_count: int
+    retention_days: float
+
+    def kinds(self) -> list[str]:
+        return ['file'] + ['stdout'] * self.stdout_json + ['console'] * self.console
 
 
-class EcsFormatter(OrjsonFormatter):
-    """A log record as one line of ECS fields; exceptions go in `error.*`, never across lines."""
-
-    def __init__(self, static_fields: Mapping[str, Any]) -> None:
-        super().__init__(static_fields=dict(static_fields))
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            '@timestamp': utc_timestamp(record.created),
-            'log.level': record.levelname.lower(),
-            'log.logger': record.name,
-            'message': record.getMessage(),
-            **self.static_fields,
-            'process.pid': record.process,
-            'process.thread.name': record.threadName,
-        }
-        if record.exc_info and record.exc_info[1] is not None:
-            error = record.exc_info[1]
-            line['error.type'] = type(error).__qualname__
-            line['error.message'] = str(error)
-            line['error.stack_trace'] = self.formatException(record.exc_info)
-        fields = getattr(record, FIELDS_ATTR, None)
-        if fields:
-            line.update(fields)
-        return orjson.dumps(line, default=str).decode('utf-8')
-
-
-class ProcessFileHandler(RotatingFileHandler):
-    """A size-rotated file of this process's own: `<dir>/<app>-<host>-<pid>.log`.
-
-    The file name is taken at the first record a process writes, so a handler inherited
-    across a fork (gunicorn's preload) opens a new file in the child instead of sharing one.
-    """
-
-    def __init__(self, directory: str, prefix: str, max_bytes: int, backup_count: int) -> None:
-        self.directory = Path(directory)
-        self.prefix = prefix
-        self._pid = os.getpid()
-        self._reported = False
-        super().__init__(self._path(), maxBytes=max_bytes, backupCount=backup_count, encoding='utf-8', delay=True)
-
-    def _path(self) -> str:
-        return str(self.directory / f'{self.prefix}-{HOSTNAME}-{os.getpid()}.log')
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self.stream = None  # the parent's stream stays open in the parent, not here
-            self.baseFilename = os.path.abspath(self._path())
-            self.createLock()
-        super().emit(record)
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        """Report once; the request that logged must not notice."""
-        if self._reported:
-            return
-        self._reported = True
-        error = sys.exc_info()[1]
-        with contextlib.suppress(OSError, ValueError):  # stderr itself may be gone
-            sys.stderr.write(f'dbapi: cannot write logs to {self.baseFilename}: {error}; going on without them\n')
-
-
-def static_fields() -> dict[str, Any]:
-    return {
-        'ecs.version': ECS_VERSION,
-        'service.name': settings.APP_ID,
-        'service.environment': settings.ENVIRONMENT,
-        'host.hostname': HOSTNAME,
-        'app': settings.ELK_APP,
-        'index_name': settings.ELK_INDEX,
-    }
-
-
-def _flag(value: str) -> bool:
+def _flag(value: Any) -> bool:
     return str(value).strip().lower() in {'1', 'true', 'yes', 'on'}
 
 
-_configured_lock = threading.Lock()
-_configured: tuple[Any, ...] | None = None
+def _number(name: str, value: Any, kind: type[int] | type[float]) -> Any:
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'{name}={value!r} is not a number') from None
 
 
-def setup_logging(
+def log_options(
     log_dir: str | None = None,
     level: str | None = None,
     console: bool | None = None,
     stdout_json: bool | None = None,
     max_bytes: int | None = None,
     backup_count: int | None = None,
-) -> None:
-    """Configure the root logger once per set of arguments (idempotent: app factories call it)."""
-    global _configured
-    log_dir = log_dir or settings.LOG_DIR
-    level = (level or settings.LOG_LEVEL).upper()
-    console = settings.LOG_FORMAT == 'console' if console is None else console
-    stdout_json = _flag(settings.LOG_STDOUT) if stdout_json is None else stdout_json
-    max_bytes = int(settings.LOG_MAX_BYTES) if max_bytes is None else max_bytes
-    backup_count = int(settings.LOG_BACKUP_COUNT) if backup_count is None else backup_count
-    key = (log_dir, level, console, stdout_json, max_bytes, backup_count)
-    with _configured_lock:
-        if _configured == key:
-            return
+    retention_days: float | None = None,
+) -> LogOptions:
+    """The settings, with whatever the caller (a test) overrides."""
+    options = LogOptions(
+        log_dir=settings.LOG_DIR,
+        level=settings.LOG_LEVEL.upper(),
+        console=settings.LOG_FORMAT == 'console',
+        stdout_json=_flag(settings.LOG_STDOUT),
+        max_bytes=_number('LOG_MAX_BYTES', settings.LOG_MAX_BYTES, int),
+        backup_count=_number('LOG_BACKUP_COUNT', settings.LOG_BACKUP_COUNT, int),
+        retention_days=_number('LOG_RETENTION_DAYS', settings.LOG_RETENTION_DAYS, float),
+    )
+    given = dict(
+        log_dir=log_dir,
+        level=level.upper() if level else None,
+        console=console,
+        stdout_json=stdout_json,
+        max_bytes=max_bytes,
+        backup_count=backup_count,
+        retention_days=retention_days,
+    )
+    return replace(options, **{key: value for key, value in given.items() if value is not None})
+
+
+def make_handler(kind: str, **overrides: Any) -> logging.Handler:
+    """One handler of `kind` (`file`, `stdout`, `console`); also gunicorn's dictConfig factory."""
+    options = log_options(**overrides)
+    if kind == 'file':
+        handler: logging.Handler = ProcessFileHandler(
+            options.log_dir,
+            settings.APP_ID,
+            options.max_bytes,
+            options.backup_count,
+            retention_days=options.retention_days,
+            spill=not options.stdout_json,
+        )
+        handler.setFormatter(EcsFormatter())
+    elif kind == 'stdout':
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(EcsFormatter())
+    elif kind == 'console':
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(CONSOLE_FORMAT))
+    else:
+        raise ValueError(f'unknown log handler kind {kind!r} (known: {", ".join(HANDLER_KINDS)})')
+    setattr(handler, TAG, (options, kind))
+    return handler
+
+
+def _set_levels(options: LogOptions) -> None:
+    logging.getLogger().setLevel(options.level)
+    # One access record per request whatever LOG_LEVEL says: it is the answer operators look for.
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
+    logging.getLogger('werkzeug').setLevel(logging.WARNING)  # its access lines would double ours
+
+
+_lock = threading.Lock()
+
+
+def setup_logging(**overrides: Any) -> LogOptions:
+    """Configure the root logger. Idempotent: when the root already has the handlers these
+    options make (a gunicorn worker inherits its master's), they are kept, with their state."""
+    options = log_options(**overrides)
+    wanted = Counter((options, kind) for kind in options.kinds())
+    with _lock:
         root = logging.getLogger()
-        for handler in list(root.handlers):
-            if getattr(handler, '_dbapi', False):
+        current = [handler for handler in root.handlers if hasattr(handler, TAG)]
+        if Counter(getattr(handler, TAG) for handler in current) != wanted:
+            for handler in current:
                 root.removeHandler(handler)
                 handler.close()
-        formatter = EcsFormatter(static_fields())
-        handlers: list[logging.Handler] = []
-        try:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            handlers.append(ProcessFileHandler(log_dir, settings.APP_ID, max_bytes, backup_count))
-        except OSError as error:
-            sys.stderr.write(f'dbapi: cannot use LOG_DIR={log_dir!r}: {error}; JSON log files are off\n')
-        if stdout_json:
-            handlers.append(logging.StreamHandler(sys.stdout))
-        for handler in handlers:
-            handler.setFormatter(formatter)
-        if console:
-            readable = logging.StreamHandler(sys.stderr)
-            readable.setFormatter(logging.Formatter(CONSOLE_FORMAT))
-            handlers.append(readable)
-        for handler in handlers:
-            handler._dbapi = True  # type: ignore[attr-defined]
-            root.addHandler(handler)
-        root.setLevel(level)
-        # werkzeug's own access lines would double ours
-        logging.getLogger('werkzeug').setLevel(logging.WARNING)
-        _configured = key
+            for kind in options.kinds():
+                root.addHandler(make_handler(kind, **asdict(options)))
+        _set_levels(options)
+    return options
 
 
-def log_files(log_dir: str) -> list[Path]:
-    return sorted(Path(log_dir).glob(f'{settings.APP_ID}-*.log*'))
+def gunicorn_logconfig() -> dict[str, Any]:
+    """gunicorn's `logconfig_dict`: its master's and workers' own lines go through our handlers.
 
-
-def delete_old_logs(log_dir: str, days: float) -> list[Path]:
-    """The retention step: delete this service's log files not written for `days` days."""
-    limit = time.time() - days * 86400
-    deleted = []
-    for path in log_files(log_dir):
-        try:
-            if path.stat().st_mtime < limit:
-                path.unlink()
-                deleted.append(path)
-        except FileNotFoundError:
-            continue
-    return deleted
+    gunicorn's loggers keep no handler of their own and propagate to the root, so each process
+    writes one file; gunicorn's access log stays off (the app writes one record per request).
+    """
+    options = log_options()
+    kinds = options.kinds()
+    return {
+        'version': 1,
+        'disable_existing_loggers': False,
+        'formatters': {},
+        'handlers': {kind: {'()': 'lib.logger.make_handler', 'kind': kind} for kind in kinds},
+        'root': {'level': options.level, 'handlers': kinds},
+        'loggers': {
+            'gunicorn.error': {'handlers': [], 'propagate': True},
+            'gunicorn.access': {'handlers': [], 'propagate': False},
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,9 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--log-dir', default=settings.LOG_DIR)
     parser.add_argument('--days', type=float, default=float(settings.LOG_RETENTION_DAYS))
     args = parser.parse_args(argv)
-    if args.retention:
-        for path in delete_old_logs(args.log_dir, args.days):
-            print(f'deleted {path}')
+    if not args.retention:
+        parser.print_help()
+        return 2
+    try:
+        deleted = delete_old_logs(args.log_dir, settings.APP_ID, args.days)
+    except OSError as error:
+        # The start script goes on: a missing or unreadable log directory must not stop the service.
+        sys.stderr.write(f'dbapi: log retention in {args.log_dir}: {error}\n')
+        return 0
+    for path in deleted:
+        print(f'deleted {path}')
     return 0
 
 

@@ -1,0 +1,179 @@
+"""Log files: one size-rotated file per process, and the retention step that deletes old ones.
+
+Several processes appending to and rotating one file lose and shuffle lines (Python's
+logging cookbook says so), so every process writes its own `<prefix>-<host>-<pid>.log`.
+Each record is one `write()` on an O_APPEND descriptor: no buffer can hold half a line, and
+a line is never split between two writes unless the disk fills up mid-line (the next line
+then starts on a fresh line, so only that one record is damaged).
+
+A failure to write (full disk, unwritable directory) is reported once on stderr; the record
+goes to stderr instead (which Docker keeps) and the request goes on. Opening is retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+HOSTNAME = socket.gethostname()
+OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+FILE_MODE = 0o644
+# How often a process checks that its file still exists (deleted by hand or by retention).
+RECHECK_SECONDS = 1.0
+# After a failure, how long before opening the file is tried again (one syscall, not one per record).
+RETRY_SECONDS = 1.0
+SECONDS_PER_DAY = 86400
+
+
+def log_files(directory: str | Path, prefix: str) -> list[Path]:
+    """Every file of this service in `directory`, rotated ones included."""
+    return sorted(Path(directory).glob(f'{prefix}-*.log*'))
+
+
+def delete_old_logs(directory: str | Path, prefix: str, days: float) -> list[Path]:
+    """The retention step: delete this service's log files not written to for `days` days."""
+    limit = time.time() - days * SECONDS_PER_DAY
+    deleted = []
+    for path in log_files(directory, prefix):
+        with contextlib.suppress(FileNotFoundError):  # another process rotated or deleted it first
+            if path.stat().st_mtime < limit:
+                path.unlink()
+                deleted.append(path)
+    return deleted
+
+
+class ProcessFileHandler(logging.Handler):
+    """Writes to `<directory>/<prefix>-<host>-<pid>.log`, rotated at `max_bytes`.
+
+    The pid is read at every record, so a handler inherited across a fork (gunicorn's master
+    configures logging before it forks) writes to the child's own file, never the parent's.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        prefix: str,
+        max_bytes: int,
+        backup_count: int,
+        retention_days: float | None = None,
+        spill: bool = True,
+    ) -> None:
+        super().__init__()
+        self.directory = directory
+        self.prefix = prefix
+        self.max_bytes = max_bytes
+        self.backup_count = backup_count
+        self.retention_days = retention_days
+        self.spill = spill  # lines that cannot be written go to stderr (off when stdout has them)
+        self.path = ''
+        self.rotations = 0
+        self._fd: int | None = None
+        self._pid = 0
+        self._size = 0
+        self._checked_at = 0.0
+        self._failed_at = 0.0
+        self._torn = False  # a write stopped mid-line: the next record starts a new line
+        self._reported = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + '\n').encode('utf-8')
+        except Exception:  # noqa: BLE001 - a bad record (wrong format args) is logging's usual report
+            self.handleError(record)
+            return
+        try:
+            self._write(line, record.created)
+        except OSError as error:
+            self._failed(error, line)
+
+    def close(self) -> None:
+        with self.lock:
+            self._close_file()
+        super().close()
+
+    def _write(self, line: bytes, now: float) -> None:
+        if self._pid != os.getpid() or self._fd is None:
+            if self._fd is None and now - self._failed_at < RETRY_SECONDS:
+                raise OSError(f'{self.path or self.directory}: still failing, retried every {RETRY_SECONDS:g} s')
+            self._open()
+        elif now - self._checked_at >= RECHECK_SECONDS:
+            self._recheck(now)
+        if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
+            self._rotate()
+        if self._torn:
+            line = b'\n' + line
+            self._torn = False
+        view = memoryview(line)
+        while view:
+            written = os.write(self._fd, view)  # type: ignore[arg-type]
+            self._size += written
+            view = view[written:]
+            self._torn = bool(view)
+
+    def _open(self) -> None:
+        if self._pid != os.getpid():
+            # The parent's descriptor is closed here only; the parent keeps its own.
+            self._close_file()
+            self._pid = os.getpid()
+            self._retention()
+        self.path = os.path.join(self.directory, f'{self.prefix}-{HOSTNAME}-{self._pid}.log')
+        os.makedirs(self.directory, exist_ok=True)
+        self._fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
+        self._size = os.fstat(self._fd).st_size
+        self._checked_at = time.time()
+
+    def _recheck(self, now: float) -> None:
+        """Reopen when the file was deleted under us, instead of writing into a lost inode."""
+        self._checked_at = now
+        if os.fstat(self._fd).st_nlink == 0:  # type: ignore[arg-type]
+            self._close_file()
+            self._open()
+
+    def _rotate(self) -> None:
+        """`.log` -> `.log.1` -> ... -> `.log.<backup_count>`; the oldest is replaced."""
+        if self.backup_count <= 0:
+            return  # like the standard handler: no backups, no rotation
+        self._close_file()
+        for index in range(self.backup_count - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f'{self.path}.{index}', f'{self.path}.{index + 1}')
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, f'{self.path}.1')
+        self.rotations += 1
+        self._open()
+        self._retention()
+
+    def _retention(self) -> None:
+        if self.retention_days is None:
+            return
+        with contextlib.suppress(OSError):
+            delete_old_logs(self.directory, self.prefix, self.retention_days)
+
+    def _close_file(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _failed(self, error: OSError, line: bytes) -> None:
+        """Report once, keep the line on stderr, and never raise into the request."""
+        self._close_file()
+        self._failed_at = time.time()
+        if not self._reported:
+            self._reported = True
+            where = self.path or self.directory
+            instead = 'its lines go to stderr' if self.spill else 'its lines are dropped'
+            _to_stderr(f'dbapi: cannot write logs to {where}: {error}; {instead} until it works again\n')
+        if self.spill:
+            _to_stderr(line.decode('utf-8'))
+
+
+def _to_stderr(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):  # stderr itself may be gone
+        sys.stderr.write(text)
+        sys.stderr.flush()
