@@ -1,0 +1,223 @@
+"""`python -m bench [--quick]`: the whole run, from an empty database to the README's table.
+
+Every scenario is measured at each concurrency right next to its references, so each ratio
+compares numbers taken seconds apart on the same (noisy, shared) machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+
+from bench.database import PG, ConnectionWatch, bench_database
+from bench.measure import Measurement
+from bench.pgbench import run_pgbench
+from bench.plot import write_plot
+from bench.report import write_json, write_markdown
+from bench.servers import REPO, VENV_BIN, Server, gunicorn_command, serve
+from bench.targets import ServerStats, Verdict, evaluate
+from bench.wrk import run_wrk
+
+RESULTS = REPO / 'bench' / 'results'
+SCENARIOS = ('foo', 'read', 'upsert', 'rows')
+PATHS = {'foo': '/example/foo', 'read': '/bench/read', 'upsert': '/bench/upsert', 'rows': '/bench/rows'}
+# (series, pgbench -M mode) measured beside each scenario; foo's reference is the WSGI hello.
+PG_REFERENCES = {
+    'read': [('pgbench simple', 'simple'), ('pgbench prepared', 'prepared')],
+    'upsert': [('pgbench simple', 'simple'), ('pgbench prepared', 'prepared')],
+    'rows': [('pgbench json_agg', 'simple')],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    connections: tuple[int, ...]
+    seconds: float
+    warmup: float
+    scenarios: tuple[str, ...] = SCENARIOS
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='bench', description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='8 connections, 1 s each: the CI check (no speed judged)')
+    parser.add_argument('--seconds', type=float, help='seconds per measurement (default 5, quick 1)')
+    parser.add_argument('--connections', help='comma-separated, e.g. 1,8,32')
+    parser.add_argument('--only', help='comma-separated scenarios: ' + ','.join(SCENARIOS))
+    parser.add_argument('--out', type=Path, help='results folder (default bench/results, quick bench/results/tmp)')
+    parser.add_argument('--recycle', action='store_true', help="keep gunicorn's max_requests recycling on")
+    return parser.parse_args(argv)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    connections = (8,) if args.quick else (1, 8, 32)
+    if args.connections:
+        connections = tuple(int(c) for c in args.connections.split(','))
+    scenarios = tuple(args.only.split(',')) if args.only else SCENARIOS
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f'bench: unknown scenario(s) {", ".join(sorted(unknown))}; known: {", ".join(SCENARIOS)}')
+    seconds = args.seconds or (1.0 if args.quick else 5.0)
+    return Plan(connections, seconds, warmup=1.0, scenarios=scenarios)
+
+
+def service_env(dbname: str, token: str, log_dir: Path, recycle: bool) -> dict[str, str]:
+    """The production settings, pointed at the bench database, with the bench module added."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith(('_DB_NAME', '_DB_HOST', '_DB_PORT', '_DB_USER'))}
+    env.update(
+        ENVIRONMENT='production',
+        BEARER=token,
+        DEFAULT_DB_NAME=dbname,
+        DEFAULT_DB_HOST=PG['host'],
+        DEFAULT_DB_PORT=str(PG['port']),
+        DEFAULT_DB_USER=PG['user'],
+        EXTRA_MODULES='modules.bench',
+        LOG_DIR=str(log_dir),
+        LOG_STDOUT='0',
+    )
+    if not recycle:
+        # Recycled workers would hide a leak from the memory figure and blur the connection peak.
+        env['MAX_REQUESTS'] = '0'
+    return env
+
+
+def setting(env: dict[str, str], expression: str) -> str:
+    """A value of settings.py as the server will see it (its .env file included)."""
+    code = f'import settings; print({expression})'
+    return subprocess.run(
+        [str(VENV_BIN / 'python'), '-c', code], env=env, cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+class Run:
+    """One benchmark run: the servers, the measurements, the stats of the app's workers."""
+
+    def __init__(self, plan: Plan, dbname: str, token: str, watch: ConnectionWatch) -> None:
+        self.plan = plan
+        self.dbname = dbname
+        self.token = token
+        self.watch = watch
+        self.results: list[Measurement] = []
+        self.targets: dict[str, Server] = {}  # series -> server it is measured on
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+
+    def wrk(self, scenario: str, series: str, connections: int, seconds: float, body: str | None = None) -> Measurement:
+        server = self.targets[series]
+        path = '/' if series == 'wsgi hello' else PATHS[scenario]
+        return run_wrk(server.url + path, body or scenario, self.token, connections, seconds, scenario, series)
+
+    def warm_up(self, series: str) -> None:
+        for scenario in self.plan.scenarios:
+            self.wrk(scenario, series, 8, self.plan.warmup)
+
+    def measure(self, scenario: str) -> None:
+        for connections in self.plan.connections:
+            for series, mode in PG_REFERENCES.get(scenario, []):
+                self.record(run_pgbench(self.dbname, PG, scenario, mode, connections, self.plan.seconds, series))
+            if scenario == 'foo' and 'wsgi hello' in self.targets:
+                self.record(self.wrk('foo', 'wsgi hello', connections, self.plan.seconds, body='hello'))
+            for series in ('app direct', 'app nginx'):
+                if series in self.targets:
+                    self.record(self.wrk(scenario, series, connections, self.plan.seconds))
+
+    def record(self, result: Measurement) -> None:
+        self.results.append(result)
+        self.log(
+            f'  {result.scenario:<7} {result.series:<17} c={result.connections:<3} {result.rps:>9,.0f}/s '
+            f'p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.errors} non-2xx {result.non2xx}'
+        )
+
+
+@contextmanager
+def app_server(env: dict[str, str], tmp: Path) -> Iterator[Server]:
+    with serve('app', gunicorn_command('app:app'), env, tmp, probe='/health/ready') as server:
+        yield server
+
+
+def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], ServerStats, str]:
+    token = secrets.token_hex(20)
+    with ExitStack() as stack:
+        dbname = stack.enter_context(bench_database())
+        watch = stack.enter_context(ConnectionWatch(dbname))
+        env = service_env(dbname, token, tmp, recycle)
+        run = Run(plan, dbname, token, watch)
+        app = stack.enter_context(app_server(env, tmp))
+        run.targets['app direct'] = app
+        if 'foo' in plan.scenarios:
+            run.targets['wsgi hello'] = stack.enter_context(
+                serve('hello', gunicorn_command('bench.hello:app'), env, tmp, probe='/')
+            )
+        run.log(f'database {dbname} ready; servers up; warming up')
+        run.warm_up('app direct')
+        rss_before = sum(app.worker_rss().values())
+        for scenario in plan.scenarios:
+            run.measure(scenario)
+        stats = ServerStats(
+            workers=len(app.workers()),
+            pool_size=int(setting(env, 'settings.POOL_SIZE')),
+            rss_before=rss_before,
+            rss_after=sum(app.worker_rss().values()),
+            peak_connections=watch.peak,
+        )
+        server = f'gunicorn {setting(env, "settings.APP_ID")} ({stats.workers} workers, pool {stats.pool_size})'
+    return run.results, stats, server
+
+
+def report(
+    args: argparse.Namespace, plan: Plan, results: list[Measurement], stats: ServerStats, meta: dict
+) -> list[Verdict]:
+    verdicts = evaluate(results, stats)
+    out: Path = args.out or (RESULTS / 'tmp' if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = 'quick' if args.quick else 'latest'
+    write_json(out / f'{stem}.json', meta, results, verdicts)
+    write_markdown(out / f'{stem}.md', meta, results, verdicts)
+    write_plot(out / f'{stem}.png', results, f'dbapi vs PostgreSQL, {meta["started"]}, {meta["server"]}')
+    print()
+    for verdict in verdicts:
+        print(f'{verdict.status:<4}  {verdict.what}: {verdict.measured} (wanted {verdict.target})')
+    print(f'\nresults: {out / stem}.md, .json, .png')
+    return verdicts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    plan = make_plan(args)
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix='dbapi-bench-'))
+    try:
+        results, stats, server = execute(plan, args.recycle, tmp)
+    except (RuntimeError, OSError, subprocess.SubprocessError, psycopg2.Error) as error:
+        print(f'bench: {error}\n(server logs kept in {tmp})', file=sys.stderr)
+        return 2
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta = {
+        'started': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
+        'host': socket.gethostname(),
+        'cpus': os.cpu_count(),
+        'seconds_per_run': plan.seconds,
+        'connections': list(plan.connections),
+        'server': server,
+        'elapsed_s': time.monotonic() - started,
+        'quick': args.quick,
+    }
+    verdicts = report(args, plan, results, stats, meta)
+    if args.quick:
+        # CI judges correctness only: any error or non-2xx answer fails, speed never does.
+        return 1 if any(r.errors or r.non2xx for r in results) else 0
+    return 1 if any(v.status == 'FAIL' for v in verdicts) else 0

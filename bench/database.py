@@ -1,0 +1,94 @@
+"""The benchmark's own database (pgbench's 1,000,000 accounts), and a watch on its connections."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg2
+from psycopg2 import sql
+
+PG = {
+    'host': os.getenv('BENCH_PG_HOST', '127.0.0.1'),
+    'port': int(os.getenv('BENCH_PG_PORT', '5432')),
+    'user': os.getenv('BENCH_PG_USER', 'postgres'),
+}
+SCALE = 10  # pgbench's 100,000 accounts per unit
+POLL_SECONDS = 0.02
+
+
+def admin() -> psycopg2.extensions.connection:
+    conn = psycopg2.connect(dbname='postgres', connect_timeout=5, **PG)
+    conn.autocommit = True
+    return conn
+
+
+def execute(query: sql.Composable) -> None:
+    conn = admin()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(query)
+    finally:
+        conn.close()
+
+
+@contextmanager
+def bench_database() -> Iterator[str]:
+    """A fresh database for this run (server-side generation takes seconds), dropped at the end.
+
+    A new one every run keeps runs alike (the upserts change balances) and lets a CI
+    `--quick` run beside a full one without either seeing the other's writes.
+    """
+    name = f'dbapi_bench_{uuid.uuid4().hex[:8]}'
+    execute(sql.SQL('CREATE DATABASE {}').format(sql.Identifier(name)))
+    try:
+        initialise(name)
+        yield name
+    finally:
+        execute(sql.SQL('DROP DATABASE IF EXISTS {} WITH (FORCE)').format(sql.Identifier(name)))
+
+
+def initialise(name: str) -> None:
+    command = ['pgbench', '-h', PG['host'], '-p', str(PG['port']), '-U', PG['user']]
+    command += ['-i', '-s', str(SCALE), '-I', 'dtGvp', '-q', name]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f'pgbench -i -s {SCALE} {name} exited {done.returncode}: {done.stderr.strip()}')
+
+
+class ConnectionWatch:
+    """Polls pg_stat_activity for the app's sessions on one database; keeps the peak."""
+
+    QUERY = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name LIKE 'dbapi:%%'"
+
+    def __init__(self, dbname: str) -> None:
+        self.dbname = dbname
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name='pg-connections', daemon=True)
+
+    def __enter__(self) -> ConnectionWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def reset(self) -> int:
+        peak, self.peak = self.peak, 0
+        return peak
+
+    def _poll(self) -> None:
+        conn = admin()
+        try:
+            with conn.cursor() as cursor:
+                while not self._stop.wait(POLL_SECONDS):
+                    cursor.execute(self.QUERY, (self.dbname,))
+                    self.peak = max(self.peak, cursor.fetchone()[0])
+        finally:
+            conn.close()

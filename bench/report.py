@@ -1,0 +1,60 @@
+"""The run written down: JSON for machines, a Markdown table for the README."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.measure import Measurement
+from bench.targets import Verdict
+
+SCENARIO_NAMES = {
+    'foo': 'example/foo (no database)',
+    'read': 'read by key',
+    'upsert': 'upsert in a transaction',
+    'rows': '10,000-row read',
+}
+
+
+def write_json(path: Path, meta: dict[str, Any], results: list[Measurement], verdicts: list[Verdict]) -> None:
+    document = {
+        'meta': meta,
+        'results': [result.as_dict() for result in results],
+        'targets': [verdict.as_dict() for verdict in verdicts],
+    }
+    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
+
+
+def targets_table(verdicts: list[Verdict]) -> list[str]:
+    lines = ['| target (8 connections) | wanted | measured | |', '| --- | --- | --- | --- |']
+    lines += [f'| {v.what} | {v.target} | {v.measured} | **{v.status}** |' for v in verdicts]
+    return lines
+
+
+def results_table(results: list[Measurement]) -> list[str]:
+    lines = [
+        '| scenario | series | conns | req/s | p50 ms | p99 ms | errors | non-2xx |',
+        '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+    ]
+    for r in results:
+        name = SCENARIO_NAMES.get(r.scenario, r.scenario)
+        lines.append(
+            f'| {name} | {r.series} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} '
+            f'| {r.errors} | {r.non2xx} |'
+        )
+    return lines
+
+
+def markdown(meta: dict[str, Any], results: list[Measurement], verdicts: list[Verdict]) -> str:
+    ordered = sorted(results, key=lambda r: (list(SCENARIO_NAMES).index(r.scenario), r.series, r.connections))
+    header = [
+        f'Run of {meta["started"]} on {meta["host"]} ({meta["cpus"]} cores), {meta["seconds_per_run"]:g} s per '
+        f'measurement, {meta["server"]}; whole run {meta["elapsed_s"]:.0f} s.',
+        '',
+    ]
+    return '\n'.join(header + targets_table(verdicts) + [''] + results_table(ordered)) + '\n'
+
+
+def write_markdown(path: Path, meta: dict[str, Any], results: list[Measurement], verdicts: list[Verdict]) -> None:
+    path.write_text(markdown(meta, results, verdicts), encoding='utf-8')

@@ -1,0 +1,115 @@
+"""The issue's targets, each a ratio or a bound measured within one run, judged PASS or FAIL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bench.measure import Measurement, find
+
+AT = 8  # connections, unless a target says otherwise
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    what: str
+    target: str
+    measured: str
+    status: str  # PASS, FAIL, or SKIP when a series was not measured
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStats:
+    workers: int
+    pool_size: int
+    rss_before: int  # bytes, all workers, after the warm-up
+    rss_after: int
+    peak_connections: int
+
+    @property
+    def memory_growth(self) -> float:
+        return (self.rss_after - self.rss_before) / self.rss_before if self.rss_before else 0.0
+
+
+def ratio_target(
+    results: list[Measurement], what: str, top: tuple[str, str], bottom: tuple[str, str], limit: float, at_least: bool
+) -> Verdict:
+    """`top` / `bottom` throughput at AT connections against `limit`."""
+    mine, reference = find(results, *top, AT), find(results, *bottom, AT)
+    sign = '≥' if at_least else '≤'
+    target = f'{sign} {limit:g}x'
+    if mine is None or reference is None or not reference.rps or not mine.rps:
+        return Verdict(what, target, 'not measured', 'SKIP')
+    ratio = mine.rps / reference.rps
+    ok = ratio >= limit if at_least else ratio <= limit
+    return Verdict(what, target, f'{ratio:.2f}x ({mine.rps:,.0f} / {reference.rps:,.0f} /s)', passed(ok))
+
+
+def rows_target(results: list[Measurement]) -> Verdict:
+    """Time per answer (connections ÷ throughput) of the 10,000-row read against json_agg's."""
+    mine, reference = find(results, 'rows', 'app direct', AT), find(results, 'rows', 'pgbench json_agg', AT)
+    if mine is None or reference is None or not mine.rps or not reference.rps:
+        return Verdict('10,000-row read vs json_agg', '≤ 1.5x', 'not measured', 'SKIP')
+    mine_ms, reference_ms = 1000 * AT / mine.rps, 1000 * AT / reference.rps
+    ratio = mine_ms / reference_ms
+    measured = f'{ratio:.2f}x ({mine_ms:.1f} ms / {reference_ms:.1f} ms)'
+    return Verdict('10,000-row read vs json_agg', '≤ 1.5x', measured, passed(ratio <= 1.5))
+
+
+def p99_target(results: list[Measurement]) -> Verdict:
+    mine = find(results, 'read', 'app direct', AT)
+    if mine is None:
+        return Verdict('read by key p99', '≤ 10 ms', 'not measured', 'SKIP')
+    return Verdict('read by key p99', '≤ 10 ms', f'{mine.p99_ms:.2f} ms', passed(mine.p99_ms <= 10))
+
+
+def errors_target(results: list[Measurement]) -> Verdict:
+    bad = [r for r in results if r.errors or r.non2xx]
+    errors = sum(r.errors + r.non2xx for r in results)
+    named = ', '.join(f'{r.scenario}/{r.series}/{r.connections}' for r in bad[:5])
+    measured = f'{errors} in {len(results)} runs' + (f' ({named})' if named else '')
+    return Verdict('errors and non-2xx answers', '0', measured, passed(errors == 0))
+
+
+def memory_target(stats: ServerStats | None) -> Verdict:
+    if stats is None:
+        return Verdict('worker memory growth', '< 10%', 'not measured', 'SKIP')
+    mib = 1024 * 1024
+    measured = f'{stats.memory_growth:+.1%} ({stats.rss_before / mib:.0f} → {stats.rss_after / mib:.0f} MiB)'
+    return Verdict('worker memory growth', '< 10%', measured, passed(stats.memory_growth < 0.10))
+
+
+def connections_target(stats: ServerStats | None) -> Verdict:
+    if stats is None:
+        return Verdict('peak database connections', '≤ workers x pool', 'not measured', 'SKIP')
+    limit = stats.workers * stats.pool_size
+    target = f'≤ {stats.workers} x {stats.pool_size} = {limit}'
+    return Verdict(
+        'peak database connections', target, str(stats.peak_connections), passed(stats.peak_connections <= limit)
+    )
+
+
+def passed(ok: bool) -> str:
+    return 'PASS' if ok else 'FAIL'
+
+
+def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verdict]:
+    checks: list[Callable[[], Verdict]] = [
+        lambda: ratio_target(
+            results, 'read by key, direct', ('read', 'app direct'), ('read', 'pgbench simple'), 0.15, True
+        ),
+        lambda: ratio_target(results, 'read by key, nginx', ('read', 'app nginx'), ('read', 'app direct'), 0.8, True),
+        lambda: ratio_target(
+            results, 'example/foo vs WSGI hello', ('foo', 'app direct'), ('foo', 'wsgi hello'), 0.6, True
+        ),
+        lambda: rows_target(results),
+        lambda: p99_target(results),
+        lambda: errors_target(results),
+        lambda: memory_target(stats),
+        lambda: connections_target(stats),
+    ]
+    return [check() for check in checks]

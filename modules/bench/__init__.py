@@ -1,0 +1,7 @@
+"""The benchmark's actions over pgbench's tables: served only when `EXTRA_MODULES` names it."""
+
+from lib.actions import module_blueprint
+
+from .routes import routes
+
+blueprint = module_blueprint(__name__, routes)

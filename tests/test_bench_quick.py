@@ -1,0 +1,32 @@
+"""The benchmark's CI check: `python -m bench --quick` drives every scenario and sees no error.
+
+It never judges speed: the shared CI machine's timings mean nothing; errors and non-2xx do.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_every_scenario_without_errors(tmp_path: Path) -> None:
+    command = [sys.executable, '-m', 'bench', '--quick', '--out', str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, (
+        f'bench --quick exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}'
+    )
+    document = json.loads((tmp_path / 'quick.json').read_text(encoding='utf-8'))
+    measured = {(r['scenario'], r['series']) for r in document['results']}
+    assert {('foo', 'app direct'), ('read', 'app direct'), ('upsert', 'app direct'), ('rows', 'app direct')} <= measured
+    for result in document['results']:
+        assert result['requests'] > 0, result
+        assert (result['errors'], result['non2xx']) == (0, 0), result
+    assert (tmp_path / 'quick.png').stat().st_size > 0
+    assert '| read by key |' in (tmp_path / 'quick.md').read_text(encoding='utf-8')
