@@ -92,7 +92,7 @@ def field_paths(errors: Any, prefix: str = '') -> list[str]:
     for key, value in errors.items():
         name = f'{prefix}.{key}' if prefix else str(key)
         paths.extend(field_paths(value, name) if isinstance(value, dict) else [name])
-    return paths[:MAX_FIELD_PATHS]
+    return sorted(paths)[:MAX_FIELD_PATHS]  # sorted: the same failure reads the same in every record
 
 
 def problem_fields(problem: ApiError) -> dict[str, Any]:
