@@ -20,3 +20,8 @@ preload_app = False
 accesslog = None  # the app writes one JSON access record per request itself
 errorlog = '-'
 loglevel = os.getenv('GUNICORN_LOG_LEVEL', 'info')
+# gunicorn's own lines (master and workers) go through the app's handlers: ECS JSON in the same
+# per-process files (lib/logger.py). gunicorn has put the repository on sys.path before reading this.
+from lib.logger import gunicorn_logconfig  # noqa: E402
+
+logconfig_dict = gunicorn_logconfig()
