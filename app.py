@@ -26,8 +26,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(APP_ID)
     app.config.update(config, COMPRESS_MIMETYPES=COMPRESSED_MIMETYPES, COMPRESS_ALGORITHM=['zstd', 'br', 'gzip'])
     app.json = ORJSONProvider(app)
-    # Order matters for after_request (last registered runs first): the access record is
-    # registered first so it runs last and sees the final response.
+    # The access record is written by a WSGI wrapper around the whole app (lib/access_log.py),
+    # so it sees every request, whatever the hooks below do or fail to do.
     access_log.init_app(app)
     http.init_app(app)
     Compress(app)
