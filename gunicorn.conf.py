@@ -1,21 +1,30 @@
 """gunicorn's configuration (read by `gunicorn -c gunicorn.conf.py app:app`).
 
 Every value can be changed from the environment; the defaults are the production ones.
+The master checks the configuration once before forking (`on_starting`), so a wrong setting
+stops it with one line instead of every worker crash-looping.
 """
 
 import multiprocessing
 import os
+import sys
+from typing import Any
 
 bind = os.getenv('BIND', '0.0.0.0:8000')
 workers = int(os.getenv('WEB_CONCURRENCY', 2 * multiprocessing.cpu_count() + 1))
-worker_class = os.getenv('WORKER_CLASS', 'sync')
-threads = int(os.getenv('THREADS', '1'))
-timeout = int(os.getenv('WORKER_TIMEOUT', '60'))
+# sync by measurement (README, "Deploy"): as fast as gthread through nginx on this app, and a
+# stopping worker cannot drop a kept-alive connection nginx is about to reuse for a POST.
+# nginx buffers requests and responses, so slow clients never hold a sync worker.
+worker_class = os.getenv('WORKER_CLASS', 'lib.gunicorn_worker.DrainingSyncWorker')
+threads = int(os.getenv('THREADS', '1'))  # gthread only; POOL_SIZE should be >= threads
+timeout = int(os.getenv('WORKER_TIMEOUT', '60'))  # above STATEMENT_TIMEOUT (30 s): the database gives up first
+# SIGTERM: stop accepting, let in-flight requests finish for up to this long, then exit.
+# The stack's stop_grace_period must be longer.
 graceful_timeout = int(os.getenv('GRACEFUL_TIMEOUT', '30'))
-keepalive = int(os.getenv('KEEPALIVE', '5'))
+keepalive = int(os.getenv('KEEPALIVE', '5'))  # gthread: above nginx's upstream keepalive_timeout
 max_requests = int(os.getenv('MAX_REQUESTS', '10000'))
-max_requests_jitter = int(os.getenv('MAX_REQUESTS_JITTER', '1000'))
-# The app (and its database pools) is loaded in each worker after the fork, never shared.
+max_requests_jitter = int(os.getenv('MAX_REQUESTS_JITTER', '1000'))  # workers do not all recycle at once
+# The app, and so its database pools, is loaded in each worker after the fork: never shared.
 preload_app = False
 accesslog = None  # the app writes one JSON access record per request itself
 errorlog = '-'
@@ -25,3 +34,31 @@ loglevel = os.getenv('GUNICORN_LOG_LEVEL', 'info')
 from lib.logger import gunicorn_logconfig  # noqa: E402
 
 logconfig_dict = gunicorn_logconfig()
+proc_name = os.getenv('REPLICA_ID') or 'dbapi'
+
+
+def on_starting(server: Any) -> None:
+    """Check the settings and the database connection budget before binding or forking."""
+    from lib.config import ConfigError  # imported here: gunicorn has put the app's dir on sys.path by now
+    from lib.startup import check_master
+
+    try:
+        _, budgets = check_master(workers)
+    except ConfigError as error:
+        sys.stderr.write(f'dbapi: configuration error: {error}\n')
+        sys.stderr.flush()
+        sys.exit(3)
+    for budget in budgets:
+        if budget.usable is None:
+            server.log.warning('connection budget of %s not checked: %s', budget.server, budget.error)
+        else:
+            server.log.info(
+                'connection budget of %s: %d of %d connections', budget.server, budget.needed, budget.usable
+            )
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Close this worker's pools so PostgreSQL sees its sessions end instead of dropping."""
+    pools = getattr(getattr(worker, 'wsgi', None), 'extensions', {}).get('dbapi.pools')
+    if pools is not None:
+        pools.close()

@@ -1,0 +1,67 @@
+"""gunicorn's sync worker, stopping without dropping connections the kernel already accepted.
+
+On SIGTERM the stock sync worker finishes its request and exits, while its copy of the
+listening socket stays open until then: connections arriving meanwhile wait in the kernel's
+queue and are reset when the last copy closes. nginx has already sent its POST on them and
+(rightly) never sends a POST twice, so the client gets a 502 (measured: 6 in 629 requests
+when one replica stopped under load). This worker, on SIGTERM, takes every queued connection,
+closes its copy of the listener at once, so new connections are refused and nginx tries
+another replica, and serves what it took before exiting.
+"""
+
+from __future__ import annotations
+
+import socket
+from types import FrameType
+from typing import Any
+
+from gunicorn import util
+from gunicorn.workers.sync import SyncWorker
+
+
+class ClosedListener:
+    """What `handle()` needs of a listener after it is closed: its address."""
+
+    def __init__(self, name: Any) -> None:
+        self.name = name
+
+    def getsockname(self) -> Any:
+        return self.name
+
+
+class DrainingSyncWorker(SyncWorker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.taken: list[tuple[ClosedListener, socket.socket, Any]] = []
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """SIGTERM: take what is queued, stop listening; the run loop ends after its request."""
+        self.alive = False
+        for listener in self.sockets:
+            self.take_queued(listener)
+            listener.close()
+
+    def take_queued(self, listener: Any) -> None:
+        try:
+            name = ClosedListener(listener.getsockname())
+        except OSError:
+            return  # already closed (a second SIGTERM)
+        while True:
+            try:
+                client, addr = listener.accept()
+            except OSError:  # EAGAIN: the queue is empty (the listener is non-blocking)
+                return
+            client.setblocking(True)
+            util.close_on_exec(client)
+            self.taken.append((name, client, addr))
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except (OSError, ValueError):
+            # The loop touched the listener the signal handler had just closed.
+            if self.alive:
+                raise
+        while self.taken:
+            name, client, addr = self.taken.pop(0)
+            self.handle(name, client, addr)
