@@ -1,0 +1,224 @@
+"""The deployment files, checked by the real tools: `docker stack config` (Docker's own Swarm
+parser, no daemon needed), `nginx -t` on the rendered template, and gunicorn's master checks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import settings
+from scripts.topology import PLACEHOLDER, TEMPLATE, Nginx, TopologyError, find_nginx, free_port, render
+from tests.conftest import PG
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / 'docker-compose.yml'
+GUNICORN = Path(sys.executable).parent / 'gunicorn'
+# ${NAME:-default} or ${NAME:?message}: anything else becomes empty when NAME is unset.
+SAFE_REFERENCE = re.compile(r'\$\{[A-Z][A-Z0-9_]*:[-?][^}]*\}')
+REQUIRED_REFERENCE = re.compile(r'\$\{([A-Z][A-Z0-9_]*):\?[^}]*\}')
+# The resolve parameter of upstream servers is in open-source nginx from 1.27.3.
+RESOLVE_SINCE = (1, 27, 3)
+
+
+def in_ci() -> bool:
+    return os.getenv('CI', '').lower() in {'1', 'true', 'yes'}
+
+
+def require(tool: str | None, name: str) -> str:
+    """The tool's path; in CI a missing tool fails the test, elsewhere it skips it."""
+    if tool:
+        return tool
+    message = f'{name} is not installed (scripts/ensure_tools.sh)'
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def strings(node: Any) -> list[str]:
+    """Every key and value of the parsed file: what Docker interpolates (comments are not)."""
+    if isinstance(node, dict):
+        return [text for key, value in node.items() for text in (*strings(key), *strings(value))]
+    if isinstance(node, list):
+        return [text for item in node for text in strings(item)]
+    return [node] if isinstance(node, str) else []
+
+
+def compose_strings() -> list[str]:
+    return strings(yaml.safe_load(COMPOSE.read_text()))
+
+
+def required_variables() -> set[str]:
+    return {name for text in compose_strings() for name in REQUIRED_REFERENCE.findall(text)}
+
+
+def required_values(**overrides: str) -> dict[str, str]:
+    values = {name: f'value-of-{name.lower()}' for name in required_variables()}
+    return {**values, 'EXPOSED_PORT': '8080', **overrides}
+
+
+def stack_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    docker = require(shutil.which('docker'), 'the Docker CLI')
+    clean = {'PATH': os.environ['PATH'], 'HOME': str(ROOT / '.local'), **env}  # nothing inherited by accident
+    return subprocess.run(
+        [docker, 'stack', 'config', '-c', str(COMPOSE)], capture_output=True, text=True, env=clean, timeout=60
+    )
+
+
+def deployed_stack() -> dict[str, Any]:
+    result = stack_config(required_values())
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def seconds(duration: str) -> float:
+    units = {'h': 3600, 'm': 60, 's': 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r'([0-9.]+)([hms])', duration))
+
+
+def test_every_variable_of_the_stack_has_a_default_or_must_be_set() -> None:
+    # `$$` is a literal dollar; a lone $NAME or ${NAME} silently becomes empty when unset.
+    text = '\n'.join(compose_strings()).replace('$$', '')
+    references = re.findall(r'\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*', text)
+    unsafe = [ref for ref in references if not SAFE_REFERENCE.fullmatch(ref)]
+    assert not unsafe, f'these become empty when unset: {unsafe}'
+    assert {'VERSION', 'EXPOSED_PORT', 'DB_HOST', 'DB_NAME', 'DB_USER'} <= required_variables()
+
+
+def test_the_stack_refuses_to_render_with_a_required_variable_unset() -> None:
+    for missing in sorted(required_variables()):
+        values = required_values()
+        del values[missing]
+        result = stack_config(values)
+        assert result.returncode != 0, f'the stack rendered without {missing}'
+        assert missing in result.stderr
+
+
+def test_the_stack_is_accepted_by_the_swarm_parser() -> None:
+    stack = deployed_stack()
+    api, nginx = stack['services']['api'], stack['services']['nginx']
+    deploy = api['deploy']
+    assert deploy['replicas'] == 10
+    assert deploy['restart_policy']['condition'] == 'any'
+    assert deploy['update_config']['order'] == 'start-first'
+    assert deploy['update_config']['failure_action'] == 'rollback'
+    assert 'rollback_config' in deploy and 'limits' in deploy['resources']
+    assert 'start_period' in api['healthcheck']
+    assert seconds(api['stop_grace_period']) > int(api['environment']['GRACEFUL_TIMEOUT'])
+    assert {secret['source'] for secret in api['secrets']} == {'dbapi_bearer', 'dbapi_db_pass'}
+    assert api['environment']['BEARER_FILE'] == '/run/secrets/dbapi_bearer'
+    assert api['environment']['DEFAULT_DB_PASS_FILE'] == '/run/secrets/dbapi_db_pass'
+    assert nginx['ports'] == [{'mode': 'host', 'target': 8000, 'published': 8080, 'protocol': 'tcp'}]
+    assert {volume['target'] for volume in stack['services']['filebeat']['volumes']} >= {'/src/logs'}
+
+
+def test_the_stack_sizes_connections_for_a_default_postgresql() -> None:
+    api = deployed_stack()['services']['api']['environment']
+    replicas, workers, pool = int(api['API_REPLICAS']), int(api['WEB_CONCURRENCY']), int(api['POOL_SIZE'])
+    assert (replicas + 1) * workers * pool <= 100 - 3  # stock max_connections minus superuser_reserved
+
+
+def test_every_layer_agrees_on_the_body_limit() -> None:
+    stack = deployed_stack()['services']
+    limit = settings.MAX_CONTENT_LENGTH
+    assert stack['api']['environment']['MAX_CONTENT_LENGTH'] == limit
+    assert stack['nginx']['environment']['MAX_CONTENT_LENGTH'] == limit
+    assert f'MAX_CONTENT_LENGTH={limit}' in (ROOT / 'nginx' / 'Dockerfile').read_text()
+
+
+def test_the_stack_and_the_image_fill_every_placeholder_of_the_template() -> None:
+    placeholders = set(PLACEHOLDER.findall(TEMPLATE.read_text()))
+    assert set(deployed_stack()['services']['nginx']['environment']) == placeholders
+    image_defaults = set(re.findall(r'^\s+([A-Z_]+)=', (ROOT / 'nginx' / 'Dockerfile').read_text(), re.MULTILINE))
+    assert placeholders <= image_defaults
+
+
+def test_the_template_renders_like_envsubst_in_the_image() -> None:
+    envsubst = require(shutil.which('envsubst'), 'envsubst (gettext-base)')
+    values = deployed_stack()['services']['nginx']['environment']
+    shell_format = ' '.join(f'${{{name}}}' for name in values)
+    rendered = subprocess.run(
+        [envsubst, shell_format], input=TEMPLATE.read_text(), capture_output=True, text=True, env=values, check=True
+    ).stdout
+    assert rendered == render(TEMPLATE.read_text(), values)
+
+
+def test_an_unset_placeholder_is_refused_with_its_name() -> None:
+    with pytest.raises(TopologyError, match='NGINX_UPSTREAM_SERVERS'):
+        render(TEMPLATE.read_text(), {'NGINX_LISTEN': '8000'})
+
+
+def nginx_version(binary: str) -> tuple[int, ...]:
+    output = subprocess.run([binary, '-v'], capture_output=True, text=True, check=True).stderr
+    return tuple(int(part) for part in re.search(r'nginx/([0-9.]+)', output).group(1).split('.'))
+
+
+def test_nginx_accepts_the_local_rendering(tmp_path: Path) -> None:
+    require(find_nginx(), 'nginx')
+    checked = Nginx(tmp_path, [free_port(), free_port()]).test()
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_nginx_accepts_the_swarm_rendering(tmp_path: Path) -> None:
+    """The stack's values; an nginx older than 1.27.3 (Debian 12 has 1.22) lacks `resolve` and
+    cannot resolve tasks.api here, so it checks everything else: the same line without both."""
+    binary = require(find_nginx(), 'nginx')
+    values = dict(deployed_stack()['services']['nginx']['environment'])
+    values['NGINX_ACCESS_LOG'] = str(tmp_path / 'nginx-access.log')
+    values['NGINX_LISTEN'] = f'127.0.0.1:{free_port()}'
+    assert values['NGINX_UPSTREAM_SERVERS'] == 'server tasks.api:8000 resolve;'
+    if nginx_version(binary) < RESOLVE_SINCE:
+        values['NGINX_UPSTREAM_SERVERS'] = 'server 127.0.0.1:8000;'
+    nginx = Nginx(tmp_path, [])
+    nginx.conf.write_text(render(TEMPLATE.read_text(), values))
+    checked = subprocess.run(nginx.command('-t'), capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    assert 'FROM nginx:1.28' in (ROOT / 'nginx' / 'Dockerfile').read_text()  # the image has `resolve`
+
+
+def gunicorn_master(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {
+        'PATH': os.environ['PATH'],
+        'ENVIRONMENT': 'testing',
+        'BEARER': 'testing-token',
+        'DEFAULT_DB_HOST': str(PG['host']),
+        'DEFAULT_DB_PORT': str(PG['port']),
+        'DEFAULT_DB_USER': str(PG['user']),
+        'DEFAULT_DB_NAME': 'postgres',
+        'BIND': f'127.0.0.1:{free_port()}',
+        'LOG_DIR': str(ROOT / '.local' / 'test-logs'),
+    }
+    command = [str(GUNICORN), '-c', 'gunicorn.conf.py', 'app:app']
+    return subprocess.run(command, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=30)
+
+
+def test_a_wrong_setting_stops_the_master_with_one_line() -> None:
+    result = gunicorn_master({'ENVIRONMENT': 'production', 'BEARER': 'short'})
+    assert result.returncode == 3
+    errors = [line for line in result.stderr.splitlines() if line.startswith('dbapi:')]
+    assert errors == ['dbapi: configuration error: BEARER has a token shorter than 24 characters']
+    assert 'Traceback' not in result.stderr
+    assert 'Booting worker' not in result.stderr
+
+
+def test_more_connections_than_postgresql_accepts_stops_the_master() -> None:
+    result = gunicorn_master({'API_REPLICAS': '500', 'WEB_CONCURRENCY': '2', 'POOL_SIZE': '4'})
+    assert result.returncode == 3
+    assert 'dbapi: configuration error: (API_REPLICAS=500 + 1) x workers=2 x POOL_SIZE=4 = 4008 connections' in (
+        result.stderr
+    )
+    assert 'Booting worker' not in result.stderr
+
+
+def test_a_non_number_of_replicas_is_named() -> None:
+    result = gunicorn_master({'API_REPLICAS': 'ten'})
+    assert result.returncode == 3
+    assert "dbapi: configuration error: API_REPLICAS='ten' is not a whole number" in result.stderr
