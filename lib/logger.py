@@ -17,10 +17,11 @@ import logging
 import sys
 import threading
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import settings
+from lib.config import ConfigError
 from lib.log_files import ProcessFileHandler, delete_old_logs
 from lib.log_format import EcsFormatter
 
@@ -28,6 +29,7 @@ CONSOLE_FORMAT = '%(asctime)s %(levelname)-7s %(name)s: %(message)s'
 ACCESS_LOGGER = 'dbapi.access'
 TAG = '_dbapi_options'  # set on every handler made here: which options made it
 HANDLER_KINDS = ('file', 'stdout', 'console')
+MIN_LOG_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,42 +50,44 @@ def _flag(value: Any) -> bool:
     return str(value).strip().lower() in {'1', 'true', 'yes', 'on'}
 
 
-def _number(name: str, value: Any, kind: type[int] | type[float]) -> Any:
+def _number(name: str, value: Any, kind: type[int] | type[float], minimum: float) -> Any:
     try:
-        return kind(value)
+        number = kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f'{name}={value!r} is not a number') from None
+        raise ConfigError(f'{name}={value!r} is not a number') from None
+    if number < minimum:
+        raise ConfigError(f'{name}={number} must be at least {minimum:g}')
+    return number
 
 
-def log_options(
-    log_dir: str | None = None,
-    level: str | None = None,
-    console: bool | None = None,
-    stdout_json: bool | None = None,
-    max_bytes: int | None = None,
-    backup_count: int | None = None,
-    retention_days: float | None = None,
-) -> LogOptions:
-    """The settings, with whatever the caller (a test) overrides."""
-    options = LogOptions(
-        log_dir=settings.LOG_DIR,
-        level=settings.LOG_LEVEL.upper(),
-        console=settings.LOG_FORMAT == 'console',
-        stdout_json=_flag(settings.LOG_STDOUT),
-        max_bytes=_number('LOG_MAX_BYTES', settings.LOG_MAX_BYTES, int),
-        backup_count=_number('LOG_BACKUP_COUNT', settings.LOG_BACKUP_COUNT, int),
-        retention_days=_number('LOG_RETENTION_DAYS', settings.LOG_RETENTION_DAYS, float),
+def log_options(**overrides: Any) -> LogOptions:
+    """The settings, with whatever the caller (a test) overrides, checked: errors name the setting."""
+    raw: dict[str, Any] = {
+        'log_dir': settings.LOG_DIR,
+        'level': settings.LOG_LEVEL,
+        'console': settings.LOG_FORMAT == 'console',
+        'stdout_json': _flag(settings.LOG_STDOUT),
+        'max_bytes': settings.LOG_MAX_BYTES,
+        'backup_count': settings.LOG_BACKUP_COUNT,
+        'retention_days': settings.LOG_RETENTION_DAYS,
+    }
+    unknown = set(overrides) - set(raw)
+    if unknown:
+        raise TypeError(f'unknown logging options: {", ".join(sorted(unknown))}')
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    level = str(raw['level']).upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ConfigError(f'LOG_LEVEL={raw["level"]!r} is not a logging level')
+    return LogOptions(
+        log_dir=str(raw['log_dir']),
+        level=level,
+        console=bool(raw['console']),
+        stdout_json=bool(raw['stdout_json']),
+        # A file must rotate and old ones must go, or one busy replica can fill the shared volume.
+        max_bytes=_number('LOG_MAX_BYTES', raw['max_bytes'], int, minimum=MIN_LOG_BYTES),
+        backup_count=_number('LOG_BACKUP_COUNT', raw['backup_count'], int, minimum=1),
+        retention_days=_number('LOG_RETENTION_DAYS', raw['retention_days'], float, minimum=0.01),
     )
-    given = dict(
-        log_dir=log_dir,
-        level=level.upper() if level else None,
-        console=console,
-        stdout_json=stdout_json,
-        max_bytes=max_bytes,
-        backup_count=backup_count,
-        retention_days=retention_days,
-    )
-    return replace(options, **{key: value for key, value in given.items() if value is not None})
 
 
 def make_handler(kind: str, **overrides: Any) -> logging.Handler:

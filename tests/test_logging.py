@@ -23,6 +23,7 @@ from flask import Flask
 
 from lib import logger
 from lib.access_log import client_ip, field_paths
+from lib.config import ConfigError
 from lib.log_files import ProcessFileHandler, delete_old_logs
 from lib.log_format import EcsFormatter
 from tests.conftest import AUTH, TOKEN, make_app
@@ -598,3 +599,26 @@ def test_filebeat_config_and_index_template_match_what_the_service_writes(small_
     assert '${' in str(config['output.logstash']['hosts'])
     assert config['setup.template.json.path'] == 'index-template.json'
     assert config['setup.ilm.enabled'] is False
+
+
+@pytest.mark.parametrize(
+    ('overrides', 'named'),
+    [
+        ({'max_bytes': 'lots'}, 'LOG_MAX_BYTES'),
+        ({'max_bytes': 100}, 'LOG_MAX_BYTES'),
+        ({'backup_count': 0}, 'LOG_BACKUP_COUNT'),
+        ({'retention_days': 0}, 'LOG_RETENTION_DAYS'),
+        ({'level': 'LOUD'}, 'LOG_LEVEL'),
+    ],
+)
+def test_a_wrong_log_setting_is_a_config_error_naming_it(overrides: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        logger.log_options(**overrides)
+
+
+def test_a_wrong_log_setting_stops_the_start_with_one_line() -> None:
+    env = {**os.environ, 'ENVIRONMENT': 'testing', 'LOG_BACKUP_COUNT': '0'}
+    command = [sys.executable, '-c', 'import app; app.app']
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip() == 'dbapi: configuration error: LOG_BACKUP_COUNT=0 must be at least 1'
