@@ -1,7 +1,7 @@
 """Log files: one size-rotated file per process, and the retention step that deletes old ones.
 
 Several processes appending to and rotating one file lose and shuffle lines (Python's
-logging cookbook says so), so every process writes its own `<prefix>-<host>-<pid>.log`.
+logging cookbook says so), so every process writes its own `<prefix>-<host>-<pid>-<random>.log`.
 Each record is one `write()` on an O_APPEND descriptor: no buffer can hold half a line, and
 a line is never split between two writes unless the disk fills up mid-line (the next line
 then starts on a fresh line, so only that one record is damaged).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import sys
 import time
@@ -48,7 +49,7 @@ def delete_old_logs(directory: str | Path, prefix: str, days: float) -> list[Pat
 
 
 class ProcessFileHandler(logging.Handler):
-    """Writes to `<directory>/<prefix>-<host>-<pid>.log`, rotated at `max_bytes`.
+    """Writes to `<directory>/<prefix>-<host>-<pid>-<random>.log`, rotated at `max_bytes`.
 
     The pid is read at every record, so a handler inherited across a fork (gunicorn's master
     configures logging before it forks) writes to the child's own file, never the parent's.
@@ -120,8 +121,10 @@ class ProcessFileHandler(logging.Handler):
             # The parent's descriptor is closed here only; the parent keeps its own.
             self._close_file()
             self._pid = os.getpid()
+            # Containers number their pids alike, and a fixed `hostname:` would make replicas
+            # collide on a shared volume: a random part keeps every process's file its own.
+            self.path = os.path.join(self.directory, f'{self.prefix}-{HOSTNAME}-{self._pid}-{secrets.token_hex(3)}.log')
             self._retention()
-        self.path = os.path.join(self.directory, f'{self.prefix}-{HOSTNAME}-{self._pid}.log')
         os.makedirs(self.directory, exist_ok=True)
         self._fd = os.open(self.path, OPEN_FLAGS, FILE_MODE)
         self._size = os.fstat(self._fd).st_size
