@@ -26,6 +26,9 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(APP_ID)
     app.config.update(config, COMPRESS_MIMETYPES=COMPRESSED_MIMETYPES, COMPRESS_ALGORITHM=['zstd', 'br', 'gzip'])
     app.json = ORJSONProvider(app)
+    # `//` in a path would be answered with an HTML 308 redirect (routing bypasses the error
+    # handlers); a POST API has one spelling per action, anything else is a JSON 404.
+    app.url_map.merge_slashes = False
     # The access record is written by a WSGI wrapper around the whole app (lib/access_log.py),
     # so it sees every request, whatever the hooks below do or fail to do.
     access_log.init_app(app)
