@@ -30,7 +30,11 @@ def presented_token(header: str) -> bytes:
     if not token:
         raise unauthorized('the Bearer token is empty')
     # WSGI hands headers over as latin-1 text: this gets the client's bytes back, whatever they were.
-    return token.encode('latin-1')
+    try:
+        return token.encode('latin-1')
+    except UnicodeEncodeError:
+        # Text no wire could have sent (a non-WSGI caller): no configured token can equal it.
+        raise unauthorized('the Bearer token is not valid') from None
 
 
 def match_token(token: bytes, tokens: dict[bytes, str]) -> str | None:
