@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import secrets
 import shutil
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import psycopg2
 
@@ -29,12 +31,12 @@ from bench.pgbench import run_pgbench
 from bench.plot import write_plot
 from bench.report import write_json, write_markdown
 from bench.servers import REPO, VENV_BIN, Server, gunicorn_command, serve
+from bench.service import PATHS, service_env
 from bench.targets import ServerStats, Verdict, evaluate
 from bench.wrk import run_wrk
 
 RESULTS = REPO / 'bench' / 'results'
 SCENARIOS = ('foo', 'read', 'upsert', 'rows')
-PATHS = {'foo': '/example/foo', 'read': '/bench/read', 'upsert': '/bench/upsert', 'rows': '/bench/rows'}
 # (series, pgbench -M mode) measured beside each scenario; foo's reference is the WSGI hello.
 PG_REFERENCES = {
     'read': [('pgbench simple', 'simple'), ('pgbench prepared', 'prepared')],
@@ -49,15 +51,17 @@ class Plan:
     seconds: float
     warmup: float
     scenarios: tuple[str, ...] = SCENARIOS
+    nginx: bool = True
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='bench', description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='8 connections, 1 s each: the CI check (no speed judged)')
-    parser.add_argument('--seconds', type=float, help='seconds per measurement (default 5, quick 1)')
+    parser.add_argument('--seconds', type=float, help='seconds per measurement (default 4, quick 1)')
     parser.add_argument('--connections', help='comma-separated, e.g. 1,8,32')
     parser.add_argument('--only', help='comma-separated scenarios: ' + ','.join(SCENARIOS))
     parser.add_argument('--out', type=Path, help='results folder (default bench/results, quick bench/results/tmp)')
+    parser.add_argument('--no-nginx', action='store_true', help='skip the scenarios through nginx')
     parser.add_argument('--recycle', action='store_true', help="keep gunicorn's max_requests recycling on")
     return parser.parse_args(argv)
 
@@ -70,28 +74,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         raise SystemExit(f'bench: unknown scenario(s) {", ".join(sorted(unknown))}; known: {", ".join(SCENARIOS)}')
-    seconds = args.seconds or (1.0 if args.quick else 5.0)
-    return Plan(connections, seconds, warmup=1.0, scenarios=scenarios)
-
-
-def service_env(dbname: str, token: str, log_dir: Path, recycle: bool) -> dict[str, str]:
-    """The production settings, pointed at the bench database, with the bench module added."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith(('_DB_NAME', '_DB_HOST', '_DB_PORT', '_DB_USER'))}
-    env.update(
-        ENVIRONMENT='production',
-        BEARER=token,
-        DEFAULT_DB_NAME=dbname,
-        DEFAULT_DB_HOST=PG['host'],
-        DEFAULT_DB_PORT=str(PG['port']),
-        DEFAULT_DB_USER=PG['user'],
-        EXTRA_MODULES='modules.bench',
-        LOG_DIR=str(log_dir),
-        LOG_STDOUT='0',
-    )
-    if not recycle:
-        # Recycled workers would hide a leak from the memory figure and blur the connection peak.
-        env['MAX_REQUESTS'] = '0'
-    return env
+    seconds = args.seconds or (1.0 if args.quick else 4.0)
+    return Plan(connections, seconds, warmup=1.0, scenarios=scenarios, nginx=not args.no_nginx)
 
 
 def setting(env: dict[str, str], expression: str) -> str:
@@ -111,15 +95,14 @@ class Run:
         self.token = token
         self.watch = watch
         self.results: list[Measurement] = []
-        self.targets: dict[str, Server] = {}  # series -> server it is measured on
+        self.urls: dict[str, str] = {}  # series -> the address it is measured at
 
     def log(self, text: str) -> None:
         print(text, flush=True)
 
     def wrk(self, scenario: str, series: str, connections: int, seconds: float, body: str | None = None) -> Measurement:
-        server = self.targets[series]
         path = '/' if series == 'wsgi hello' else PATHS[scenario]
-        return run_wrk(server.url + path, body or scenario, self.token, connections, seconds, scenario, series)
+        return run_wrk(self.urls[series] + path, body or scenario, self.token, connections, seconds, scenario, series)
 
     def warm_up(self, series: str) -> None:
         for scenario in self.plan.scenarios:
@@ -129,10 +112,10 @@ class Run:
         for connections in self.plan.connections:
             for series, mode in PG_REFERENCES.get(scenario, []):
                 self.record(run_pgbench(self.dbname, PG, scenario, mode, connections, self.plan.seconds, series))
-            if scenario == 'foo' and 'wsgi hello' in self.targets:
+            if scenario == 'foo' and 'wsgi hello' in self.urls:
                 self.record(self.wrk('foo', 'wsgi hello', connections, self.plan.seconds, body='hello'))
             for series in ('app direct', 'app nginx'):
-                if series in self.targets:
+                if series in self.urls:
                     self.record(self.wrk(scenario, series, connections, self.plan.seconds))
 
     def record(self, result: Measurement) -> None:
@@ -149,6 +132,25 @@ def app_server(env: dict[str, str], tmp: Path) -> Iterator[Server]:
         yield server
 
 
+@contextmanager
+def nginx_in_front(app: Server, tmp: Path) -> Iterator[str]:
+    """The production nginx template (nginx/nginx.conf) rendered by the topology runner, proxying to `app`."""
+    nginx = topology().Nginx(tmp / 'nginx', [app.port])
+    nginx.start()
+    try:
+        yield nginx.url
+    finally:
+        nginx.stop()
+
+
+def topology() -> ModuleType:
+    """scripts/topology.py, the one place that renders the nginx template for a local run."""
+    spec = importlib.util.spec_from_file_location('dbapi_topology', REPO / 'scripts' / 'topology.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], ServerStats, str]:
     token = secrets.token_hex(20)
     with ExitStack() as stack:
@@ -157,11 +159,12 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         env = service_env(dbname, token, tmp, recycle)
         run = Run(plan, dbname, token, watch)
         app = stack.enter_context(app_server(env, tmp))
-        run.targets['app direct'] = app
+        run.urls['app direct'] = app.url
+        if plan.nginx:
+            run.urls['app nginx'] = stack.enter_context(nginx_in_front(app, tmp))
         if 'foo' in plan.scenarios:
-            run.targets['wsgi hello'] = stack.enter_context(
-                serve('hello', gunicorn_command('bench.hello:app'), env, tmp, probe='/')
-            )
+            hello = stack.enter_context(serve('hello', gunicorn_command('bench.hello:app'), env, tmp, probe='/'))
+            run.urls['wsgi hello'] = hello.url
         run.log(f'database {dbname} ready; servers up; warming up')
         run.warm_up('app direct')
         rss_before = sum(app.worker_rss().values())

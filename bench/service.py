@@ -1,0 +1,30 @@
+"""How the benchmark runs the service: the production settings, pointed at the bench database."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bench.database import PG
+
+PATHS = {'foo': '/example/foo', 'read': '/bench/read', 'upsert': '/bench/upsert', 'rows': '/bench/rows'}
+
+
+def service_env(dbname: str, token: str, log_dir: Path, recycle: bool) -> dict[str, str]:
+    """The production settings, pointed at the bench database, with the bench module added."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith(('_DB_NAME', '_DB_HOST', '_DB_PORT', '_DB_USER'))}
+    env.update(
+        ENVIRONMENT='production',
+        BEARER=token,
+        DEFAULT_DB_NAME=dbname,
+        DEFAULT_DB_HOST=PG['host'],
+        DEFAULT_DB_PORT=str(PG['port']),
+        DEFAULT_DB_USER=PG['user'],
+        EXTRA_MODULES='modules.bench',
+        LOG_DIR=str(log_dir),
+        LOG_STDOUT='0',
+    )
+    if not recycle:
+        # Recycled workers would hide a leak from the memory figure and blur the connection peak.
+        env['MAX_REQUESTS'] = '0'
+    return env
