@@ -73,7 +73,9 @@ def render(template: str, values: Mapping[str, str]) -> str:
 
 
 def upstream_servers(ports: list[int]) -> str:
-    return ' '.join(f'server 127.0.0.1:{port};' for port in ports)
+    """Loopback replicas, never marked failed: a refused port costs nothing to retry, and a
+    replica restarted on the same port must get traffic at once (Swarm's get new addresses)."""
+    return ' '.join(f'server 127.0.0.1:{port} max_fails=0;' for port in ports)
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -281,17 +283,22 @@ class Topology:
         extra.start()
         return extra
 
-    def restart_replica(self, replica: Replica, drain_seconds: float = 0.5) -> None:
-        """A rolling-update step: out of nginx, drained by SIGTERM, started again, back in."""
-        others = [other.port for other in self.replicas if other is not replica]
-        if others:
-            self.nginx.reload(others)
+    def restart_replica(self, replica: Replica, drain_seconds: float = 0.0) -> None:
+        """A rolling-update step: SIGTERM (the replica drains itself), started again on its port.
+
+        With `drain_seconds`, nginx first stops sending to it for that long, the way a
+        balancer that knows about the stop would; without, nginx finds the port refused and
+        sends elsewhere, as when Swarm stops a task nginx still resolves.
+        """
+        if drain_seconds:
+            self.nginx.reload([other.port for other in self.replicas if other is not replica])
             time.sleep(drain_seconds)
         exit_code = replica.stop()
         if exit_code != 0:
             raise TopologyError(f'{replica.name} exited with {exit_code} on SIGTERM:\n{tail(replica.stderr_path)}')
         replica.start()
-        self.nginx.reload([other.port for other in self.replicas])
+        if drain_seconds:
+            self.nginx.reload([other.port for other in self.replicas])
 
     def close(self) -> None:
         for nginx in [self.nginx, *self.extra_nginx]:

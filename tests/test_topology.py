@@ -190,8 +190,7 @@ def test_request_id_from_nginx_reaches_the_app_access_record(top: Topology) -> N
     assert len(request_id) == 32  # nginx's $request_id: the client sent none
     chosen = post(top.url, '/example/', headers={'X-Request-ID': 'backend-abc.123'})
     assert chosen.headers['X-Request-ID'] == 'backend-abc.123'
-    records = app_access_records(top.log_dir)
-    by_id = {record.get('http.request.id'): record for record in records}
+    by_id = wait_for_access_records(top.log_dir, {request_id, 'backend-abc.123'})
     for wanted in (request_id, 'backend-abc.123'):
         assert wanted in by_id, f'{wanted} not in the app access records'
         assert by_id[wanted]['client.ip'] == '127.0.0.1'  # from X-Forwarded-For, PROXY_HOPS=1
@@ -199,14 +198,19 @@ def test_request_id_from_nginx_reaches_the_app_access_record(top: Topology) -> N
     assert {request_id, 'backend-abc.123'} <= nginx_ids
 
 
-def app_access_records(log_dir: Path) -> list[dict[str, Any]]:
-    records = []
-    for path in log_dir.glob('dbapi-*.log'):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get('event.dataset') == 'dbapi.access':
-                records.append(record)
-    return records
+def wait_for_access_records(log_dir: Path, ids: set[str], timeout: float = 5.0) -> dict[str, dict[str, Any]]:
+    """The app's access records by request id, once all of `ids` are written (after the response)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        by_id = {}
+        for path in log_dir.glob('dbapi-*.log'):
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                if record.get('event.dataset') == 'dbapi.access':
+                    by_id[record.get('http.request.id')] = record
+        if ids <= set(by_id) or time.monotonic() > deadline:
+            return by_id
+        time.sleep(0.1)
 
 
 def test_a_body_over_the_limit_is_a_json_413_from_nginx(top: Topology) -> None:
@@ -233,5 +237,5 @@ def test_over_the_rate_limit_is_a_json_429(top: Topology) -> None:
 
 def test_every_replica_down_is_a_json_502(top: Topology) -> None:
     nowhere = top.another_nginx('nginx-nowhere', ports=[free_port(), free_port()])
-    for _ in range(3):  # first the refused connections, then "no live upstreams"
+    for _ in range(3):  # every replica refuses: each request tried on all, none run
         assert_problem(post(nowhere.url, '/probe/write_note', {'note': 'lost'}), 502)
