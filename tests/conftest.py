@@ -126,3 +126,13 @@ def query(conn: psycopg2.extensions.connection, text: str, params: Any = None) -
     with conn.cursor() as cursor:
         cursor.execute(text, params)
         return cursor.fetchall() if cursor.description else []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The reliability suite's one line of figures (tests/figures.py), when any part of it ran."""
+    from tests.figures import summary_line
+
+    line = summary_line()
+    if line:
+        terminalreporter.write_sep('=', 'reliability')
+        terminalreporter.write_line(line)
