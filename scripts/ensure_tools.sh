@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests and the benchmark drive for real: nginx, wrk.
+# Install the Debian packages the tests and the benchmark drive for real: nginx, wrk, and envsubst
+# (what the nginx image renders its template with; tests compare it with scripts/topology.py).
 # (CI runs as root on a fresh machine; a developer without root installs them by hand.)
 set -euo pipefail
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v envsubst >/dev/null 2>&1 || missing+=(gettext-base)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}'" >&2
