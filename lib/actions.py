@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from flask import Blueprint, Response, request
+from gunicorn.http.errors import ParseException
 from marshmallow import Schema
 
 from lib.auth import require_bearer
@@ -56,6 +57,15 @@ def build_actions(module: str, routes: Iterable[Mapping[str, Any]]) -> dict[str,
     return actions
 
 
+def read_data() -> bytes:
+    """The raw body. Broken chunked framing, or a client gone mid-body, is the client's error."""
+    try:
+        return request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: werkzeug raises 413
+    except (ParseException, OSError) as error:
+        # gunicorn parses chunked bodies only as the app reads them: its errors surface here.
+        raise bad_request(f'the body could not be read: {str(error)[:MAX_NAME_IN_MESSAGE]}') from None
+
+
 def read_body() -> dict[str, Any]:
     """The request body as a JSON object; an empty body is an empty object."""
     if not request.content_length and 'chunked' not in request.headers.get('Transfer-Encoding', ''):
@@ -63,7 +73,7 @@ def read_body() -> dict[str, Any]:
     mimetype = request.mimetype
     if mimetype != 'application/json' and not mimetype.endswith('+json'):
         raise ApiError(415, 'unsupported-media-type', f'the body must be application/json, not {mimetype!r}')
-    data = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: werkzeug raises 413
+    data = read_data()
     if not data:
         return {}
     try:
