@@ -22,6 +22,11 @@ timeout = int(os.getenv('WORKER_TIMEOUT', '60'))  # above STATEMENT_TIMEOUT (30 
 # The stack's stop_grace_period must be longer.
 graceful_timeout = int(os.getenv('GRACEFUL_TIMEOUT', '30'))
 keepalive = int(os.getenv('KEEPALIVE', '5'))  # gthread: above nginx's upstream keepalive_timeout
+# At or above nginx's limits (large_client_header_buffers 4 8k): nginx refuses oversized
+# requests first, with a JSON problem, instead of gunicorn with a plain-text page.
+limit_request_line = 8190  # gunicorn's maximum
+limit_request_field_size = 8190
+limit_request_fields = 32768  # gunicorn's maximum: nginx's 32 KiB of header buffers bounds the count
 max_requests = int(os.getenv('MAX_REQUESTS', '10000'))
 max_requests_jitter = int(os.getenv('MAX_REQUESTS_JITTER', '1000'))  # workers do not all recycle at once
 # The app, and so its database pools, is loaded in each worker after the fork: never shared.
