@@ -39,6 +39,7 @@ loglevel = os.getenv('GUNICORN_LOG_LEVEL', 'info')
 from lib.logger import gunicorn_logconfig  # noqa: E402
 
 logconfig_dict = gunicorn_logconfig()
+logger_class = 'lib.logger.GunicornLogger'  # no per-request work for gunicorn's (silenced) access log
 proc_name = os.getenv('REPLICA_ID') or 'dbapi'
 
 
