@@ -241,3 +241,18 @@ def test_slow_client_does_not_hold_the_worker(service: Service, nginx: Nginx) ->
             answer = exchange(nginx.port, post(b'/example/foo'))
             figures.count_bad_input(answer.status)
             assert answer.status == 200, answer
+
+
+@pytest.mark.parametrize(
+    'request_bytes',
+    [post(b'/example/foo'), post(b'/probe/' + b'a' * 10_000), b'HELLO\r\n\r\n'],
+    ids=['app answer', 'nginx 414', 'nginx 400'],
+)
+def test_nginx_hides_its_version(nginx: Nginx, request_bytes: bytes) -> None:
+    """server_tokens off: `Server: nginx`, no version in headers or bodies; nginx's own errors are safe too."""
+    answer = exchange(nginx.port, request_bytes)
+    figures.count_bad_input(answer.status)
+    assert answer.headers.get(b'server') == b'nginx', answer.headers
+    assert b'nginx/' not in answer.body
+    assert answer.headers.get(b'x-content-type-options') == b'nosniff'
+    assert answer.headers.get(b'cache-control') == b'no-store'
