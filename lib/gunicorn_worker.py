@@ -19,8 +19,9 @@ from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
 
 
-class ClosedListener:
-    """What `handle()` needs of a listener after it is closed: its address."""
+class ListenerAddress:
+    """What `handle()` needs of a listener, its address, still there after the listener is closed
+    (SIGTERM may close it while a request it accepted is being parsed)."""
 
     def __init__(self, name: Any) -> None:
         self.name = name
@@ -32,7 +33,11 @@ class ClosedListener:
 class DrainingSyncWorker(SyncWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.taken: list[tuple[ClosedListener, socket.socket, Any]] = []
+        self.addresses = {id(listener): ListenerAddress(listener.getsockname()) for listener in self.sockets}
+        self.taken: list[tuple[ListenerAddress, socket.socket, Any]] = []
+
+    def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
+        super().handle(self.addresses.get(id(listener), listener), client, addr)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """SIGTERM: take what is queued, stop listening; the run loop ends after its request."""
@@ -42,14 +47,11 @@ class DrainingSyncWorker(SyncWorker):
             listener.close()
 
     def take_queued(self, listener: Any) -> None:
-        try:
-            name = ClosedListener(listener.getsockname())
-        except OSError:
-            return  # already closed (a second SIGTERM)
+        name = self.addresses[id(listener)]
         while True:
             try:
                 client, addr = listener.accept()
-            except OSError:  # EAGAIN: the queue is empty (the listener is non-blocking)
+            except OSError:  # EAGAIN: the queue is empty (non-blocking); EBADF: a second SIGTERM
                 return
             client.setblocking(True)
             util.close_on_exec(client)

@@ -136,6 +136,11 @@ class Replica:
     def wait_ready(self) -> None:
         wait_until(self.ready, START_TIMEOUT_SECONDS, f'{self.name} was not ready on {self.url}')
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (stop() then waits): several replicas drain at once."""
+        if self.running:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Signal the master (start.sh exec'd it: same pid) and wait for it; its exit code."""
         if not self.running:
@@ -303,6 +308,8 @@ class Topology:
     def close(self) -> None:
         for nginx in [self.nginx, *self.extra_nginx]:
             nginx.stop()
+        for replica in self.replicas:
+            replica.terminate()
         for replica in self.replicas:
             with contextlib.suppress(TopologyError):
                 replica.stop()

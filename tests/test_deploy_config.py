@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import settings
+from lib.startup import budgets, check_connection_budget
 from scripts.topology import PLACEHOLDER, TEMPLATE, Nginx, TopologyError, find_nginx, free_port, render
 from tests.conftest import PG
 
@@ -216,6 +217,20 @@ def test_more_connections_than_postgresql_accepts_stops_the_master() -> None:
         result.stderr
     )
     assert 'Booting worker' not in result.stderr
+
+
+def test_a_database_that_does_not_answer_yet_is_a_warning_not_a_refusal() -> None:
+    config = {'POOL_SIZE': 4, 'DATABASES': {'default': dict(PG, port=free_port(), dbname='postgres')}}
+    (budget,) = check_connection_budget(config, workers=2, replicas=50)
+    assert budget.usable is None and budget.error
+    assert budget.needed == 51 * 2 * 4
+
+
+def test_databases_on_one_server_share_its_budget() -> None:
+    config = {'POOL_SIZE': 2, 'DATABASES': {'default': dict(PG, dbname='postgres'), 'other': dict(PG, dbname='x')}}
+    (budget,) = budgets(config, workers=3, replicas=4)
+    assert (budget.databases, budget.needed) == (2, 5 * 3 * 2 * 2)
+    assert budget.usable is not None and budget.usable > 0
 
 
 def test_a_non_number_of_replicas_is_named() -> None:
