@@ -12,9 +12,10 @@ from typing import Any
 
 bind = os.getenv('BIND', '0.0.0.0:8000')
 workers = int(os.getenv('WEB_CONCURRENCY', 2 * multiprocessing.cpu_count() + 1))
-# sync by measurement (README, "Deploy"): as fast as gthread through nginx on this app, and a
-# stopping worker cannot drop a kept-alive connection nginx is about to reuse for a POST.
-# nginx buffers requests and responses, so slow clients never hold a sync worker.
+# A sync worker that drains on SIGTERM (lib/gunicorn_worker.py), by measurement (README,
+# "Deploy"): stock sync and gthread both had requests reset when a replica stopped under load;
+# gthread's throughput edge through nginx was small and noisy. nginx buffers requests and
+# responses, so slow clients never hold a sync worker.
 worker_class = os.getenv('WORKER_CLASS', 'lib.gunicorn_worker.DrainingSyncWorker')
 threads = int(os.getenv('THREADS', '1'))  # gthread only; POOL_SIZE should be >= threads
 timeout = int(os.getenv('WORKER_TIMEOUT', '60'))  # above STATEMENT_TIMEOUT (30 s): the database gives up first
