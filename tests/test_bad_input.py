@@ -41,12 +41,19 @@ TARGETS = [
     '/probe/nested/name',
 ]
 FIELDS = ['name', 'email', 'code', 'qty', 'parent', 'note', 'day', 'amount', 'seconds']
-EXAMPLES = settings(
-    max_examples=600,
-    deadline=None,
-    derandomize=True,  # the same cases in CI as on a laptop: a failure is reproducible
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+
+
+def examples(count: int) -> settings:
+    return settings(
+        max_examples=count,
+        deadline=None,
+        derandomize=True,  # the same cases in CI as on a laptop: a failure is reproducible
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
+
+CHEAP = examples(2000)  # answered before any SQL runs: ~2 ms each
+COSTLY = examples(600)  # most reach PostgreSQL
 
 
 @pytest.fixture(scope='module')
@@ -101,22 +108,22 @@ json_values = st.recursive(
 shaped_bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), json_values, max_size=6)
 
 
-@EXAMPLES
+@CHEAP
 @given(target=st.sampled_from(TARGETS), body=json_values)
 def test_random_json_documents(client: FlaskClient, target: str, body: Any) -> None:
     check(client.post(target, data=json.dumps(body), headers=JSON))
 
 
-@EXAMPLES
+@COSTLY
 @given(target=st.sampled_from(TARGETS), body=shaped_bodies)
 def test_random_bodies_shaped_like_the_actions(client: FlaskClient, target: str, body: dict[str, Any]) -> None:
     check(client.post(target, data=json.dumps(body), headers=JSON))
 
 
-@EXAMPLES
+@CHEAP
 @given(
     target=st.sampled_from(TARGETS), body=st.binary(max_size=200), mimetype=st.sampled_from(['application/json', ''])
-)  # noqa: E501
+)
 def test_random_bytes(client: FlaskClient, target: str, body: bytes, mimetype: str) -> None:
     headers = {**AUTH, 'Content-Type': mimetype} if mimetype else AUTH
     check(client.post(target, data=body, headers=headers))
@@ -126,14 +133,14 @@ def test_random_bytes(client: FlaskClient, target: str, body: bytes, mimetype: s
 latin1_text = st.text(alphabet=st.characters(max_codepoint=255, blacklist_characters='\r\n'), max_size=60)
 
 
-@EXAMPLES
+@CHEAP
 @given(authorization=latin1_text, content_type=latin1_text)
 def test_random_headers(client: FlaskClient, authorization: str, content_type: str) -> None:
     headers = {'Authorization': authorization, 'Content-Type': content_type}
     check(client.post('/example/foo', data=b'{"name": "ada"}', headers=headers), frozenset({200, 400, 401, 415}))
 
 
-@EXAMPLES
+@CHEAP
 @given(module=st.sampled_from(['example', 'probe', 'health', 'nope']), route=st.text(max_size=40))
 def test_random_action_names(client: FlaskClient, module: str, route: str) -> None:
     check(client.post(f'/{module}/{route}', headers=AUTH), frozenset({200, 400, 401, 404, 405}))
