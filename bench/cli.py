@@ -25,11 +25,12 @@ from types import ModuleType
 
 import psycopg2
 
+from bench.candidates import CANDIDATES, Candidate
 from bench.database import PG, ConnectionWatch, bench_database
 from bench.measure import Measurement
 from bench.pgbench import run_pgbench
 from bench.plot import write_plot
-from bench.report import write_json, write_markdown
+from bench.report import update_readme, write_json, write_markdown
 from bench.servers import REPO, VENV_BIN, Server, gunicorn_command, serve
 from bench.service import PATHS, service_env
 from bench.targets import ServerStats, Verdict, evaluate
@@ -52,6 +53,7 @@ class Plan:
     warmup: float
     scenarios: tuple[str, ...] = SCENARIOS
     nginx: bool = True
+    candidates: tuple[str, ...] = ()
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +64,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--only', help='comma-separated scenarios: ' + ','.join(SCENARIOS))
     parser.add_argument('--out', type=Path, help='results folder (default bench/results, quick bench/results/tmp)')
     parser.add_argument('--no-nginx', action='store_true', help='skip the scenarios through nginx')
+    parser.add_argument(
+        '--candidate', action='append', default=[], choices=sorted(CANDIDATES), help='another server to measure too'
+    )
+    parser.add_argument('--readme', action='store_true', help="write this run's targets table into README.md")
     parser.add_argument('--recycle', action='store_true', help="keep gunicorn's max_requests recycling on")
     return parser.parse_args(argv)
 
@@ -75,7 +81,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if unknown:
         raise SystemExit(f'bench: unknown scenario(s) {", ".join(sorted(unknown))}; known: {", ".join(SCENARIOS)}')
     seconds = args.seconds or (1.0 if args.quick else 4.0)
-    return Plan(connections, seconds, warmup=1.0, scenarios=scenarios, nginx=not args.no_nginx)
+    return Plan(connections, seconds, 1.0, scenarios, nginx=not args.no_nginx, candidates=tuple(args.candidate))
 
 
 def setting(env: dict[str, str], expression: str) -> str:
@@ -84,6 +90,13 @@ def setting(env: dict[str, str], expression: str) -> str:
     return subprocess.run(
         [str(VENV_BIN / 'python'), '-c', code], env=env, cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+def worker_class(env: dict[str, str]) -> str:
+    """The worker class gunicorn.conf.py picks with this environment (its production default unless overridden)."""
+    code = "import runpy, sys; sys.path.insert(0, '.'); print(runpy.run_path('gunicorn.conf.py')['worker_class'])"
+    done = subprocess.run([str(VENV_BIN / 'python'), '-c', code], env=env, cwd=REPO, capture_output=True, text=True)
+    return done.stdout.strip().rpartition('.')[2] or 'unknown'
 
 
 class Run:
@@ -95,27 +108,29 @@ class Run:
         self.token = token
         self.watch = watch
         self.results: list[Measurement] = []
-        self.urls: dict[str, str] = {}  # series -> the address it is measured at
+        self.urls: dict[str, str] = {}  # series -> the address it is measured at, references first
+        self.scenarios: dict[str, tuple[str, ...]] = {}  # series measured for some scenarios only
 
     def log(self, text: str) -> None:
         print(text, flush=True)
 
-    def wrk(self, scenario: str, series: str, connections: int, seconds: float, body: str | None = None) -> Measurement:
-        path = '/' if series == 'wsgi hello' else PATHS[scenario]
-        return run_wrk(self.urls[series] + path, body or scenario, self.token, connections, seconds, scenario, series)
+    def wrk(self, scenario: str, series: str, connections: int, seconds: float) -> Measurement:
+        hello = series.startswith('wsgi hello')
+        path = '/' if hello else PATHS[scenario]
+        body = 'hello' if hello else scenario
+        return run_wrk(self.urls[series] + path, body, self.token, connections, seconds, scenario, series)
 
     def warm_up(self, series: str) -> None:
         for scenario in self.plan.scenarios:
             self.wrk(scenario, series, 8, self.plan.warmup)
 
     def measure(self, scenario: str) -> None:
+        """At each concurrency: the references first, then every server of the app."""
         for connections in self.plan.connections:
             for series, mode in PG_REFERENCES.get(scenario, []):
                 self.record(run_pgbench(self.dbname, PG, scenario, mode, connections, self.plan.seconds, series))
-            if scenario == 'foo' and 'wsgi hello' in self.urls:
-                self.record(self.wrk('foo', 'wsgi hello', connections, self.plan.seconds, body='hello'))
-            for series in ('app direct', 'app nginx'):
-                if series in self.urls:
+            for series in self.urls:
+                if scenario in self.scenarios.get(series, SCENARIOS):
                     self.record(self.wrk(scenario, series, connections, self.plan.seconds))
 
     def record(self, result: Measurement) -> None:
@@ -151,6 +166,18 @@ def topology() -> ModuleType:
     return module
 
 
+def start_candidate(stack: ExitStack, run: Run, candidate: Candidate, env: dict[str, str], tmp: Path) -> None:
+    """Another server for the app and the hello, measured beside the production one."""
+    env = dict(env, **candidate.env)
+    hello = f'wsgi hello {candidate.name}'
+    run.urls = {hello: '', **run.urls}  # the references are measured first
+    run.urls[hello] = stack.enter_context(serve(hello, candidate.command('bench.hello:app'), env, tmp, '/')).url
+    run.scenarios[hello] = ('foo',)
+    series = f'app {candidate.name}'
+    run.urls[series] = stack.enter_context(serve(series, candidate.command('app:app'), env, tmp, '/health/ready')).url
+    run.scenarios[series] = candidate.scenarios
+
+
 def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], ServerStats, str]:
     token = secrets.token_hex(20)
     with ExitStack() as stack:
@@ -158,13 +185,17 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         watch = stack.enter_context(ConnectionWatch(dbname))
         env = service_env(dbname, token, tmp, recycle)
         run = Run(plan, dbname, token, watch)
-        app = stack.enter_context(app_server(env, tmp))
-        run.urls['app direct'] = app.url
-        if plan.nginx:
-            run.urls['app nginx'] = stack.enter_context(nginx_in_front(app, tmp))
         if 'foo' in plan.scenarios:
             hello = stack.enter_context(serve('hello', gunicorn_command('bench.hello:app'), env, tmp, probe='/'))
             run.urls['wsgi hello'] = hello.url
+            run.scenarios['wsgi hello'] = ('foo',)
+        app = stack.enter_context(app_server(env, tmp))
+        run.urls['app direct'] = app.url
+        watch.watch(lambda: [worker.pid for worker in app.workers()])
+        if plan.nginx:
+            run.urls['app nginx'] = stack.enter_context(nginx_in_front(app, tmp))
+        for candidate in plan.candidates:
+            start_candidate(stack, run, CANDIDATES[candidate], env, tmp)
         run.log(f'database {dbname} ready; servers up; warming up')
         run.warm_up('app direct')
         rss_before = sum(app.worker_rss().values())
@@ -177,7 +208,7 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
             rss_after=sum(app.worker_rss().values()),
             peak_connections=watch.peak,
         )
-        server = f'gunicorn {setting(env, "settings.APP_ID")} ({stats.workers} workers, pool {stats.pool_size})'
+        server = f'gunicorn {worker_class(env)} x {stats.workers} workers, pool {stats.pool_size}'
     return run.results, stats, server
 
 
@@ -194,6 +225,8 @@ def report(
     print()
     for verdict in verdicts:
         print(f'{verdict.status:<4}  {verdict.what}: {verdict.measured} (wanted {verdict.target})')
+    if args.readme and not args.quick:
+        update_readme(REPO / 'README.md', meta, verdicts)
     print(f'\nresults: {out / stem}.md, .json, .png')
     return verdicts
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import psycopg2
@@ -61,13 +61,18 @@ def initialise(name: str) -> None:
 
 
 class ConnectionWatch:
-    """Polls pg_stat_activity for the app's sessions on one database; keeps the peak."""
+    """Polls pg_stat_activity for the sessions of one server's workers (by pid); keeps the peak.
 
-    QUERY = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name LIKE 'dbapi:%%'"
+    The pool names each session `dbapi:<pid>`, so only the measured server's count, not the
+    sessions of a candidate server measured beside it.
+    """
+
+    QUERY = "SELECT application_name FROM pg_stat_activity WHERE datname = %s AND application_name LIKE 'dbapi:%%'"
 
     def __init__(self, dbname: str) -> None:
         self.dbname = dbname
         self.peak = 0
+        self.pids: Callable[[], Iterable[int]] = list
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name='pg-connections', daemon=True)
 
@@ -79,9 +84,9 @@ class ConnectionWatch:
         self._stop.set()
         self._thread.join()
 
-    def reset(self) -> int:
-        peak, self.peak = self.peak, 0
-        return peak
+    def watch(self, pids: Callable[[], Iterable[int]]) -> None:
+        """Count the sessions of the processes `pids()` names (asked again at every poll)."""
+        self.pids = pids
 
     def _poll(self) -> None:
         conn = admin()
@@ -89,6 +94,7 @@ class ConnectionWatch:
             with conn.cursor() as cursor:
                 while not self._stop.wait(POLL_SECONDS):
                     cursor.execute(self.QUERY, (self.dbname,))
-                    self.peak = max(self.peak, cursor.fetchone()[0])
+                    names = {f'dbapi:{pid}' for pid in self.pids()}
+                    self.peak = max(self.peak, sum(1 for (name,) in cursor.fetchall() if name in names))
         finally:
             conn.close()

@@ -1,17 +1,15 @@
 """The app's own cost per request, without sockets or a server: `python -m bench.micro [--profile]`.
 
 Calls the production app's WSGI callable in a loop (CPU time per request, so a busy machine
-blurs it less than wall time), and with `--profile` shows where that time goes (cProfile
-timed on CPU time). The server's and the network's share is what the full benchmark adds.
+blurs it less than wall time), and with `--profile` shows where that time goes (pyinstrument).
+The server's and the network's share is what the full benchmark adds.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import io
 import os
-import pstats
 import secrets
 import shutil
 import sys
@@ -114,13 +112,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile(app: Callable[..., Any], scenario: str, token: str, count: int) -> None:
-    profiler = cProfile.Profile(time.process_time)
+    """A sampling profile (pyinstrument): unlike cProfile, it does not inflate small calls."""
+    from pyinstrument import Profiler
+
     path, body = PATHS[scenario], BODIES[scenario]
-    profiler.enable()
+    profiler = Profiler(interval=0.0002)
+    profiler.start()
     for _ in range(count):
         call(app, path, body, token)
-    profiler.disable()
-    pstats.Stats(profiler).sort_stats(os.getenv('SORT', 'tottime')).print_stats(int(os.getenv('TOP', '25')))
+    profiler.stop()
+    print(profiler.output_text(show_all=bool(os.getenv('SHOW_ALL')), short_mode=False, time='percent_of_total'))
 
 
 if __name__ == '__main__':

@@ -58,3 +58,31 @@ def markdown(meta: dict[str, Any], results: list[Measurement], verdicts: list[Ve
 
 def write_markdown(path: Path, meta: dict[str, Any], results: list[Measurement], verdicts: list[Verdict]) -> None:
     path.write_text(markdown(meta, results, verdicts), encoding='utf-8')
+
+
+README_START = '<!-- bench:latest:start -->'
+README_END = '<!-- bench:latest:end -->'
+
+
+def readme_block(meta: dict[str, Any], verdicts: list[Verdict]) -> str:
+    lines = [
+        README_START,
+        f'Latest full run: {meta["started"]}, {meta["server"]}, {meta["seconds_per_run"]:g} s per measurement.',
+        '',
+        *targets_table(verdicts),
+        '',
+        '![throughput against concurrency](bench/results/latest.png)',
+        '',
+        'Every measurement (1, 8 and 32 connections, p50, p99, errors): [latest.md](bench/results/latest.md).',
+        README_END,
+    ]
+    return '\n'.join(lines)
+
+
+def update_readme(path: Path, meta: dict[str, Any], verdicts: list[Verdict]) -> None:
+    """Replace the block between the README's bench markers with this run's targets."""
+    text = path.read_text(encoding='utf-8')
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f'{path} has no {README_START} ... {README_END} block to update')
+    path.write_text(text[:start] + readme_block(meta, verdicts) + text[end + len(README_END) :], encoding='utf-8')

@@ -66,10 +66,11 @@ def gunicorn_command(wsgi_app: str) -> list[str]:
 
 @contextmanager
 def serve(name: str, command: list[str], env: Mapping[str, str], log_dir: Path, probe: str) -> Iterator[Server]:
-    """Run `command` (which binds BIND from `env`) until the block ends; `probe` must answer 2xx first."""
+    """Run `command` (binding BIND from `env`, or `{port}`) until the block ends; `probe` must answer 2xx first."""
     port = free_port()
     log = log_dir / f'{name}.log'
     full_env = dict(env, BIND=f'127.0.0.1:{port}')
+    command = [part.replace('{port}', str(port)) for part in command]  # servers that take the port as an argument
     with log.open('ab') as output:
         process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=output, stderr=subprocess.STDOUT)
     server = Server(name, process, port, log)

@@ -1,0 +1,35 @@
+"""Other ways to serve the same app, measured beside the production gunicorn when asked for.
+
+Each candidate serves the app and the raw WSGI hello the same way, so its own ratio to the
+hello is fair; its read-by-key figure compares with the same run's pgbench.
+`--candidate gthread` needs nothing more; `--candidate granian` needs `pip install granian`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bench.servers import VENV_BIN, gunicorn_command
+
+GRANIAN_WORKERS = '5'  # as many processes as gunicorn's production default on 2 cores
+
+
+def granian_command(wsgi_app: str) -> list[str]:
+    command = [str(VENV_BIN / 'granian'), '--interface', 'wsgi', '--host', '127.0.0.1', '--port', '{port}']
+    return [*command, '--workers', GRANIAN_WORKERS, '--blocking-threads', '1', '--no-log', wsgi_app]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    name: str
+    command: Callable[[str], list[str]]
+    env: dict[str, str] = field(default_factory=dict)
+    scenarios: tuple[str, ...] = ('foo', 'read')
+
+
+CANDIDATES = {
+    # gunicorn's threaded worker keeps connections alive (the sync worker closes each one).
+    'gthread': Candidate('gthread', gunicorn_command, {'WORKER_CLASS': 'gthread', 'THREADS': '4'}),
+    'granian': Candidate('granian', granian_command),
+}
