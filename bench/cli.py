@@ -27,7 +27,7 @@ import psycopg2
 
 from bench.candidates import CANDIDATES, Candidate
 from bench.database import PG, ConnectionWatch, bench_database
-from bench.measure import Measurement
+from bench.measure import Measurement, combine
 from bench.pgbench import run_pgbench
 from bench.plot import write_plot
 from bench.report import update_readme, write_json, write_markdown
@@ -54,6 +54,7 @@ class Plan:
     scenarios: tuple[str, ...] = SCENARIOS
     nginx: bool = True
     candidates: tuple[str, ...] = ()
+    rounds: int = 1
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -63,6 +64,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--connections', help='comma-separated, e.g. 1,8,32')
     parser.add_argument('--only', help='comma-separated scenarios: ' + ','.join(SCENARIOS))
     parser.add_argument('--out', type=Path, help='results folder (default bench/results, quick bench/results/tmp)')
+    parser.add_argument('--rounds', type=int, help='alternating rounds per measurement (default 2, quick 1)')
     parser.add_argument('--no-nginx', action='store_true', help='skip the scenarios through nginx')
     parser.add_argument(
         '--candidate', action='append', default=[], choices=sorted(CANDIDATES), help='another server to measure too'
@@ -81,7 +83,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if unknown:
         raise SystemExit(f'bench: unknown scenario(s) {", ".join(sorted(unknown))}; known: {", ".join(SCENARIOS)}')
     seconds = args.seconds or (1.0 if args.quick else 4.0)
-    return Plan(connections, seconds, 1.0, scenarios, nginx=not args.no_nginx, candidates=tuple(args.candidate))
+    rounds = args.rounds or (1 if args.quick else 2)
+    return Plan(connections, seconds, 1.0, scenarios, not args.no_nginx, tuple(args.candidate), rounds)
 
 
 def setting(env: dict[str, str], expression: str) -> str:
@@ -125,13 +128,23 @@ class Run:
             self.wrk(scenario, series, 8, self.plan.warmup)
 
     def measure(self, scenario: str) -> None:
-        """At each concurrency: the references first, then every server of the app."""
+        """At each concurrency: the references, then every server of the app, in alternating rounds.
+
+        Rounds spread every series over the same stretch of time, so load that comes and goes on
+        a shared machine weighs on a ratio's two sides alike.
+        """
+        seconds = self.plan.seconds / self.plan.rounds
         for connections in self.plan.connections:
-            for series, mode in PG_REFERENCES.get(scenario, []):
-                self.record(run_pgbench(self.dbname, PG, scenario, mode, connections, self.plan.seconds, series))
-            for series in self.urls:
-                if scenario in self.scenarios.get(series, SCENARIOS):
-                    self.record(self.wrk(scenario, series, connections, self.plan.seconds))
+            rounds: dict[str, list[Measurement]] = {}
+            for _ in range(self.plan.rounds):
+                for series, mode in PG_REFERENCES.get(scenario, []):
+                    result = run_pgbench(self.dbname, PG, scenario, mode, connections, seconds, series)
+                    rounds.setdefault(series, []).append(result)
+                for series in self.urls:
+                    if scenario in self.scenarios.get(series, SCENARIOS):
+                        rounds.setdefault(series, []).append(self.wrk(scenario, series, connections, seconds))
+            for measured in rounds.values():
+                self.record(combine(measured))
 
     def record(self, result: Measurement) -> None:
         self.results.append(result)
@@ -247,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         'host': socket.gethostname(),
         'cpus': os.cpu_count(),
         'seconds_per_run': plan.seconds,
+        'rounds': plan.rounds,
         'connections': list(plan.connections),
         'server': server,
         'elapsed_s': time.monotonic() - started,

@@ -29,3 +29,25 @@ def find(results: list[Measurement], scenario: str, series: str, connections: in
         if (result.scenario, result.series, result.connections) == (scenario, series, connections):
             return result
     return None
+
+
+def combine(rounds: list[Measurement]) -> Measurement:
+    """Rounds of one measurement as one: throughput over all of them, the worst p99, the mean p50."""
+    first = rounds[0]
+    if len(rounds) == 1:
+        return first
+    seconds = sum(r.requests / r.rps for r in rounds if r.rps)
+    requests = sum(r.requests for r in rounds)
+    return Measurement(
+        scenario=first.scenario,
+        series=first.series,
+        connections=first.connections,
+        rps=requests / seconds if seconds else 0.0,
+        p50_ms=sum(r.p50_ms for r in rounds) / len(rounds),
+        p99_ms=max(r.p99_ms for r in rounds),
+        mean_ms=sum(r.mean_ms * r.requests for r in rounds) / requests if requests else 0.0,
+        requests=requests,
+        errors=sum(r.errors for r in rounds),
+        non2xx=sum(r.non2xx for r in rounds),
+        detail={'rounds': [round(r.rps, 1) for r in rounds]},
+    )

@@ -50,7 +50,8 @@ def markdown(meta: dict[str, Any], results: list[Measurement], verdicts: list[Ve
     ordered = sorted(results, key=lambda r: (list(SCENARIO_NAMES).index(r.scenario), r.series, r.connections))
     header = [
         f'Run of {meta["started"]} on {meta["host"]} ({meta["cpus"]} cores), {meta["seconds_per_run"]:g} s per '
-        f'measurement, {meta["server"]}; whole run {meta["elapsed_s"]:.0f} s.',
+        f'measurement in {meta.get("rounds", 1)} alternating rounds, {meta["server"]}; '
+        f'whole run {meta["elapsed_s"]:.0f} s.',
         '',
     ]
     return '\n'.join(header + targets_table(verdicts) + [''] + results_table(ordered)) + '\n'
@@ -67,7 +68,8 @@ README_END = '<!-- bench:latest:end -->'
 def readme_block(meta: dict[str, Any], verdicts: list[Verdict]) -> str:
     lines = [
         README_START,
-        f'Latest full run: {meta["started"]}, {meta["server"]}, {meta["seconds_per_run"]:g} s per measurement.',
+        f'Latest full run: {meta["started"]}, {meta["server"]}, {meta["seconds_per_run"]:g} s per measurement '
+        f'in {meta.get("rounds", 1)} alternating rounds, on a shared 2-core machine.',
         '',
         *targets_table(verdicts),
         '',
