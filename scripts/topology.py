@@ -22,8 +22,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +185,22 @@ class Nginx:
         self.ports = list(ports)
         self.process: subprocess.Popen[bytes] | None = None
 
+    @cached_property
+    def prefix(self) -> Path:
+        """nginx's prefix: its pid and the temp files of bodies too large to buffer in memory.
+
+        Run as root, nginx's workers drop to `nobody`, who cannot reach a temp dir inside a
+        0700 directory (pytest's, a user's home); the prefix is then a directory of its own
+        under the system temp dir that they can traverse.
+        """
+        if os.geteuid() != 0:
+            return self.directory
+        prefix = Path(tempfile.mkdtemp(prefix='dbapi-nginx-'))
+        prefix.chmod(0o755)
+        return prefix
+
     def command(self, *extra: str) -> list[str]:
-        return [self.binary, '-p', f'{self.directory}/', '-c', str(self.conf), '-e', 'stderr', *extra]
+        return [self.binary, '-p', f'{self.prefix}/', '-c', str(self.conf), '-e', 'stderr', *extra]
 
     def write_conf(self) -> None:
         values = {**self.values, 'NGINX_UPSTREAM_SERVERS': upstream_servers(self.ports)}
@@ -223,6 +239,13 @@ class Nginx:
         time.sleep(0.3)  # the new workers take over within milliseconds; give them margin
 
     def stop(self) -> None:
+        try:
+            self._stop_process()
+        finally:
+            if self.prefix != self.directory:
+                shutil.rmtree(self.prefix, ignore_errors=True)
+
+    def _stop_process(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGQUIT)  # graceful: finish requests in flight

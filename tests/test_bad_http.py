@@ -15,13 +15,10 @@ process afterwards. What answers matters:
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import orjson
 import pytest
@@ -185,19 +182,14 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 @pytest.fixture(scope='module')
-def nginx(service: Service) -> Iterator[Nginx]:
+def nginx(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     assert find_nginx() is not None, 'nginx is not installed: scripts/ensure_tools.sh installs it'
-    # Not under pytest's 0700 tmp dir: nginx's workers (`nobody` when started as root) must
-    # reach client_body_temp/ to buffer bodies over 64 KiB.
-    directory = Path(tempfile.mkdtemp(prefix='dbapi-nginx-'))
-    directory.chmod(0o755)
-    proxy = Nginx(directory, [service.port])
+    proxy = Nginx(tmp_path_factory.mktemp('bad-http-nginx'), [service.port])
     try:
         proxy.start()
         yield proxy
     finally:
         proxy.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def assert_worker_alive(service: Service, workers: list[int]) -> None:

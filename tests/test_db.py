@@ -160,9 +160,10 @@ def test_article_defect_4_connections_are_pooled_not_opened_per_call(database, l
 def test_pool_recovers_after_backends_are_terminated(app, database, db):
     client = app.test_client()
     first = client.post('/probe/backend_pid', headers=AUTH).get_json()
+    # With a timeout, pg_terminate_backend returns only once the backends are really gone.
     query(
         db,
-        'SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()',
+        'SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()',
         [database['dbname']],
     )
     response = client.post('/probe/backend_pid', headers=AUTH)

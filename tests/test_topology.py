@@ -225,6 +225,16 @@ def test_a_body_over_the_limit_is_a_json_413_from_nginx(top: Topology) -> None:
     assert 'X-Served-By' not in response.headers  # nginx answered, no replica read 20 MiB
 
 
+def test_a_large_body_under_the_limit_reaches_the_app_and_is_written(top: Topology, db: Any) -> None:
+    """Bodies over nginx's memory buffer go through its temp files: they must be writable by its workers."""
+    note = 'y' * (2 * 1024 * 1024)
+    response = post(top.url, '/probe/write_note', {'note': note})
+    assert response.status_code == 200, response.text
+    with db.cursor() as cursor:
+        cursor.execute('SELECT length(note) FROM probe_log WHERE id = %s', [response.json()])
+        assert cursor.fetchone() == (len(note),)
+
+
 def test_over_the_rate_limit_is_a_json_429(top: Topology) -> None:
     limited = top.another_nginx('nginx-limited', NGINX_RATE_LIMIT='2r/s', NGINX_RATE_BURST='2')
     responses = [post(limited.url, '/example/') for _ in range(10)]
