@@ -22,7 +22,7 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message names it."""
 
 
-def _int(name: str, value: Any, minimum: int = 0) -> int:
+def parse_int(name: str, value: Any, minimum: int = 0) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
@@ -32,17 +32,17 @@ def _int(name: str, value: Any, minimum: int = 0) -> int:
     return number
 
 
-def _float(name: str, value: Any, minimum: float = 0.0) -> float:
+def parse_float(name: str, value: Any, minimum: float = 0.0, inclusive: bool = False) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f'{name}={value!r} is not a number') from None
-    if number <= minimum:
-        raise ConfigError(f'{name}={number} must be more than {minimum}')
+    if number < minimum or (number == minimum and not inclusive):
+        raise ConfigError(f'{name}={number:g} must be {"at least" if inclusive else "more than"} {minimum:g}')
     return number
 
 
-def _flag(value: Any) -> bool:
+def parse_flag(value: Any) -> bool:
     return str(value).strip().lower() in {'1', 'true', 'yes', 'on'}
 
 
@@ -74,7 +74,7 @@ def check_databases(databases: Any) -> dict[str, dict[str, Any]]:
         prefix = name.upper()
         if not params.get('dbname'):
             raise ConfigError(f'{prefix}_DB_NAME is not set for database {name!r}')
-        port = _int(f'{prefix}_DB_PORT', params.get('port') or 5432, minimum=1)
+        port = parse_int(f'{prefix}_DB_PORT', params.get('port') or 5432, minimum=1)
         checked[name] = {key: value for key, value in dict(params, port=port).items() if value not in ('', None)}
     return checked
 
@@ -99,7 +99,7 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     environment = raw['ENVIRONMENT']
     if environment not in ENVIRONMENTS:
         raise ConfigError(f'ENVIRONMENT={environment!r} is not one of {", ".join(ENVIRONMENTS)}')
-    debug = _flag(raw['DEBUG'])
+    debug = parse_flag(raw['DEBUG'])
     if debug and environment != 'local':
         raise ConfigError(f'DEBUG is on in ENVIRONMENT={environment!r}: debug mode is for local only')
     config = dict(raw)
@@ -108,13 +108,13 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         BEARER_TOKENS=parse_tokens(environment, raw['BEARER']),
         DATABASES=check_databases(raw['DATABASES']),
         MODULES=list(raw['MODULES']),
-        MAX_CONTENT_LENGTH=_int('MAX_CONTENT_LENGTH', raw['MAX_CONTENT_LENGTH'], minimum=1024),
-        COMPRESS_MIN_SIZE=_int('COMPRESS_MIN_SIZE', raw['COMPRESS_MIN_SIZE']),
-        PROXY_HOPS=_int('PROXY_HOPS', raw['PROXY_HOPS']),
-        POOL_SIZE=_int('POOL_SIZE', raw['POOL_SIZE'], minimum=1),
-        POOL_TIMEOUT=_float('POOL_TIMEOUT', raw['POOL_TIMEOUT']),
-        CONNECT_TIMEOUT=_int('CONNECT_TIMEOUT', raw['CONNECT_TIMEOUT'], minimum=1),
-        STATEMENT_TIMEOUT=_int('STATEMENT_TIMEOUT', raw['STATEMENT_TIMEOUT']),
+        MAX_CONTENT_LENGTH=parse_int('MAX_CONTENT_LENGTH', raw['MAX_CONTENT_LENGTH'], minimum=1024),
+        COMPRESS_MIN_SIZE=parse_int('COMPRESS_MIN_SIZE', raw['COMPRESS_MIN_SIZE']),
+        PROXY_HOPS=parse_int('PROXY_HOPS', raw['PROXY_HOPS']),
+        POOL_SIZE=parse_int('POOL_SIZE', raw['POOL_SIZE'], minimum=1),
+        POOL_TIMEOUT=parse_float('POOL_TIMEOUT', raw['POOL_TIMEOUT']),
+        CONNECT_TIMEOUT=parse_int('CONNECT_TIMEOUT', raw['CONNECT_TIMEOUT'], minimum=1),
+        STATEMENT_TIMEOUT=parse_int('STATEMENT_TIMEOUT', raw['STATEMENT_TIMEOUT']),
     )
     del config['BEARER']  # only the parsed form stays, so the raw value cannot leak into a dump
     return config

@@ -23,7 +23,7 @@ from typing import Any
 from gunicorn import glogging
 
 import settings
-from lib.config import ConfigError
+from lib.config import ConfigError, parse_flag, parse_float, parse_int
 from lib.log_files import ProcessFileHandler, delete_old_logs
 from lib.log_format import EcsFormatter
 
@@ -48,27 +48,13 @@ class LogOptions:
         return ['file'] + ['stdout'] * self.stdout_json + ['console'] * self.console
 
 
-def _flag(value: Any) -> bool:
-    return str(value).strip().lower() in {'1', 'true', 'yes', 'on'}
-
-
-def _number(name: str, value: Any, kind: type[int] | type[float], minimum: float) -> Any:
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f'{name}={value!r} is not a number') from None
-    if number < minimum:
-        raise ConfigError(f'{name}={number} must be at least {minimum:g}')
-    return number
-
-
 def log_options(**overrides: Any) -> LogOptions:
     """The settings, with whatever the caller (a test) overrides, checked: errors name the setting."""
     raw: dict[str, Any] = {
         'log_dir': settings.LOG_DIR,
         'level': settings.LOG_LEVEL,
         'console': settings.LOG_FORMAT == 'console',
-        'stdout_json': _flag(settings.LOG_STDOUT),
+        'stdout_json': parse_flag(settings.LOG_STDOUT),
         'max_bytes': settings.LOG_MAX_BYTES,
         'backup_count': settings.LOG_BACKUP_COUNT,
         'retention_days': settings.LOG_RETENTION_DAYS,
@@ -86,9 +72,9 @@ def log_options(**overrides: Any) -> LogOptions:
         console=bool(raw['console']),
         stdout_json=bool(raw['stdout_json']),
         # A file must rotate and old ones must go, or one busy replica can fill the shared volume.
-        max_bytes=_number('LOG_MAX_BYTES', raw['max_bytes'], int, minimum=MIN_LOG_BYTES),
-        backup_count=_number('LOG_BACKUP_COUNT', raw['backup_count'], int, minimum=1),
-        retention_days=_number('LOG_RETENTION_DAYS', raw['retention_days'], float, minimum=0.01),
+        max_bytes=parse_int('LOG_MAX_BYTES', raw['max_bytes'], minimum=MIN_LOG_BYTES),
+        backup_count=parse_int('LOG_BACKUP_COUNT', raw['backup_count'], minimum=1),
+        retention_days=parse_float('LOG_RETENTION_DAYS', raw['retention_days'], minimum=0.01, inclusive=True),
     )
 
 
