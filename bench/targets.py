@@ -9,6 +9,7 @@ from typing import Any
 from bench.measure import Measurement, find
 
 AT = 8  # connections, unless a target says otherwise
+MAIN_SERIES = frozenset({'app direct', 'app nginx'})
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,27 @@ def passed(ok: bool) -> str:
     return 'PASS' if ok else 'FAIL'
 
 
+def candidate_figures(results: list[Measurement]) -> list[Verdict]:
+    """The speed targets' ratios for every candidate server measured, for comparison (INFO)."""
+    names = sorted({r.series[4:] for r in results if r.series.startswith('app ') and r.series not in MAIN_SERIES})
+    figures = []
+    for name in names:
+        read = ratio_target(
+            results, f'{name}: read by key', ('read', f'app {name}'), ('read', 'pgbench simple'), 0.15, True
+        )
+        foo = ratio_target(
+            results, f'{name}: foo vs its hello', ('foo', f'app {name}'), ('foo', f'wsgi hello {name}'), 0.6, True
+        )
+        mine = find(results, 'read', f'app {name}', AT)
+        p99 = f'{mine.p99_ms:.2f} ms' if mine else 'not measured'
+        figures += [info(read), info(foo), Verdict(f'{name}: read by key p99', '≤ 10 ms', p99, 'INFO')]
+    return figures
+
+
+def info(verdict: Verdict) -> Verdict:
+    return Verdict(verdict.what, verdict.target, verdict.measured, 'INFO')
+
+
 def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verdict]:
     checks: list[Callable[[], Verdict]] = [
         lambda: ratio_target(
@@ -112,4 +134,4 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
         lambda: memory_target(stats),
         lambda: connections_target(stats),
     ]
-    return [check() for check in checks]
+    return [check() for check in checks] + candidate_figures(results)
