@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask
 from flask_compress import Compress
 
-from lib import access_log, db, errors, health, http
+from lib import access_log, db, errors, gateway, health, http
 from lib.config import ConfigError, build_config
 from lib.json import ORJSONProvider
 from lib.logger import setup_logging
@@ -29,16 +29,18 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     # `//` in a path would be answered with an HTML 308 redirect (routing bypasses the error
     # handlers); a POST API has one spelling per action, anything else is a JSON 404.
     app.url_map.merge_slashes = False
-    # The access record is written by a WSGI wrapper around the whole app (lib/access_log.py),
-    # so it sees every request, whatever the hooks below do or fail to do.
-    access_log.init_app(app)
     http.init_app(app)
-    Compress(app)
+    app.extensions['compress'] = Compress(app)
     errors.init_app(app)
     db.init_app(app)
     app.register_blueprint(health.blueprint)
     for name in config['MODULES']:
         app.register_blueprint(import_module(name).blueprint)
+    # WSGI layers, innermost first: the gateway serves module actions without Flask's
+    # per-request machinery (lib/gateway.py); the access record wraps everything, so it sees
+    # every request whichever layer answers and whatever fails (lib/access_log.py).
+    gateway.init_app(app)
+    access_log.init_app(app)
     return app
 
 

@@ -1,29 +1,34 @@
-"""From a module's routes table to a Flask blueprint: the only Flask plumbing a module gets.
+"""A module's actions: from its routes table to an answer, and the blueprint that carries them.
 
-Every route the helper makes is POST-only and behind Bearer auth (a blueprint-wide
-`before_request`), so a module cannot forget auth by stacking decorators in the wrong order.
+`serve()` is the one implementation of an action request: Bearer auth first, then the
+action, the body, validation, the connection, the call and the JSON answer, with every
+error turned into a problem. It works on the WSGI environ inside an app context, so the
+gateway in front of Flask (lib/gateway.py, the hot path) and the blueprint's Flask view
+give the same answer for the same request.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, current_app, g, request
 from gunicorn.http.errors import ParseException
 from marshmallow import Schema
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from lib.auth import require_bearer
-from lib.db import connection
+from lib.auth import authenticate
+from lib.db import connection, release_request_connections
 from lib.decorators import CONN_ATTR, SCHEMA_ATTR, ConnSpec
-from lib.errors import ApiError, bad_request
-from lib.json import contains_nul, json_response
+from lib.errors import PROBLEM_JSON, ApiError, bad_request, problem_document, to_problem
+from lib.json import contains_nul, dumps
 
 RESERVED_MODULES = frozenset({'health'})
 MAX_NAME_IN_MESSAGE = 80
+JSON = 'application/json'
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,25 +62,33 @@ def build_actions(module: str, routes: Iterable[Mapping[str, Any]]) -> dict[str,
     return actions
 
 
-def read_data() -> bytes:
-    """The raw body. Broken chunked framing, or a client gone mid-body, is the client's error."""
+def content_length(environ: Mapping[str, Any]) -> int | None:
+    """The declared body length; None for a chunked body, whose length is known only once read."""
+    if 'chunked' in environ.get('HTTP_TRANSFER_ENCODING', '').lower():
+        return None
+    raw = environ.get('CONTENT_LENGTH') or '0'
+    if not raw.isdigit():
+        raise bad_request(f'Content-Length {raw[:MAX_NAME_IN_MESSAGE]!r} is not a number')
+    return int(raw)
+
+
+def read_data(environ: Mapping[str, Any], length: int | None, limit: int) -> bytes:
+    """The raw body, at most `limit` bytes. Broken chunked framing, or a client gone mid-body, is a 400."""
+    if length is not None and length > limit:
+        raise RequestEntityTooLarge()  # refused before a byte is read
     try:
-        return request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: werkzeug raises 413
+        data = environ['wsgi.input'].read(limit + 1 if length is None else length)
     except (ParseException, OSError) as error:
         # gunicorn parses chunked bodies only as the app reads them: its errors surface here.
         raise bad_request(f'the body could not be read: {str(error)[:MAX_NAME_IN_MESSAGE]}') from None
+    if len(data) > limit:
+        raise RequestEntityTooLarge()
+    if length is not None and len(data) < length:
+        raise bad_request(f'the body ended after {len(data)} of {length} bytes')
+    return data
 
 
-def read_body() -> dict[str, Any]:
-    """The request body as a JSON object; an empty body is an empty object."""
-    if not request.content_length and 'chunked' not in request.headers.get('Transfer-Encoding', ''):
-        return {}
-    mimetype = request.mimetype
-    if mimetype != 'application/json' and not mimetype.endswith('+json'):
-        raise ApiError(415, 'unsupported-media-type', f'the body must be application/json, not {mimetype!r}')
-    data = read_data()
-    if not data:
-        return {}
+def parse_body(data: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError as error:
@@ -86,6 +99,18 @@ def read_body() -> dict[str, Any]:
     if b'\\u0000' in data and contains_nul(body):
         raise bad_request('strings cannot contain the NUL character (\\u0000)')
     return body
+
+
+def read_body(environ: Mapping[str, Any], limit: int) -> dict[str, Any]:
+    """The request body as a JSON object; an empty body is an empty object."""
+    length = content_length(environ)
+    if length == 0:
+        return {}
+    mimetype = environ.get('CONTENT_TYPE', '').partition(';')[0].strip().lower()
+    if mimetype != JSON and not mimetype.endswith('+json'):
+        raise ApiError(415, 'unsupported-media-type', f'the body must be application/json, not {mimetype!r}')
+    data = read_data(environ, length, limit)
+    return parse_body(data) if data else {}
 
 
 def arguments(action: Action, body: dict[str, Any]) -> dict[str, Any]:
@@ -110,24 +135,63 @@ def run(action: Action, body: dict[str, Any]) -> Any:
     return result
 
 
-def make_view(module: str, actions: dict[str, Action]) -> Callable[..., Response]:
-    def dispatch(route: str) -> Response:
-        action = actions.get(route)
+@dataclass(slots=True)
+class Served:
+    """An action request's answer, and what the access record says of it."""
+
+    status: int
+    body: bytes
+    content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+    action: str | None = None  # set only for a real action: a scanner's made-up names stay in url.path
+    token_label: str | None = None
+    problem: ApiError | None = None
+
+
+def serve(environ: dict[str, Any], module: str, actions: Mapping[str, Action], route: str, request_id: str) -> Served:
+    """Answer `POST /<module>/<route>`; needs an app context (the pools, `g` for borrowed connections)."""
+    config = current_app.config
+    token_label = None
+    action = actions.get(route)
+    g.request_id = request_id
+    try:
+        token_label = authenticate(environ.get('HTTP_AUTHORIZATION', ''), config['BEARER_TOKENS'])
         if action is None:
             raise ApiError(404, 'not-found', f'module {module!r} has no action {route[:MAX_NAME_IN_MESSAGE]!r}')
-        return json_response(run(action, read_body()))
+        result = run(action, read_body(environ, config['MAX_CONTENT_LENGTH']))
+        return Served(200, dumps(result), action=route, token_label=token_label)
+    except Exception as error:  # noqa: BLE001 - every failure becomes a problem answer
+        problem = to_problem(error)
+        body = dumps(problem_document(problem, request_id))
+        return Served(problem.status, body, PROBLEM_JSON, problem.headers, action and route, token_label, problem)
+    finally:
+        release_request_connections()
+
+
+def make_view(module: str, actions: Mapping[str, Action]) -> Callable[..., Response]:
+    """The blueprint's Flask view: the same `serve()`, for a request that reaches Flask itself."""
+
+    def dispatch(route: str) -> Response:
+        served = serve(request.environ, module, actions, route, g.request_id)
+        g.token_label, g.problem = served.token_label, served.problem
+        response = Response(served.body, status=served.status, content_type=served.content_type)
+        response.headers.update(served.headers)
+        return response
 
     return dispatch
 
 
 def module_blueprint(import_name: str, routes: Iterable[Mapping[str, Any]]) -> Blueprint:
-    """The blueprint of the module package `import_name`, serving `POST /<module>/<route>`."""
+    """The blueprint of the module package `import_name`, serving `POST /<module>/<route>`.
+
+    Its `actions` table is what the gateway serves; its POST-only url rules put the module in
+    Flask's url map, where every other method is a 405 with `Allow: POST`.
+    """
     module = import_name.rpartition('.')[2]
     if module in RESERVED_MODULES:
         raise ValueError(f'module name {module!r} is reserved')
     actions = build_actions(module, routes)
     blueprint = Blueprint(module, import_name, url_prefix=f'/{module}')
-    blueprint.before_request(require_bearer)
     view = make_view(module, actions)
     options = {'methods': ['POST'], 'provide_automatic_options': False}
     blueprint.add_url_rule('/', 'action', view, defaults={'route': ''}, strict_slashes=False, **options)

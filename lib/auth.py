@@ -1,4 +1,4 @@
-"""Bearer auth, enforced by the module blueprint helper on every route it makes.
+"""Bearer auth, checked by `lib.actions.serve()` before anything else of an action request.
 
 Several tokens can be valid at once (rotation). Every configured token is compared, in
 constant time, whether or not an earlier one matched, so timing tells nothing. The token
@@ -8,8 +8,6 @@ itself never leaves this file: the request keeps only its short label, for the l
 from __future__ import annotations
 
 import hmac
-
-from flask import current_app, g, request
 
 from lib.errors import ApiError
 
@@ -46,10 +44,9 @@ def match_token(token: bytes, tokens: dict[bytes, str]) -> str | None:
     return label
 
 
-def require_bearer() -> None:
-    """`before_request` of every module blueprint: 401 unless a configured token is presented."""
-    token = presented_token(request.headers.get('Authorization', ''))
-    label = match_token(token, current_app.config['BEARER_TOKENS'])
+def authenticate(header: str, tokens: dict[bytes, str]) -> str:
+    """The label of the token an `Authorization` header presents; 401 unless it is configured."""
+    label = match_token(presented_token(header), tokens)
     if label is None:
         raise unauthorized('the Bearer token is not valid')
-    g.token_label = label
+    return label

@@ -116,17 +116,22 @@ def to_problem(error: BaseException) -> ApiError:
     return ApiError(500, 'internal-error', 'internal error; the request id finds it in the logs')
 
 
-def problem_response(error: ApiError) -> Response:
+def problem_document(error: ApiError, request_id: str) -> dict[str, Any]:
+    """The RFC 9457 body of `error`: the one shape of every error, whichever layer answers."""
     body: dict[str, Any] = {
         'type': f'urn:dbapi:problem:{error.slug}',
         'title': HTTP_STATUS_CODES.get(error.status, 'Error'),
         'status': error.status,
         'detail': error.detail,
-        'request_id': request_id(),
+        'request_id': request_id,
     }
     if error.errors is not None:
         body['errors'] = error.errors
-    response = json_response(body, status=error.status, mimetype=PROBLEM_JSON)
+    return body
+
+
+def problem_response(error: ApiError) -> Response:
+    response = json_response(problem_document(error, request_id()), status=error.status, mimetype=PROBLEM_JSON)
     response.headers.update(error.headers)
     g.problem = error  # the access log names the failure (never the values)
     return response

@@ -32,12 +32,17 @@ def request_id() -> str:
     return g.request_id
 
 
-def finish_response(response: Response) -> Response:
-    response.headers[REQUEST_ID_HEADER] = request_id()
-    response.headers.update(RESPONSE_HEADERS)
-    replica = current_app.config['REPLICA_ID']
+def common_headers(request_id: str, replica: str | None) -> list[tuple[str, str]]:
+    """The headers every response carries, whichever layer (Flask or the gateway) answers."""
+    headers = [(REQUEST_ID_HEADER, request_id), *RESPONSE_HEADERS.items()]
     if replica:
-        response.headers[SERVED_BY_HEADER] = replica
+        headers.append((SERVED_BY_HEADER, replica))
+    return headers
+
+
+def finish_response(response: Response) -> Response:
+    for name, value in common_headers(request_id(), current_app.config['REPLICA_ID']):
+        response.headers[name] = value
     return response
 
 
