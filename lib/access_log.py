@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -52,7 +52,7 @@ def settle_request_id(environ: WSGIEnviron) -> str:
     incoming = environ.get(REQUEST_ID_KEY, '')
     if incoming and VALID_REQUEST_ID.fullmatch(incoming):
         return incoming
-    request_id = uuid.uuid4().hex
+    request_id = os.urandom(16).hex()  # uuid4's 32 hex digits, without building a UUID
     environ[REQUEST_ID_KEY] = request_id
     return request_id
 
@@ -229,9 +229,18 @@ class AccessLog:
         exc_info = None
         if error is not None:
             exc_info = (type(error), error, error.__traceback__)
-        log.log(
-            level, '%s %s %d %.3fms', method, path, status, duration_ns / 1e6, exc_info=exc_info, extra={'ecs': fields}
+        # makeRecord + handle: Logger.log would also walk the stack for a caller no line shows.
+        record = log.makeRecord(
+            log.name,
+            level,
+            __file__,
+            0,
+            '%s %s %d %.3fms',
+            (method, path, status, duration_ns / 1e6),
+            exc_info,
+            extra={'ecs': fields},
         )
+        log.handle(record)
 
     def report(self, failure: Exception) -> None:
         if self._reported:

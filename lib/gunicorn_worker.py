@@ -35,6 +35,7 @@ class DrainingSyncWorker(SyncWorker):
         super().__init__(*args, **kwargs)
         self.addresses = {id(listener): ListenerAddress(listener.getsockname()) for listener in self.sockets}
         self.taken: list[tuple[ListenerAddress, socket.socket, Any]] = []
+        self.draining = False
 
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
         super().handle(self.addresses.get(id(listener), listener), client, addr)
@@ -42,6 +43,9 @@ class DrainingSyncWorker(SyncWorker):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """SIGTERM: take what is queued, stop listening; the run loop ends after its request."""
         self.alive = False
+        if self.draining:
+            return  # a second SIGTERM (from the master and from a process-group kill): the listeners are closed
+        self.draining = True
         for listener in self.sockets:
             self.take_queued(listener)
             listener.close()
