@@ -19,6 +19,7 @@ import settings
 from lib.startup import budgets, check_connection_budget
 from scripts.topology import PLACEHOLDER, TEMPLATE, Nginx, TopologyError, find_nginx, free_port, render
 from tests.conftest import PG
+from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / 'docker-compose.yml'
@@ -28,20 +29,6 @@ SAFE_REFERENCE = re.compile(r'\$\{[A-Z][A-Z0-9_]*:[-?][^}]*\}')
 REQUIRED_REFERENCE = re.compile(r'\$\{([A-Z][A-Z0-9_]*):\?[^}]*\}')
 # The resolve parameter of upstream servers is in open-source nginx from 1.27.3.
 RESOLVE_SINCE = (1, 27, 3)
-
-
-def in_ci() -> bool:
-    return os.getenv('CI', '').lower() in {'1', 'true', 'yes'}
-
-
-def require(tool: str | None, name: str) -> str:
-    """The tool's path; in CI a missing tool fails the test, elsewhere it skips it."""
-    if tool:
-        return tool
-    message = f'{name} is not installed (scripts/ensure_tools.sh)'
-    if in_ci():
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def strings(node: Any) -> list[str]:
@@ -67,7 +54,7 @@ def required_values(**overrides: str) -> dict[str, str]:
 
 
 def stack_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    docker = require(shutil.which('docker'), 'the Docker CLI')
+    docker = require_tool(shutil.which('docker'), 'the Docker CLI')
     clean = {'PATH': os.environ['PATH'], 'HOME': str(ROOT / '.local'), **env}  # nothing inherited by accident
     return subprocess.run(
         [docker, 'stack', 'config', '-c', str(COMPOSE)], capture_output=True, text=True, env=clean, timeout=60
@@ -143,7 +130,7 @@ def test_the_stack_and_the_image_fill_every_placeholder_of_the_template() -> Non
 
 
 def test_the_template_renders_like_envsubst_in_the_image() -> None:
-    envsubst = require(shutil.which('envsubst'), 'envsubst (gettext-base)')
+    envsubst = require_tool(shutil.which('envsubst'), 'envsubst (gettext-base)')
     values = deployed_stack()['services']['nginx']['environment']
     shell_format = ' '.join(f'${{{name}}}' for name in values)
     rendered = subprocess.run(
@@ -163,7 +150,7 @@ def nginx_version(binary: str) -> tuple[int, ...]:
 
 
 def test_nginx_accepts_the_local_rendering(tmp_path: Path) -> None:
-    require(find_nginx(), 'nginx')
+    require_tool(find_nginx(), 'nginx')
     checked = Nginx(tmp_path, [free_port(), free_port()]).test()
     assert checked.returncode == 0, checked.stderr
 
@@ -171,7 +158,7 @@ def test_nginx_accepts_the_local_rendering(tmp_path: Path) -> None:
 def test_nginx_accepts_the_swarm_rendering(tmp_path: Path) -> None:
     """The stack's values; an nginx older than 1.27.3 (Debian 12 has 1.22) lacks `resolve` and
     cannot resolve tasks.api here, so it checks everything else: the same line without both."""
-    binary = require(find_nginx(), 'nginx')
+    binary = require_tool(find_nginx(), 'nginx')
     values = dict(deployed_stack()['services']['nginx']['environment'])
     values['NGINX_ACCESS_LOG'] = str(tmp_path / 'nginx-access.log')
     values['NGINX_LISTEN'] = f'127.0.0.1:{free_port()}'

@@ -8,7 +8,6 @@ lost (answered but not run, or run but not answered) or run twice.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -23,22 +22,13 @@ import requests
 from lib.apply_sql import apply_sql
 from scripts.topology import Topology, find_nginx, free_port, topology
 from tests.conftest import AUTH, MODULES, PG, create_database, drop_database
+from tests.tools import require_tool
 
 pytestmark = pytest.mark.slow
 
 REPLICAS = 3
 LOAD_THREADS = 6
 APP_TARGET = f'app:create_app({{"MODULES": {MODULES!r}}})'
-
-
-def require_nginx() -> None:
-    """In CI a missing nginx is a failure (the tests would prove nothing); elsewhere a skip."""
-    if find_nginx() is not None:
-        return
-    message = 'nginx is not installed: scripts/ensure_tools.sh installs it (apt-get install nginx)'
-    if os.getenv('CI', '').lower() in {'1', 'true', 'yes'}:
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope='module')
@@ -53,7 +43,7 @@ def topology_database() -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope='module')
 def top(topology_database: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    require_nginx()
+    require_tool(find_nginx(), 'nginx')
     workdir = tmp_path_factory.mktemp('topology')
     env = {'ENVIRONMENT': 'testing', 'BEARER': AUTH['Authorization'].split()[1], 'APP_TARGET': APP_TARGET}
     with topology(REPLICAS, topology_database, workdir, **env) as running:
