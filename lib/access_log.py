@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,12 +25,11 @@ from typing import Any
 from flask import Flask, current_app, g, request
 
 from lib.errors import SQLSTATE_STATUS, ApiError
-from lib.http import VALID_REQUEST_ID
+from lib.http import settle_request_id
 from lib.log_format import current_request_id
 
 log = logging.getLogger('dbapi.access')
 
-REQUEST_ID_KEY = 'HTTP_X_REQUEST_ID'
 FLASK_KEY = 'dbapi.access'  # environ key: what Flask knew about the request
 # Database messages can quote the submitted values ('invalid input syntax for type integer: "42x"'):
 # for these failures the record names the kind and the constraint, never the message.
@@ -40,21 +38,6 @@ MAX_FIELD_PATHS = 50
 
 WSGIEnviron = dict[str, Any]
 StartResponse = Callable[..., Any]
-
-
-def settle_request_id(environ: WSGIEnviron) -> str:
-    """The request's id, settled before Flask runs, so every record of the request carries it.
-
-    A missing or unsafe X-Request-ID is replaced in the environ by a fresh one, which
-    `lib.http` then finds valid and keeps: the response, the access record and any
-    traceback of the request all show the same id.
-    """
-    incoming = environ.get(REQUEST_ID_KEY, '')
-    if incoming and VALID_REQUEST_ID.fullmatch(incoming):
-        return incoming
-    request_id = os.urandom(16).hex()  # uuid4's 32 hex digits, without building a UUID
-    environ[REQUEST_ID_KEY] = request_id
-    return request_id
 
 
 def client_ip(environ: WSGIEnviron, hops: int) -> str | None:

@@ -17,9 +17,9 @@ from flask import Flask
 from flask_compress.flask_compress import _choose_algorithm, _compress_data
 from werkzeug.http import HTTP_STATUS_CODES
 
-from lib.access_log import FLASK_KEY, REQUEST_ID_KEY, settle_request_id
+from lib.access_log import FLASK_KEY
 from lib.actions import JSON, Action, Served, serve
-from lib.http import common_headers
+from lib.http import common_headers, settle_request_id
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 STATUS_LINES = {code: f'{code} {phrase}' for code, phrase in HTTP_STATUS_CODES.items()}
@@ -43,7 +43,7 @@ class ActionGateway:
         actions = self.modules.get(module)
         if actions is None:
             return self.fallback(environ, start_response)
-        request_id = environ.get(REQUEST_ID_KEY) or settle_request_id(environ)
+        request_id = settle_request_id(environ)
         with self.app.app_context():
             served = serve(environ, module, actions, route, request_id)
         environ[FLASK_KEY] = (module, served.action, served.token_label, served.problem)

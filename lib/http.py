@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
+from typing import Any
 
 from flask import Flask, Response, current_app, g, request
 
@@ -20,9 +21,26 @@ RESPONSE_HEADERS = {
 }
 
 
+REQUEST_ID_KEY = 'HTTP_X_REQUEST_ID'  # the header, as the WSGI environ names it
+
+
+def settle_request_id(environ: dict[str, Any]) -> str:
+    """The request's id: the caller's X-Request-ID if short and plain, else a fresh one.
+
+    A fresh id is written back into the environ, so every layer that asks again (the access
+    record, the gateway, Flask's hook) gets the same one: the response, the access record and
+    any traceback of the request all show it.
+    """
+    incoming = environ.get(REQUEST_ID_KEY, '')
+    if incoming and VALID_REQUEST_ID.fullmatch(incoming):
+        return incoming
+    request_id = os.urandom(16).hex()  # uuid4's 32 hex digits, without building a UUID
+    environ[REQUEST_ID_KEY] = request_id
+    return request_id
+
+
 def assign_request_id() -> None:
-    incoming = request.headers.get(REQUEST_ID_HEADER, '')
-    g.request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    g.request_id = settle_request_id(request.environ)
 
 
 def request_id() -> str:
