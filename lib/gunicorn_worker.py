@@ -11,11 +11,20 @@ another replica, and serves what it took before exiting.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import selectors
 import socket
+import time
+from datetime import datetime
 from types import FrameType
 from typing import Any
 
-from gunicorn import util
+from gunicorn import http, util
+from gunicorn.http import wsgi
+from gunicorn.http.wsgi import Response
+from gunicorn.workers.base import Worker
 from gunicorn.workers.sync import SyncWorker
 
 
@@ -71,3 +80,292 @@ class DrainingSyncWorker(SyncWorker):
         while self.taken:
             name, client, addr = self.taken.pop(0)
             self.handle(name, client, addr)
+
+
+class CoalescingResponse(Response):
+    """Sends the head together with the first piece of the body: one send for a small answer.
+
+    gunicorn sends the head and the body with two `sendall` calls; on a loopback or LAN each
+    send costs the kernel's whole TCP path, and the pair was most of a small request's time in
+    the server. Nothing here serves files, so sendfile (which writes the head itself) is off.
+    """
+
+    head = b''
+
+    def send_headers(self) -> None:
+        if self.headers_sent:
+            return
+        lines = self.default_headers()
+        lines.extend(f'{name}: {value}\r\n' for name, value in self.headers)
+        lines.append('\r\n')
+        self.head = ''.join(lines).encode('latin-1')
+        self.headers_sent = True
+
+    def _emit_body(self, data: bytes) -> None:
+        if self.chunked:
+            data = b'%X\r\n%s\r\n' % (len(data), data)
+        head, self.head = self.head, b''
+        self.sock.sendall(head + data if head else data)
+
+    def close(self) -> None:
+        if not self.headers_sent:
+            self.send_headers()
+        head, self.head = self.head, b''
+        tail = b'0\r\n\r\n' if self.chunked else b''
+        if head or tail:
+            self.sock.sendall(head + tail)
+
+    def can_sendfile(self) -> bool:
+        return False
+
+    def unsend(self) -> None:
+        """The app failed before any byte left: the worker may still answer 500 instead."""
+        if self.head:
+            self.head = b''
+            self.headers_sent = False
+
+
+class Connection:
+    """A kept-alive client connection: its socket, its parser, and when it was last used."""
+
+    __slots__ = ('addr', 'fd', 'last_used', 'parser', 'server', 'sock')
+
+    def __init__(self, cfg: Any, sock: socket.socket, addr: Any, server: Any) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()  # kept: an error answer may close the socket before we do
+        self.addr = addr
+        self.server = server
+        self.parser = http.get_parser(cfg, sock, addr)
+        self.last_used = time.monotonic()
+
+    def buffered(self) -> bool:
+        """Whether a pipelined request is already read: the socket will not report it again."""
+        return self.parser.unreader.buf.getbuffer().nbytes > 0
+
+
+class DrainingKeepAliveWorker(Worker):
+    """One thread serving many kept-alive connections in turn, draining like DrainingSyncWorker.
+
+    The sync worker closes every connection after its answer, so each request also pays a TCP
+    connect, accept and close on both sides; gthread keeps connections alive but hands every
+    request to a thread pool. This worker keeps every connection in one poller and serves each
+    readable connection's request in the poller's own thread, with gunicorn's own parser.
+
+    Like the sync worker it serves one request at a time. A client that sends part of a request
+    holds it for at most `request_timeout` seconds; it belongs behind nginx, which sends whole
+    requests. On SIGTERM it takes every connection already queued, closes its copy of the
+    listener (new connections are refused, nginx tries another replica), answers requests still
+    arriving on kept-alive connections with "Connection: close", and closes a connection only
+    after it has been idle for `stop_linger` seconds, then exits.
+    """
+
+    # Longer than nginx's upstream keepalive_timeout (2 s): an idle connection is closed by
+    # nginx, never by us while nginx may be sending a POST on it (nginx never resends a POST).
+    stop_linger = 3.0
+    request_timeout = 5.0  # for the rest of a request once its first bytes arrived
+    drain_max_bytes = 64 * 1024  # unread body discarded to keep a connection; more closes it
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: dict[int, Connection] = {}
+        self.taken: list[tuple[socket.socket, Any, Any]] = []
+        self.draining = False
+        self.last_notified = 0.0
+
+    def init_process(self) -> None:
+        if self.cfg.is_ssl:
+            raise RuntimeError('DrainingKeepAliveWorker serves plain HTTP/1.1 behind nginx; ssl is not supported')
+        self.poller = selectors.DefaultSelector()
+        super().init_process()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """SIGTERM: take what is queued and stop listening; run() then drains and returns."""
+        self.alive = False
+        if self.draining:
+            return  # a second SIGTERM (from the master and from a process-group kill)
+        self.draining = True
+        for listener in self.sockets:
+            while True:
+                try:
+                    client, addr = listener.accept()
+                except OSError:  # EAGAIN: the queue is empty (non-blocking)
+                    break
+                self.taken.append((client, addr, listener.getsockname()))
+        self.stop_accepting(close=True)
+
+    def stop_accepting(self, close: bool) -> None:
+        """Unregister the listeners first: the poller keys them by descriptor."""
+        for listener in self.sockets:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(listener)
+            if close:
+                listener.close()
+
+    def notify(self) -> None:
+        """The heartbeat file's timestamp: once a second is plenty for a 60 s timeout."""
+        now = time.monotonic()
+        if now - self.last_notified >= 1.0:
+            self.last_notified = now
+            super().notify()
+
+    def run(self) -> None:
+        # Signals (SIGTERM among them) write to this pipe: the wait ends at once.
+        self.poller.register(self.PIPE[0], selectors.EVENT_READ)
+        if not self.draining:  # a SIGTERM while the app loaded has closed the listeners
+            for listener in self.sockets:
+                listener.setblocking(False)
+                self.poller.register(listener, selectors.EVENT_READ, listener)
+        while self.alive:
+            self.notify()
+            self.serve_ready(timeout=1.0)
+            if self.ppid != os.getppid():
+                self.log.info('Parent changed, shutting down: %s', self)
+                break
+            self.close_idle(self.cfg.keepalive)
+        self.drain()
+
+    def drain(self) -> None:
+        """Serve what was taken and what still arrives on open connections, then close them."""
+        self.stop_accepting(close=False)
+        while self.taken:
+            self.open(*self.taken.pop(0))
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while self.connections and time.monotonic() < deadline:
+            self.notify()
+            self.serve_ready(timeout=0.2)
+            self.close_idle(self.stop_linger)
+        for conn in list(self.connections.values()):
+            self.close(conn)
+        self.poller.close()
+
+    def serve_ready(self, timeout: float) -> None:
+        try:
+            events = self.poller.select(timeout)
+        except OSError as error:
+            if error.errno != errno.EINTR:
+                raise
+            return
+        for key, _ in events:
+            if isinstance(key.data, Connection):
+                self.serve(key.data)
+            elif key.data is not None:
+                self.accept(key.data)
+            else:
+                with contextlib.suppress(OSError):  # EAGAIN: already emptied
+                    os.read(self.PIPE[0], 4096)
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            client, addr = listener.accept()
+        except OSError as error:  # EBADF: SIGTERM closed it after the poller reported it
+            if self.draining or error.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                return
+            raise
+        self.open(client, addr, listener.getsockname())
+
+    def open(self, client: socket.socket, addr: Any, server: Any) -> None:
+        util.close_on_exec(client)
+        # A timeout, not blocking mode: a ready socket is read at once, a stalled one gives up.
+        client.settimeout(self.request_timeout)
+        conn = Connection(self.cfg, client, addr, server)
+        self.connections[conn.fd] = conn
+        self.poller.register(client, selectors.EVENT_READ, conn)
+
+    def close(self, conn: Connection, graceful: bool = False) -> None:
+        self.connections.pop(conn.fd, None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.poller.unregister(conn.fd)
+        if graceful:
+            close_without_waiting(conn.sock)
+        else:
+            util.close(conn.sock)
+
+    def close_idle(self, idle_seconds: float) -> None:
+        cutoff = time.monotonic() - idle_seconds
+        for conn in [conn for conn in self.connections.values() if conn.last_used < cutoff]:
+            self.close(conn)
+
+    def serve(self, conn: Connection) -> None:
+        """Answer the requests the connection has sent; close it when it ends or must end."""
+        while True:
+            keep = self.serve_one(conn)
+            if not keep:
+                self.close(conn, graceful=True)
+                return
+            conn.last_used = time.monotonic()
+            if not conn.buffered():
+                return
+
+    def serve_one(self, conn: Connection) -> bool:
+        """One request; True when the connection stays open for the next."""
+        req = None
+        try:
+            req = next(conn.parser)
+            keep = self.handle_request(req, conn)
+            # A body the app left unread would make the socket look readable: discard it.
+            return keep and conn.parser.finish_body(max_bytes=self.drain_max_bytes)
+        except (http.errors.NoMoreData, StopIteration):
+            return False  # the client closed, or HTTP says this connection ends
+        except TimeoutError:
+            self.log.debug('Closing a connection that stalled mid-request.')
+            return False
+        except OSError as error:
+            if error.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.exception('Socket error processing request.')
+            return False
+        except Exception as error:  # noqa: BLE001  # gunicorn answers it: 400 for bad HTTP, 500 otherwise
+            self.handle_error(req, conn.sock, conn.addr, error)
+            return False
+
+    def handle_request(self, req: Any, conn: Connection) -> bool:
+        """gunicorn's request cycle with the coalescing response; True to keep the connection."""
+        environ: dict[str, Any] = {}
+        resp = None
+        try:
+            self.cfg.pre_request(self, req)
+            request_start = datetime.now()
+            resp, environ = wsgi.create(req, conn.sock, conn.addr, conn.server, self.cfg, CoalescingResponse)
+            self.nr += 1
+            if self.nr >= self.max_requests and self.alive:
+                self.log.info('Autorestarting worker after current request.')
+                self.alive = False
+            if not self.alive or not self.cfg.keepalive or len(self.connections) > self.cfg.worker_connections:
+                resp.force_close()
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                for item in respiter:
+                    resp.write(item)
+                resp.close()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - request_start)
+                if hasattr(respiter, 'close'):
+                    respiter.close()
+            return not resp.should_close()
+        except OSError:
+            raise  # the connection is gone: serve_one() logs it
+        except (Exception, SystemExit):
+            if resp is not None:
+                resp.unsend()
+            if resp is not None and resp.headers_sent:
+                # Part of the answer is out: a 500 now would corrupt it (SystemExit: the timeout).
+                self.log.exception('Error handling request')
+                raise StopIteration() from None
+            raise
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception('Exception in post_request hook')
+
+
+def close_without_waiting(sock: socket.socket) -> None:
+    """Close after the answer: FIN first, then discard what the peer already sent, so the close
+    is not a reset that could cut the answer short. Never waits (one thread serves everyone)."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.setblocking(False)
+        while sock.recv(65536):
+            pass
+    except OSError:  # BlockingIOError: nothing more sent; or the peer is gone already
+        pass
+    util.close(sock)
