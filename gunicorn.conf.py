@@ -12,17 +12,18 @@ from typing import Any
 
 bind = os.getenv('BIND', '0.0.0.0:8000')
 workers = int(os.getenv('WEB_CONCURRENCY', 2 * multiprocessing.cpu_count() + 1))
-# A sync worker that drains on SIGTERM (lib/gunicorn_worker.py), by measurement (README,
-# "Deploy"): stock sync and gthread both had requests reset when a replica stopped under load;
-# gthread's throughput edge through nginx was small and noisy. nginx buffers requests and
-# responses, so slow clients never hold a sync worker.
-worker_class = os.getenv('WORKER_CLASS', 'lib.gunicorn_worker.DrainingSyncWorker')
+# One thread per worker serving kept-alive connections, draining on SIGTERM
+# (lib/gunicorn_worker.py), by measurement (README, "Deploy" and "Speed"): stock sync and
+# gthread both had requests reset when a replica stopped under load; the sync worker's
+# connect/close per request cost a third of its throughput. nginx buffers requests and
+# responses and keeps its upstream connections alive, so slow clients never hold a worker.
+worker_class = os.getenv('WORKER_CLASS', 'lib.gunicorn_worker.DrainingKeepAliveWorker')
 threads = int(os.getenv('THREADS', '1'))  # gthread only; POOL_SIZE should be >= threads
 timeout = int(os.getenv('WORKER_TIMEOUT', '60'))  # above STATEMENT_TIMEOUT (30 s): the database gives up first
 # SIGTERM: stop accepting, let in-flight requests finish for up to this long, then exit.
 # The stack's stop_grace_period must be longer.
 graceful_timeout = int(os.getenv('GRACEFUL_TIMEOUT', '30'))
-keepalive = int(os.getenv('KEEPALIVE', '5'))  # gthread: above nginx's upstream keepalive_timeout
+keepalive = int(os.getenv('KEEPALIVE', '5'))  # idle seconds; above nginx's upstream keepalive_timeout (2 s)
 # At or above nginx's limits (large_client_header_buffers 4 8k): nginx refuses oversized
 # requests first, with a JSON problem, instead of gunicorn with a plain-text page.
 limit_request_line = 8190  # gunicorn's maximum

@@ -118,10 +118,9 @@ class Run:
         print(text, flush=True)
 
     def wrk(self, scenario: str, series: str, connections: int, seconds: float) -> Measurement:
-        hello = series.startswith('wsgi hello')
-        path = '/' if hello else PATHS[scenario]
-        body = 'hello' if hello else scenario
-        return run_wrk(self.urls[series] + path, body, self.token, connections, seconds, scenario, series)
+        # The hello gets the very requests the app gets (same body, same headers): only the app differs.
+        path = '/' if series.startswith('wsgi hello') else PATHS[scenario]
+        return run_wrk(self.urls[series] + path, scenario, self.token, connections, seconds, scenario, series)
 
     def warm_up(self, series: str) -> None:
         for scenario in self.plan.scenarios:

@@ -8,7 +8,6 @@ local ROWS = 1000000
 local RANGE = 10000
 
 local bodies = {
-  hello = function() return "{}" end,
   foo = function()
     return string.format('{"name":"user%d","email":"user%d@example.com"}', math.random(ROWS), math.random(ROWS))
   end,
