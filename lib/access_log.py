@@ -26,7 +26,7 @@ from flask import Flask, current_app, g, request
 
 from lib.errors import SQLSTATE_STATUS, ApiError
 from lib.http import settle_request_id
-from lib.log_format import current_request_id
+from lib.log_format import current_request_id, log_fields
 
 log = logging.getLogger('dbapi.access')
 
@@ -209,19 +209,13 @@ class AccessLog:
         }
         if problem is not None:
             fields.update(problem_fields(problem))
-        exc_info = None
-        if error is not None:
-            exc_info = (type(error), error, error.__traceback__)
+        message = f'{method} {path} {status} {duration_ns / 1e6:.3f}ms'
+        if error is None:
+            log_fields(log, level, message, fields)
+            return
         # makeRecord + handle: Logger.log would also walk the stack for a caller no line shows.
         record = log.makeRecord(
-            log.name,
-            level,
-            __file__,
-            0,
-            '%s %s %d %.3fms',
-            (method, path, status, duration_ns / 1e6),
-            exc_info,
-            extra={'ecs': fields},
+            log.name, level, __file__, 0, message, (), (type(error), error, error.__traceback__), extra={'ecs': fields}
         )
         log.handle(record)
 

@@ -83,12 +83,17 @@ class ProcessFileHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = (self.format(record) + '\n').encode('utf-8')
+            text = self.format(record)
         except Exception:  # noqa: BLE001 - a bad record (wrong format args) is logging's usual report
             self.handleError(record)
             return
+        self.emit_line(text, record.created)
+
+    def emit_line(self, text: str, created: float) -> None:
+        """Write one formatted line (the caller holds `self.lock`, as `Handler.handle` does)."""
+        line = (text + '\n').encode('utf-8')
         try:
-            self._write(line, record.created)
+            self._write(line, created)
         except OSError as error:
             self._failed(error, line)
 

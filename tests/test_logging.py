@@ -21,7 +21,7 @@ import pytest
 import yaml
 from flask import Flask
 
-from lib import logger
+from lib import log_format, logger
 from lib.access_log import client_ip, field_paths
 from lib.config import ConfigError
 from lib.log_files import ProcessFileHandler, delete_old_logs
@@ -621,3 +621,61 @@ def test_a_wrong_log_setting_stops_the_start_with_one_line() -> None:
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 3, done.stderr
     assert done.stderr.strip() == 'dbapi: configuration error: LOG_BACKUP_COUNT=0 must be at least 1'
+
+
+# --- the access record's short path ------------------------------------------------------------
+
+
+class LoneLogger(logging.Logger):
+    """Reaches only the handlers a test gives it: pytest's capture handlers are not added to it."""
+
+    def addHandler(self, handler: logging.Handler) -> None:
+        if type(handler).__module__.startswith('_pytest'):
+            return
+        super().addHandler(handler)
+
+
+@pytest.fixture
+def lone_logger() -> Any:
+    item = LoneLogger(f'dbapi.test.{uuid.uuid4().hex[:8]}', logging.INFO)
+    item.propagate = False
+    yield item
+    for handler in list(item.handlers):
+        item.removeHandler(handler)
+        handler.close()
+
+
+def test_log_fields_writes_the_line_the_formatter_writes(lone_logger: logging.Logger, tmp_path: Path) -> None:
+    handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=0, backup_count=0)
+    handler.setFormatter(EcsFormatter())
+    lone_logger.addHandler(handler)
+    fields = {'event.dataset': 'dbapi.access', 'url.path': '/a%sb', 'http.response.status_code': 200, 'n': None}
+    assert log_format.ecs_file_handlers(lone_logger, logging.INFO) == [handler]
+    log_format.log_fields(lone_logger, logging.INFO, 'POST /a%sb 200', fields)
+    lone_logger.info('POST /a%sb 200', extra={'ecs': fields})
+    short, usual = read_lines(tmp_path)
+    assert short.pop('@timestamp') and usual.pop('@timestamp')
+    assert short == usual
+    assert short['message'] == 'POST /a%sb 200' and short['url.path'] == '/a%sb'
+
+
+@pytest.mark.parametrize('other', ['a plain handler', 'a filter on the handler', 'a filter on the logger'])
+def test_log_fields_gives_any_other_handler_the_usual_record(
+    lone_logger: logging.Logger, tmp_path: Path, other: str
+) -> None:
+    handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=0, backup_count=0)
+    handler.setFormatter(EcsFormatter())
+    lone_logger.addHandler(handler)
+    seen: list[logging.LogRecord] = []
+    if other == 'a plain handler':
+        capture = logging.Handler()
+        capture.emit = seen.append  # type: ignore[method-assign]
+        lone_logger.addHandler(capture)
+    elif other == 'a filter on the handler':
+        handler.addFilter(lambda item: seen.append(item) or True)
+    else:
+        lone_logger.addFilter(lambda item: seen.append(item) or True)
+    log_format.log_fields(lone_logger, logging.INFO, 'POST /x 200', {'url.path': '/x'})
+    assert log_format.ecs_file_handlers(lone_logger, logging.INFO) is None
+    assert [getattr(item, 'ecs', None) for item in seen] == [{'url.path': '/x'}]
+    assert [line['url.path'] for line in read_lines(tmp_path)] == ['/x']
