@@ -1,12 +1,17 @@
-"""gunicorn's sync worker, stopping without dropping connections the kernel already accepted.
+"""gunicorn's worker for this service: kept-alive connections, one thread, a drain that drops nothing.
 
-On SIGTERM the stock sync worker finishes its request and exits, while its copy of the
-listening socket stays open until then: connections arriving meanwhile wait in the kernel's
-queue and are reset when the last copy closes. nginx has already sent its POST on them and
-(rightly) never sends a POST twice, so the client gets a 502 (measured: 6 in 629 requests
-when one replica stopped under load). This worker, on SIGTERM, takes every queued connection,
-closes its copy of the listener at once, so new connections are refused and nginx tries
-another replica, and serves what it took before exiting.
+Measured under load through nginx (tests/test_topology.py, README "Deploy"): gunicorn's stock
+sync and gthread workers both reset requests when a replica stopped. On SIGTERM a worker
+finishes its request and exits while its copy of the listening socket stays open: connections
+arriving meanwhile wait in the kernel's queue and are reset when the last copy closes. nginx
+has already sent its POST on them and (rightly) never sends a POST twice, so the client gets a
+502. This worker, on SIGTERM, takes every queued connection and closes its copy of the
+listener at once, so new connections are refused and nginx tries another replica.
+
+Measured with /proc CPU counters under wrk (README "Speed"): the sync worker's TCP connect,
+accept and close per request, and gunicorn's two sends per answer (head, then body), were most
+of a small request's cost in the server. This worker keeps connections alive in one poller and
+sends each answer at once.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import selectors
 import socket
 import time
@@ -25,61 +31,6 @@ from gunicorn import http, util
 from gunicorn.http import wsgi
 from gunicorn.http.wsgi import Response
 from gunicorn.workers.base import Worker
-from gunicorn.workers.sync import SyncWorker
-
-
-class ListenerAddress:
-    """What `handle()` needs of a listener, its address, still there after the listener is closed
-    (SIGTERM may close it while a request it accepted is being parsed)."""
-
-    def __init__(self, name: Any) -> None:
-        self.name = name
-
-    def getsockname(self) -> Any:
-        return self.name
-
-
-class DrainingSyncWorker(SyncWorker):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.addresses = {id(listener): ListenerAddress(listener.getsockname()) for listener in self.sockets}
-        self.taken: list[tuple[ListenerAddress, socket.socket, Any]] = []
-        self.draining = False
-
-    def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
-        super().handle(self.addresses.get(id(listener), listener), client, addr)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """SIGTERM: take what is queued, stop listening; the run loop ends after its request."""
-        self.alive = False
-        if self.draining:
-            return  # a second SIGTERM (from the master and from a process-group kill): the listeners are closed
-        self.draining = True
-        for listener in self.sockets:
-            self.take_queued(listener)
-            listener.close()
-
-    def take_queued(self, listener: Any) -> None:
-        name = self.addresses[id(listener)]
-        while True:
-            try:
-                client, addr = listener.accept()
-            except OSError:  # EAGAIN: the queue is empty (non-blocking); EBADF: a second SIGTERM
-                return
-            client.setblocking(True)
-            util.close_on_exec(client)
-            self.taken.append((name, client, addr))
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except (OSError, ValueError):
-            # The loop touched the listener the signal handler had just closed.
-            if self.alive:
-                raise
-        while self.taken:
-            name, client, addr = self.taken.pop(0)
-            self.handle(name, client, addr)
 
 
 class CoalescingResponse(Response):
@@ -144,7 +95,7 @@ class Connection:
 
 
 class DrainingKeepAliveWorker(Worker):
-    """One thread serving many kept-alive connections in turn, draining like DrainingSyncWorker.
+    """One thread serving many kept-alive connections in turn, and draining on SIGTERM.
 
     The sync worker closes every connection after its answer, so each request also pays a TCP
     connect, accept and close on both sides; gthread keeps connections alive but hands every
@@ -281,9 +232,19 @@ class DrainingKeepAliveWorker(Worker):
             util.close(conn.sock)
 
     def close_idle(self, idle_seconds: float) -> None:
+        """Close connections unused for `idle_seconds`, but not one with a request waiting: while
+        this thread was busy elsewhere its client may have sent one (closing would reset it)."""
         cutoff = time.monotonic() - idle_seconds
-        for conn in [conn for conn in self.connections.values() if conn.last_used < cutoff]:
-            self.close(conn)
+        idle = [conn for conn in self.connections.values() if conn.last_used < cutoff]
+        if not idle:
+            return
+        probe = select.poll()  # poll, not select: descriptors may be above FD_SETSIZE
+        for conn in idle:
+            probe.register(conn.fd, select.POLLIN)
+        waiting = {fd for fd, _ in probe.poll(0)}
+        for conn in idle:
+            if conn.fd not in waiting:
+                self.close(conn)
 
     def serve(self, conn: Connection) -> None:
         """Answer the requests the connection has sent; close it when it ends or must end."""

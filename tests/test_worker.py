@@ -1,0 +1,240 @@
+"""The production worker (lib/gunicorn_worker.DrainingKeepAliveWorker), over raw sockets.
+
+What it adds to gunicorn's parser and request cycle: kept-alive connections served by one
+thread from one poller, pipelined requests, an unread body discarded, a stalled request
+dropped, the answer's head and body sent together, and a SIGTERM that refuses new
+connections at once while requests still arriving on kept-alive ones are answered.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lib.gunicorn_worker import CoalescingResponse, DrainingKeepAliveWorker
+from tests.service import TOKEN, Service, running_service
+
+READ_TIMEOUT = 10.0
+
+
+def request(path: str, body: bytes = b'{}', token: str = TOKEN, extra: str = '') -> bytes:
+    head = (
+        f'POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n'
+        f'Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n'
+    )
+    return head.encode('latin-1') + body
+
+
+class Reader:
+    """Reads whole HTTP/1.1 answers (with a Content-Length) off one socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b''
+
+    def answer(self) -> tuple[int, dict[str, str], bytes]:
+        while b'\r\n\r\n' not in self.buffer:
+            self._more()
+        head, _, self.buffer = self.buffer.partition(b'\r\n\r\n')
+        status_line, *lines = head.decode('latin-1').split('\r\n')
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(':') for line in lines)}
+        length = int(headers['content-length'])
+        while len(self.buffer) < length:
+            self._more()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(status_line.split()[1]), headers, body
+
+    def closed(self) -> bool:
+        """Whether the server has closed the connection (EOF), once what it sent is read."""
+        try:
+            return self.sock.recv(1) == b''
+        except ConnectionResetError:
+            return True
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f'closed by the server; unparsed: {self.buffer[:200]!r}')
+        self.buffer += chunk
+
+
+@pytest.fixture(scope='module')
+def service(database: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    # One worker: every connection of a test meets the same single thread.
+    with running_service(database, str(tmp_path_factory.mktemp('worker-logs')), WEB_CONCURRENCY=1) as running:
+        yield running
+
+
+def connect(service: Service) -> tuple[socket.socket, Reader]:
+    sock = socket.create_connection(('127.0.0.1', service.port), timeout=READ_TIMEOUT)
+    return sock, Reader(sock)
+
+
+def test_the_production_worker_is_this_one(service: Service) -> None:
+    sock, reader = connect(service)
+    with sock:
+        sock.sendall(request('/probe/returns_none'))
+        status, headers, _ = reader.answer()
+    assert status == 200
+    assert headers['connection'] == 'keep-alive'  # the sync worker would say close
+
+
+def test_one_connection_serves_request_after_request(service: Service) -> None:
+    sock, reader = connect(service)
+    with sock:
+        for _ in range(5):
+            sock.sendall(request('/probe/returns_string'))
+            status, headers, body = reader.answer()
+            assert (status, headers['connection'], json.loads(body)) == (200, 'keep-alive', '<b>not html</b>')
+
+
+def test_pipelined_requests_are_all_answered_in_order(service: Service) -> None:
+    sock, reader = connect(service)
+    with sock:
+        sock.sendall(request('/probe/returns_none') + request('/probe/returns_string') + request('/probe/nope'))
+        statuses = [reader.answer()[0] for _ in range(3)]
+    assert statuses == [200, 200, 404]
+
+
+def test_a_body_the_app_never_read_does_not_spill_into_the_next_request(service: Service) -> None:
+    sock, reader = connect(service)
+    with sock:
+        # Refused before the body is read (wrong token); its bytes must not be taken for a request.
+        sock.sendall(request('/probe/returns_none', body=b'{"x": "GET / HTTP/1.1"}' * 100, token='wrong'))
+        assert reader.answer()[0] == 401
+        sock.sendall(request('/probe/returns_string'))
+        assert reader.answer()[0] == 200
+
+
+def test_connection_close_from_the_client_is_honoured(service: Service) -> None:
+    sock, reader = connect(service)
+    with sock:
+        sock.sendall(request('/probe/returns_none', extra='Connection: close\r\n'))
+        status, headers, _ = reader.answer()
+        assert (status, headers['connection']) == (200, 'close')
+        assert reader.closed()
+
+
+def test_a_stalled_request_is_dropped_and_the_others_are_served_meanwhile_or_after(service: Service) -> None:
+    stalled, stalled_reader = connect(service)
+    other, other_reader = connect(service)
+    with stalled, other:
+        stalled.sendall(request('/probe/returns_none')[:20])  # half a request line, then nothing
+        time.sleep(0.2)
+        started = time.monotonic()
+        other.sendall(request('/probe/returns_none'))
+        assert other_reader.answer()[0] == 200
+        waited = time.monotonic() - started
+        assert stalled_reader.closed()
+    assert waited < DrainingKeepAliveWorker.request_timeout + 2
+
+
+def test_sigterm_refuses_new_connections_and_still_answers_kept_alive_ones(
+    database: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    log_dir = str(tmp_path_factory.mktemp('worker-stop'))
+    service = Service(database, log_dir, WEB_CONCURRENCY=1).start()
+    try:
+        sock, reader = connect(service)
+        with sock:
+            sock.sendall(request('/probe/returns_none'))
+            assert reader.answer()[0] == 200
+            service.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            refused_after = wait_refused(service.port)
+            # nginx may already be sending a POST on its kept-alive connection: it is answered,
+            # with "Connection: close", not dropped.
+            sock.sendall(request('/probe/returns_string'))
+            status, headers, _ = reader.answer()
+            assert (status, headers['connection']) == (200, 'close')
+            assert reader.closed()
+        assert refused_after < 1.0
+        assert service.process.wait(DrainingKeepAliveWorker.stop_linger + 10) == 0  # type: ignore[union-attr]
+    finally:
+        service.terminate()
+
+
+def wait_refused(port: int, limit: float = 5.0) -> float:
+    """Seconds until a new connection to `port` is refused."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        except ConnectionRefusedError:
+            return time.monotonic() - started
+        time.sleep(0.02)
+    raise AssertionError(f'port {port} still accepted connections {limit} s after SIGTERM')
+
+
+# --- the answer's bytes ------------------------------------------------------------------------
+
+
+class FakeSocket:
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.sends.append(bytes(data))
+
+
+class FakeRequest:
+    version = (1, 1)
+    method = 'POST'
+
+    def should_close(self) -> bool:
+        return False
+
+
+def response(sock: FakeSocket, method: str = 'POST') -> CoalescingResponse:
+    from gunicorn.config import Config
+
+    req = FakeRequest()
+    req.method = method
+    return CoalescingResponse(req, sock, Config())
+
+
+def test_head_and_body_leave_in_one_send() -> None:
+    sock = FakeSocket()
+    resp = response(sock)
+    resp.start_response('200 OK', [('Content-Type', 'application/json'), ('Content-Length', '2')])
+    resp.write(b'{}')
+    resp.close()
+    assert len(sock.sends) == 1
+    head, _, body = sock.sends[0].partition(b'\r\n\r\n')
+    assert head.startswith(b'HTTP/1.1 200 OK\r\n') and b'Content-Length: 2' in head and body == b'{}'
+
+
+def test_a_body_without_length_is_chunked_and_terminated() -> None:
+    sock = FakeSocket()
+    resp = response(sock)
+    resp.start_response('200 OK', [('Content-Type', 'application/json')])
+    resp.write(b'[1,')
+    resp.write(b'2]')
+    resp.close()
+    wire = b''.join(sock.sends)
+    head, _, body = wire.partition(b'\r\n\r\n')
+    assert b'Transfer-Encoding: chunked' in head
+    assert body == b'3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n'
+
+
+def test_an_answer_without_body_still_sends_its_head_once() -> None:
+    sock = FakeSocket()
+    resp = response(sock, method='HEAD')
+    resp.start_response('200 OK', [('Content-Type', 'application/json'), ('Content-Length', '2')])
+    resp.write(b'{}')  # a HEAD answer carries no body, whatever the app writes
+    resp.close()
+    assert len(sock.sends) == 1 and sock.sends[0].endswith(b'\r\n\r\n')
+
+
+def test_a_failure_before_any_byte_left_can_still_become_a_500() -> None:
+    sock = FakeSocket()
+    resp = response(sock)
+    resp.start_response('200 OK', [('Content-Length', '2')])
+    resp.send_headers()  # the head is ready, not sent
+    resp.unsend()
+    assert sock.sends == [] and not resp.headers_sent
