@@ -121,6 +121,28 @@ def test_connection_close_from_the_client_is_honoured(service: Service) -> None:
         assert reader.closed()
 
 
+def test_a_connection_is_closed_after_its_share_of_answers(service: Service) -> None:
+    sock, reader = connect(service)
+    with sock:
+        for _ in range(DrainingKeepAliveWorker.requests_per_connection - 1):
+            sock.sendall(request('/probe/returns_none'))
+            assert reader.answer()[1]['connection'] == 'keep-alive'
+        sock.sendall(request('/probe/returns_none'))
+        status, headers, _ = reader.answer()
+        assert (status, headers['connection']) == (200, 'close')  # the client reconnects, to any worker
+        assert reader.closed()
+
+
+def test_a_busy_worker_leaves_new_connections_to_idle_ones_for_a_moment() -> None:
+    worker = DrainingKeepAliveWorker.__new__(DrainingKeepAliveWorker)  # no process: only the rule
+    worker.accept_wanted_since = None
+    assert worker.may_accept(busy=False)
+    assert not worker.may_accept(busy=True)
+    time.sleep(DrainingKeepAliveWorker.accept_delay * 1.5)
+    assert worker.may_accept(busy=True)  # never starved: after the delay it takes it
+    assert not worker.may_accept(busy=True)
+
+
 def test_a_stalled_request_is_dropped_and_the_others_are_served_meanwhile_or_after(service: Service) -> None:
     stalled, stalled_reader = connect(service)
     other, other_reader = connect(service)
