@@ -133,6 +133,9 @@ class DrainingKeepAliveWorker(Worker):
         if self.cfg.is_ssl:
             raise RuntimeError('DrainingKeepAliveWorker serves plain HTTP/1.1 behind nginx; ssl is not supported')
         self.poller = selectors.DefaultSelector()
+        # Before the app loads and SIGTERM can arrive: handle_exit's accept must never block.
+        for listener in self.sockets:
+            listener.setblocking(False)
         super().init_process()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -170,7 +173,6 @@ class DrainingKeepAliveWorker(Worker):
         self.poller.register(self.PIPE[0], selectors.EVENT_READ)
         if not self.draining:  # a SIGTERM while the app loaded has closed the listeners
             for listener in self.sockets:
-                listener.setblocking(False)
                 self.poller.register(listener, selectors.EVENT_READ, listener)
         while self.alive:
             self.notify()
