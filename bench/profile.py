@@ -69,6 +69,8 @@ def summarise(path: Path, top: int = 35) -> None:
     total = 0
     for line in path.read_text(encoding='utf-8').splitlines():
         stack, _, count = line.rpartition(' ')
+        if not count.isdigit():
+            continue  # not a stack line (py-spy can leave a stray line when a process writes to its output)
         frames = stack.split(';')
         samples = int(count)
         total += samples
