@@ -32,7 +32,4 @@ CANDIDATES = {
     # gunicorn's threaded worker keeps connections alive (the sync worker closes each one).
     'gthread': Candidate('gthread', gunicorn_command, {'WORKER_CLASS': 'gthread', 'THREADS': '4'}),
     'granian': Candidate('granian', granian_command),
-    'keepalive': Candidate(
-        'keepalive', gunicorn_command, {'WORKER_CLASS': 'lib.gunicorn_worker.DrainingKeepAliveWorker'}
-    ),
 }
