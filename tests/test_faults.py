@@ -10,7 +10,6 @@ import concurrent.futures
 import contextlib
 import os
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from tests import figures
 from tests.pg_watch import SessionSampler, idle_in_transaction, service_sessions
 from tests.private_pg import PrivatePostgres, private_postgres
 from tests.service import Service, running_service
+from tests.tools import LoadThreads
 
 pytestmark = pytest.mark.slow
 
@@ -139,30 +139,18 @@ def assert_unavailable(answer: Answer) -> None:
     assert answer.retry_after, answer
 
 
-class Load:
+class Load(LoadThreads):
     """Clients posting writes and upserts in a loop until stopped; every answer kept."""
 
     def __init__(self, service: Service, clients: int = 4) -> None:
         self.service = service
-        self.clients = clients
+        self.threads = clients
         self.answers: list[Answer] = []
         self.written: list[tuple[str, Answer]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-
-    def _run(self, index: int) -> None:
+    def load(self, index: int) -> None:
         turn = 0
-        while not self._stop.is_set():
+        while self.running:
             turn += 1
             if turn % 2:
                 text = note()

@@ -22,7 +22,7 @@ import requests
 from lib.apply_sql import apply_sql
 from scripts.topology import Topology, find_nginx, free_port, topology
 from tests.conftest import AUTH, MODULES, PG, create_database, drop_database
-from tests.tools import require_tool
+from tests.tools import LoadThreads, require_tool
 
 pytestmark = pytest.mark.slow
 
@@ -69,32 +69,18 @@ class Result:
 
 
 @dataclass
-class Load:
+class Load(LoadThreads):
     """Threads POSTing write_note through nginx until stopped; one Result per request."""
 
     url: str
     threads: int = LOAD_THREADS
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     results: list[Result] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _workers: list[threading.Thread] = field(default_factory=list)
 
-    def __enter__(self) -> Load:
-        for index in range(self.threads):
-            thread = threading.Thread(target=self._run, args=(index,), daemon=True)
-            thread.start()
-            self._workers.append(thread)
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._stop.set()
-        for thread in self._workers:
-            thread.join(30)
-
-    def _run(self, index: int) -> None:
+    def load(self, index: int) -> None:
         session = requests.Session()
         count = 0
-        while not self._stop.is_set():
+        while self.running:
             note = f'{self.tag}-{index}-{count}'
             count += 1
             try:

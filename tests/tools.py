@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from typing import Self
 
 import pytest
 
@@ -20,3 +22,31 @@ def require_tool(path: str | None, name: str) -> str:
     if in_ci():
         pytest.fail(message)
     pytest.skip(message)  # never reached under CI: pytest.fail above raised
+
+
+class LoadThreads:
+    """`threads` threads each running `load(index)` for the length of a `with` block.
+
+    `load` loops while `self.running`; the block's end stops and joins them.
+    """
+
+    threads = 4
+
+    def __enter__(self) -> Self:
+        self._stop = threading.Event()
+        self._workers = [threading.Thread(target=self.load, args=(i,), daemon=True) for i in range(self.threads)]
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(30)
+
+    @property
+    def running(self) -> bool:
+        return not self._stop.is_set()
+
+    def load(self, index: int) -> None:
+        raise NotImplementedError
