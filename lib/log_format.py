@@ -60,16 +60,11 @@ class EcsFormatter(OrjsonFormatter):
         super().__init__(static_fields=dict(static_fields() if fields is None else fields))
 
     def add_fields(self, log_data: LogData, record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
-        log_data['@timestamp'] = utc_timestamp(record.created)
-        log_data['log.level'] = record.levelname.lower()
-        log_data['log.logger'] = record.name
-        log_data['message'] = record.message
-        log_data.update(self.static_fields)
-        log_data['process.pid'] = record.process
-        log_data['process.thread.name'] = record.threadName
-        request_id = current_request_id.get()
-        if request_id is not None:
-            log_data['http.request.id'] = request_id
+        log_data.update(
+            self.base_fields(
+                record.created, record.levelname, record.name, record.message, record.process, record.threadName
+            )
+        )
         self._add_error(log_data, record, message_dict)
         for key, value in message_dict.items():  # `log.info({...})`: a dict message's own fields
             if key not in ('exc_info', 'stack_info'):
@@ -78,21 +73,28 @@ class EcsFormatter(OrjsonFormatter):
         if fields:
             log_data.update(fields)
 
-    def format_fields(self, created: float, level: str, logger: str, message: str, fields: Mapping[str, Any]) -> str:
-        """The line `format()` makes of a record with no exception and `fields` as its `ecs` extra,
-        without a LogRecord (the access record's hot path, `lib.logger.log_fields`)."""
-        log_data: LogData = {
+    def base_fields(
+        self, created: float, level: str, logger: str, message: str, pid: int | None, thread: str | None
+    ) -> dict[str, Any]:
+        """The fields every line starts with, the request id of the current request included."""
+        fields = {
             '@timestamp': utc_timestamp(created),
             'log.level': level.lower(),
             'log.logger': logger,
             'message': message,
             **self.static_fields,
-            'process.pid': os.getpid(),
-            'process.thread.name': threading.current_thread().name,
+            'process.pid': pid,
+            'process.thread.name': thread,
         }
         request_id = current_request_id.get()
         if request_id is not None:
-            log_data['http.request.id'] = request_id
+            fields['http.request.id'] = request_id
+        return fields
+
+    def format_fields(self, created: float, level: str, logger: str, message: str, fields: Mapping[str, Any]) -> str:
+        """The line `format()` makes of a record with no exception and `fields` as its `ecs` extra,
+        without a LogRecord (the access record's hot path, `log_fields` below)."""
+        log_data = self.base_fields(created, level, logger, message, os.getpid(), threading.current_thread().name)
         log_data.update(fields)
         return self.jsonify_log_record(log_data)
 
