@@ -65,6 +65,12 @@ def on_starting(server: Any) -> None:
             )
 
 
+def post_worker_init(worker: Any) -> None:
+    from lib.startup import announce_worker_ready
+
+    announce_worker_ready(worker)
+
+
 def worker_exit(server: Any, worker: Any) -> None:
     """Close this worker's pools so PostgreSQL sees its sessions end instead of dropping."""
     pools = getattr(getattr(worker, 'wsgi', None), 'extensions', {}).get('dbapi.pools')

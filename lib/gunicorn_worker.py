@@ -215,7 +215,12 @@ class DrainingKeepAliveWorker(Worker):
             else:
                 with contextlib.suppress(OSError):  # EAGAIN: already emptied
                     os.read(self.PIPE[0], 4096)
-        if listeners and self.may_accept(busy):
+        if not listeners:
+            # Another worker took what was waiting: the next wait starts afresh, not from a stale
+            # start that would make a busy worker take the next connection at once.
+            self.accept_wanted_since = None
+            return
+        if self.may_accept(busy or self.awaiting_first_request()):
             for listener in listeners:
                 self.accept(listener)
 
@@ -234,6 +239,13 @@ class DrainingKeepAliveWorker(Worker):
             return False
         self.accept_wanted_since = None
         return True
+
+    def awaiting_first_request(self) -> bool:
+        """Whether a connection taken here has not sent its first request yet. Clients connect,
+        then send: such a worker is about to be busy, and a second new connection taken now
+        would wait behind the first while another worker sleeps (measured: half of the pairs of
+        connections opened 30 ms apart landed on one of two idle workers)."""
+        return any(conn.answered == 0 for conn in self.connections.values())
 
     def accept(self, listener: socket.socket) -> None:
         try:

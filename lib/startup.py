@@ -1,4 +1,5 @@
-"""Checks gunicorn's master runs once before forking workers (see gunicorn.conf.py).
+"""Checks gunicorn's master runs once before forking workers (see gunicorn.conf.py), and the
+line each worker writes once it serves.
 
 A wrong setting stops the master with one line instead of every worker crash-looping, and
 the database connections the whole deployment may open are compared with what PostgreSQL
@@ -8,6 +9,7 @@ accepts: `(replicas + 1) x workers x POOL_SIZE` per server, the `+ 1` being the 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Mapping
@@ -19,6 +21,7 @@ import psycopg2
 from lib.config import ConfigError, build_config
 
 PROBE_TIMEOUT_SECONDS = 3
+WORKER_LOGGER = 'dbapi.worker'
 # Connections PostgreSQL keeps for superusers (and, from 16, for pg_use_reserved_connections).
 RESERVED_SETTINGS = ('superuser_reserved_connections', 'reserved_connections')
 
@@ -101,3 +104,14 @@ def check_master(workers: int) -> tuple[dict[str, Any], list[Budget]]:
     """Everything the master checks before forking; ConfigError names the bad setting."""
     config = build_config()
     return config, check_connection_budget(config, workers, replicas_from_env())
+
+
+def announce_worker_ready(worker: Any) -> None:
+    """gunicorn's `post_worker_init`: the app is loaded and the worker starts serving now.
+
+    A forked worker takes a second or more to import and build the app, and only then takes
+    connections: this line tells operators (and the tests, which wait for it) when a new or
+    replaced worker really serves.
+    """
+    served = sorted(getattr(worker.wsgi, 'blueprints', ())) or ['a plain WSGI app']
+    logging.getLogger(WORKER_LOGGER).info('worker %d ready, serving %s', os.getpid(), ', '.join(served))

@@ -8,6 +8,7 @@ with SIGTERM (gunicorn's graceful shutdown). `post()` talks to it the way a back
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 import psutil
 import requests
 
+from lib.startup import WORKER_LOGGER
 from tests.private_pg import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,15 +73,33 @@ class Service:
         return self
 
     def wait_workers(self, count: int, timeout: float = START_TIMEOUT_SECONDS) -> None:
-        """Wait until `count` workers are up and the service answers /health/live."""
+        """Wait until `count` workers have loaded the app and the service answers /health/live.
+
+        A forked worker that is still loading takes no connection: a test that needs every
+        worker busy at once would see its requests queue on the workers already serving.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f'gunicorn exited at start:\n{self.stderr()}')
-            if len(self.worker_pids()) >= count and self.live():
+            workers = set(self.worker_pids())
+            if len(workers) >= count and workers <= self.ready_pids() and self.live():
                 return
             time.sleep(0.05)
         raise RuntimeError(f'gunicorn did not start {count} workers within {timeout} s:\n{self.stderr()}')
+
+    def ready_pids(self) -> set[int]:
+        """The workers that wrote their ready line (lib.startup.announce_worker_ready)."""
+        pids = set()
+        for path in Path(self.log_dir).glob('dbapi-*.log*'):
+            for line in path.read_bytes().split(b'\n'):
+                if WORKER_LOGGER.encode() not in line:
+                    continue
+                with contextlib.suppress(ValueError):  # a line still being written
+                    record = json.loads(line)
+                    if record.get('log.logger') == WORKER_LOGGER:
+                        pids.add(record['process.pid'])
+        return pids
 
     def live(self) -> bool:
         try:

@@ -9,6 +9,7 @@ connections at once while requests still arriving on kept-alive ones are answere
 from __future__ import annotations
 
 import json
+import selectors
 import signal
 import socket
 import time
@@ -141,6 +142,38 @@ def test_a_busy_worker_leaves_new_connections_to_idle_ones_for_a_moment() -> Non
     time.sleep(DrainingKeepAliveWorker.accept_delay * 1.5)
     assert worker.may_accept(busy=True)  # never starved: after the delay it takes it
     assert not worker.may_accept(busy=True)
+
+
+def test_a_wait_for_a_connection_another_worker_took_does_not_carry_over() -> None:
+    worker = DrainingKeepAliveWorker.__new__(DrainingKeepAliveWorker)
+    worker.accept_wanted_since = None
+    worker.connections = {}
+    worker.poller = selectors.DefaultSelector()  # nothing registered: no listener is readable
+    assert not worker.may_accept(busy=True)
+    time.sleep(DrainingKeepAliveWorker.accept_delay * 1.5)
+    worker.serve_ready(timeout=0)  # the connection is gone: another worker took it
+    assert not worker.may_accept(busy=True), 'a busy worker took the next connection at once'
+
+
+def test_a_connection_that_has_not_sent_yet_keeps_its_worker_from_taking_another(
+    database: dict[str, Any], tmp_path: Any
+) -> None:
+    """Clients connect, then send. A worker holding a connection whose first request has not
+    arrived yet is about to be busy: a second new connection must go to the idle worker, or its
+    request waits behind the first while a worker sleeps (the sigterm fault test saw this once).
+    Each worker has its own pool, so the database backend that answers tells the worker apart."""
+    with running_service(database, str(tmp_path), WEB_CONCURRENCY=2) as two_workers:
+        for _ in range(10):  # with the worker's old accept rule, half the pairs landed on one worker
+            first, first_reader = connect(two_workers)
+            time.sleep(0.03)  # both workers have woken and one holds `first`
+            second, second_reader = connect(two_workers)
+            time.sleep(0.03)
+            first.sendall(request('/probe/backend_pid'))
+            second.sendall(request('/probe/backend_pid'))
+            pids = [json.loads(reader.answer()[2]) for reader in (first_reader, second_reader)]
+            first.close()
+            second.close()
+            assert pids[0] != pids[1], 'both new connections were taken by one worker'
 
 
 def test_a_stalled_request_is_dropped_and_the_others_are_served_meanwhile_or_after(service: Service) -> None:
