@@ -25,6 +25,7 @@ from lib.db import connection, release_request_connections
 from lib.decorators import CONN_ATTR, SCHEMA_ATTR, ConnSpec
 from lib.errors import PROBLEM_JSON, ApiError, bad_request, problem_document, to_problem
 from lib.json import contains_nul, dumps
+from lib.validation import Loader, loader_for
 
 RESERVED_MODULES = frozenset({'health'})
 MAX_NAME_IN_MESSAGE = 80
@@ -38,6 +39,7 @@ class Action:
     function: Callable[..., Any]
     schema: Schema | None
     conn: ConnSpec | None
+    load: Loader | None = None  # the schema's load (lib.validation), set by build_actions
 
     @property
     def name(self) -> str:
@@ -58,7 +60,9 @@ def build_actions(module: str, routes: Iterable[Mapping[str, Any]]) -> dict[str,
         spec = getattr(function, CONN_ATTR, None)
         if spec is not None and 'conn' not in inspect.signature(function).parameters:
             raise ValueError(f'module {module!r}: action {route!r} injects a connection but takes no `conn`')
-        actions[route] = Action(module, route, function, getattr(function, SCHEMA_ATTR, None), spec)
+        schema = getattr(function, SCHEMA_ATTR, None)
+        load = loader_for(schema) if schema is not None else None
+        actions[route] = Action(module, route, function, schema, spec, load)
     return actions
 
 
@@ -114,8 +118,8 @@ def read_body(environ: Mapping[str, Any], limit: int) -> dict[str, Any]:
 
 
 def arguments(action: Action, body: dict[str, Any]) -> dict[str, Any]:
-    if action.schema is not None:
-        return action.schema.load(body)  # ValidationError -> 422 naming the fields
+    if action.load is not None:
+        return action.load(body)  # ValidationError -> 422 naming the fields
     if body:
         unknown = {key: ['Unknown field.'] for key in body}
         raise ApiError(422, 'validation-error', 'the body failed validation', errors=unknown)
