@@ -125,7 +125,7 @@ class Exchange:
             return
         duration_ns = time.perf_counter_ns() - self.started_ns
         self.started_ns = 0
-        current_request_id.set(None)
+        current_request_id.clear(self.request_id)
         try:
             self.wrapper.write(self, duration_ns, error)
         except Exception as failure:  # noqa: BLE001 - the record must never break the response

@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from contextvars import ContextVar
 from typing import Any
 
 from pythonjsonlogger.core import LogData
@@ -23,9 +22,33 @@ from lib.log_files import HOSTNAME, ProcessFileHandler
 
 ECS_VERSION = '8.11.0'
 FIELDS_ATTR = 'ecs'  # `log.info(..., extra={'ecs': {'dbapi.x': 1}})` adds fields under their own names
-# Set for the length of a request (by lib.access_log), so every record written meanwhile,
-# a traceback included, carries the id that finds the request.
-current_request_id: ContextVar[str | None] = ContextVar('dbapi_request_id', default=None)
+
+
+class RequestIdSlot(threading.local):
+    """The id of the request this thread is serving, set by lib.access_log for its length, so
+    every record written meanwhile, a traceback included, carries the id that finds the request.
+
+    Not a ContextVar: the id is cleared when a request's answer ends, which can be in a
+    finalizer run by the garbage collector (an answer dropped unread), and a ContextVar set
+    from inside a collection that began in another ContextVar set corrupts CPython < 3.12's
+    context (cpython#148891; it crashed the test process here with a segfault).
+    """
+
+    value: str | None = None
+
+    def get(self) -> str | None:
+        return self.value
+
+    def set(self, request_id: str) -> None:
+        self.value = request_id
+
+    def clear(self, request_id: str) -> None:
+        """Forget `request_id`, unless this thread has moved on to another request meanwhile."""
+        if self.value == request_id:
+            self.value = None
+
+
+current_request_id = RequestIdSlot()
 
 _second_cache: tuple[int, str] = (-1, '')
 

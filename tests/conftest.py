@@ -78,7 +78,21 @@ def make_app(database: dict[str, Any], log_dir: str, **overrides: Any) -> Flask:
         'LOGGING': {'log_dir': log_dir, 'console': False},
     }
     config.update(overrides)
-    return create_app(config)
+    app = create_app(config)
+    app.test_client_class = ClosingClient
+    return app
+
+
+class ClosingClient(FlaskClient):
+    """Reads every answer whole and closes it, as a WSGI server does.
+
+    Flask's client leaves an answer's iterator open until the test reads the body; one never
+    read was closed by the garbage collector, tests later, and its access record was written
+    then, into that later test's log files.
+    """
+
+    def open(self, *args: Any, buffered: bool = True, **kwargs: Any) -> Any:
+        return super().open(*args, buffered=buffered, **kwargs)
 
 
 @pytest.fixture

@@ -143,7 +143,11 @@ def test_random_headers(client: FlaskClient, authorization: str, content_type: s
 @CHEAP
 @given(module=st.sampled_from(['example', 'probe', 'health', 'nope']), route=st.text(max_size=40))
 def test_random_action_names(client: FlaskClient, module: str, route: str) -> None:
-    check(client.post(f'/{module}/{route}', headers=AUTH), frozenset({200, 400, 401, 404, 405}))
+    expected = {200, 400, 401, 404, 405}
+    actions = getattr(client.application.blueprints.get(module), 'actions', {})
+    if route in actions:
+        expected.add(422)  # hypothesis found a real action ('bar'): its empty body fails validation
+    check(client.post(f'/{module}/{route}', headers=AUTH), frozenset(expected))
 
 
 # -- the hand-written list ----------------------------------------------------------------
