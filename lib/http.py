@@ -22,6 +22,7 @@ RESPONSE_HEADERS = {
 
 
 REQUEST_ID_KEY = 'HTTP_X_REQUEST_ID'  # the header, as the WSGI environ names it
+SETTLED_KEY = 'dbapi.request_id'  # the id once checked: every later layer reads it back
 
 
 def settle_request_id(environ: dict[str, Any]) -> str:
@@ -31,11 +32,16 @@ def settle_request_id(environ: dict[str, Any]) -> str:
     record, the gateway, Flask's hook) gets the same one: the response, the access record and
     any traceback of the request all show it.
     """
+    settled = environ.get(SETTLED_KEY)
+    if settled is not None:
+        return settled
     incoming = environ.get(REQUEST_ID_KEY, '')
     if incoming and VALID_REQUEST_ID.fullmatch(incoming):
-        return incoming
-    request_id = os.urandom(16).hex()  # uuid4's 32 hex digits, without building a UUID
-    environ[REQUEST_ID_KEY] = request_id
+        request_id = incoming
+    else:
+        request_id = os.urandom(16).hex()  # uuid4's 32 hex digits, without building a UUID
+        environ[REQUEST_ID_KEY] = request_id
+    environ[SETTLED_KEY] = request_id
     return request_id
 
 
