@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from gunicorn.config import Config
 
-from lib.gunicorn_worker import CoalescingResponse, DrainingKeepAliveWorker
+from lib.gunicorn_worker import CoalescingResponse, DrainingKeepAliveWorker, freeze_settings
 from tests.service import TOKEN, Service, running_service
 
 READ_TIMEOUT = 10.0
@@ -293,3 +294,15 @@ def test_a_failure_before_any_byte_left_can_still_become_a_500() -> None:
     resp.send_headers()  # the head is ready, not sent
     resp.unsend()
     assert sock.sends == [] and not resp.headers_sent
+
+
+def test_frozen_settings_read_as_gunicorn_config_does() -> None:
+    cfg = Config()
+    cfg.set('keepalive', 7)
+    cfg.set('limit_request_line', 8190)
+    cfg.set('worker_class', 'lib.gunicorn_worker.DrainingKeepAliveWorker')
+    before = {name: getattr(cfg, name) for name in cfg.settings}
+    freeze_settings(cfg)
+    assert {name: getattr(cfg, name) for name in cfg.settings} == before
+    assert vars(cfg)['keepalive'] == 7  # a plain attribute now: no __getattr__, no get()
+    assert cfg.worker_class is DrainingKeepAliveWorker  # properties still work
