@@ -6,7 +6,6 @@ action did, so a forgetful action cannot drain the pool.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -20,6 +19,7 @@ from psycopg2.extensions import cursor as PlainCursor
 from psycopg2.extras import RealDictCursor
 
 from lib.pool import ConnectionPool, PoolClosed
+from lib.process import current_pid
 from settings import APP_ID
 
 Params = Mapping[str, Any] | Sequence[Any] | None
@@ -43,12 +43,12 @@ class Pools:
         self.statement_timeout: int = config['STATEMENT_TIMEOUT']
         self._pools: dict[str, ConnectionPool] = {}
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._pid = current_pid()
         self._inherited: list[ConnectionPool] = []
 
     def get(self, name: str) -> ConnectionPool:
         pool = self._pools.get(name)
-        if pool is not None and self._pid == os.getpid():
+        if pool is not None and self._pid == current_pid():
             return pool
         with self._lock:
             self._forget_inherited()
@@ -72,7 +72,7 @@ class Pools:
         params = dict(
             self.databases[name],
             connect_timeout=self.connect_timeout,
-            application_name=f'{APP_ID}:{os.getpid()}',
+            application_name=f'{APP_ID}:{current_pid()}',
             options=f'-c statement_timeout={self.statement_timeout}',
             connection_factory=PooledConnection,
             # A dead peer is noticed within ~30 s instead of the kernel's two hours.
@@ -85,11 +85,11 @@ class Pools:
 
     def _forget_inherited(self) -> None:
         """After a fork, never touch the parent's sockets: closing them would end its sessions."""
-        if self._pid == os.getpid():
+        if self._pid == current_pid():
             return
         self._inherited.extend(self._pools.values())
         self._pools = {}
-        self._pid = os.getpid()
+        self._pid = current_pid()
 
 
 def init_app(app: Flask) -> None:

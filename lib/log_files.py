@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from lib.process import current_pid
+
 HOSTNAME = socket.gethostname()
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 FILE_MODE = 0o644
@@ -103,7 +105,7 @@ class ProcessFileHandler(logging.Handler):
         super().close()
 
     def _write(self, line: bytes, now: float) -> None:
-        if self._pid != os.getpid() or self._fd is None:
+        if self._pid != current_pid() or self._fd is None:
             if self._fd is None and now - self._failed_at < RETRY_SECONDS:
                 raise OSError(f'{self.path or self.directory}: still failing, retried every {RETRY_SECONDS:g} s')
             self._open()
@@ -122,10 +124,10 @@ class ProcessFileHandler(logging.Handler):
             self._torn = bool(view)
 
     def _open(self) -> None:
-        if self._pid != os.getpid():
+        if self._pid != current_pid():
             # The parent's descriptor is closed here only; the parent keeps its own.
             self._close_file()
-            self._pid = os.getpid()
+            self._pid = current_pid()
             # Containers number their pids alike, and a fixed `hostname:` would make replicas
             # collide on a shared volume: a random part keeps every process's file its own.
             self.path = os.path.join(self.directory, f'{self.prefix}-{HOSTNAME}-{self._pid}-{secrets.token_hex(3)}.log')

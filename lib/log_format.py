@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from pythonjsonlogger.orjson import OrjsonFormatter
 
 import settings
 from lib.log_files import HOSTNAME, ProcessFileHandler
+from lib.process import current_pid
 
 ECS_VERSION = '8.11.0'
 FIELDS_ATTR = 'ecs'  # `log.info(..., extra={'ecs': {'dbapi.x': 1}})` adds fields under their own names
@@ -117,7 +117,7 @@ class EcsFormatter(OrjsonFormatter):
     def format_fields(self, created: float, level: str, logger: str, message: str, fields: Mapping[str, Any]) -> str:
         """The line `format()` makes of a record with no exception and `fields` as its `ecs` extra,
         without a LogRecord (the access record's hot path, `log_fields` below)."""
-        log_data = self.base_fields(created, level, logger, message, os.getpid(), threading.current_thread().name)
+        log_data = self.base_fields(created, level, logger, message, current_pid(), threading.current_thread().name)
         log_data.update(fields)
         return self.jsonify_log_record(log_data)
 
