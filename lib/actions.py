@@ -21,7 +21,7 @@ from marshmallow import Schema
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from lib.auth import authenticate
-from lib.db import pools, prepare, release_request_connections
+from lib.db import connection, release_request_connections
 from lib.decorators import CONN_ATTR, SCHEMA_ATTR, ConnSpec
 from lib.errors import PROBLEM_JSON, ApiError, bad_request, problem_document, to_problem
 from lib.json import contains_nul, dumps
@@ -132,16 +132,10 @@ def run(action: Action, body: dict[str, Any]) -> Any:
     spec = action.conn
     if spec is None:
         return action.function(**kwargs)
-    # lib.db.connection()'s work without its two generator context managers (the hot path).
-    pool = pools().get(spec.database)
-    conn = pool.getconn()
-    try:
-        prepare(conn, spec.named, spec.autocommit)
+    with connection(spec.database, spec.named, spec.autocommit) as conn:
         result = action.function(conn=conn, **kwargs)
         if not conn.autocommit:
             conn.commit()
-    finally:
-        pool.putconn(conn)
     return result
 
 

@@ -28,9 +28,10 @@ SETTLED_KEY = 'dbapi.request_id'  # the id once checked: every later layer reads
 def settle_request_id(environ: dict[str, Any]) -> str:
     """The request's id: the caller's X-Request-ID if short and plain, else a fresh one.
 
-    A fresh id is written back into the environ, so every layer that asks again (the access
-    record, the gateway, Flask's hook) gets the same one: the response, the access record and
-    any traceback of the request all show it.
+    The id is kept in the environ, so every layer that asks again (the access record, the
+    gateway, Flask's hook) gets the same one without checking it again: the response, the
+    access record and any traceback of the request all show it. A fresh id also replaces the
+    header there, so whoever reads the header sees the id in use.
     """
     settled = environ.get(SETTLED_KEY)
     if settled is not None:

@@ -22,6 +22,7 @@ import psutil
 import requests
 
 from lib.startup import WORKER_LOGGER
+from tests.logs import log_paths
 from tests.private_pg import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,7 @@ class Service:
     def ready_pids(self) -> set[int]:
         """The workers that wrote their ready line (lib.startup.announce_worker_ready)."""
         pids = set()
-        for path in Path(self.log_dir).glob('dbapi-*.log*'):
+        for path in log_paths(self.log_dir):
             for line in path.read_bytes().split(b'\n'):
                 if WORKER_LOGGER.encode() not in line:
                     continue
