@@ -22,6 +22,7 @@ import os
 import select
 import selectors
 import socket
+import struct
 import time
 from datetime import datetime
 from types import FrameType
@@ -34,14 +35,20 @@ from gunicorn.workers.base import Worker
 
 
 class CoalescingResponse(Response):
-    """Sends the head together with the first piece of the body: one send for a small answer.
+    """Sends a small answer whole, head and body in one send, when the app is done with it.
 
     gunicorn sends the head and the body with two `sendall` calls; on a loopback or LAN each
     send costs the kernel's whole TCP path, and the pair was most of a small request's time in
-    the server. Nothing here serves files, so sendfile (which writes the head itself) is off.
+    the server. The bytes also wait for the end of the app's iteration (the access record is
+    written there): a send wakes the client, which on a busy machine takes the CPU from this
+    worker, and work left after the send then resumes later with cold caches. Up to
+    `hold_bytes` are held; a larger answer streams, its first piece sent with the head. Nothing
+    here serves files, so sendfile (which writes the head itself) is off.
     """
 
-    head = b''
+    hold_bytes = 64 * 1024
+    held: list[bytes] | None = None  # the head, then body pieces, not sent yet
+    held_size = 0
 
     def send_headers(self) -> None:
         if self.headers_sent:
@@ -49,31 +56,55 @@ class CoalescingResponse(Response):
         lines = self.default_headers()
         lines.extend(f'{name}: {value}\r\n' for name, value in self.headers)
         lines.append('\r\n')
-        self.head = ''.join(lines).encode('latin-1')
+        head = ''.join(lines).encode('latin-1')
+        self.held, self.held_size = [head], len(head)
         self.headers_sent = True
 
     def _emit_body(self, data: bytes) -> None:
         if self.chunked:
             data = b'%X\r\n%s\r\n' % (len(data), data)
-        head, self.head = self.head, b''
-        self.sock.sendall(head + data if head else data)
+        if self.held is None:  # streaming already: the rest goes as it comes
+            self.sock.sendall(data)
+            return
+        self.held.append(data)
+        self.held_size += len(data)
+        if self.held_size > self.hold_bytes:
+            self.flush()
+
+    def flush(self, tail: bytes = b'') -> None:
+        held, self.held, self.held_size = self.held or [], None, 0
+        if tail:
+            held.append(tail)
+        if held:
+            self.sock.sendall(b''.join(held))
 
     def close(self) -> None:
         if not self.headers_sent:
             self.send_headers()
-        head, self.head = self.head, b''
-        tail = b'0\r\n\r\n' if self.chunked else b''
-        if head or tail:
-            self.sock.sendall(head + tail)
+        self.flush(b'0\r\n\r\n' if self.chunked else b'')
 
     def can_sendfile(self) -> bool:
         return False
 
     def unsend(self) -> None:
         """The app failed before any byte left: the worker may still answer 500 instead."""
-        if self.head:
-            self.head = b''
+        if self.held:
+            self.held, self.held_size = None, 0
             self.headers_sent = False
+
+
+class Receiver:
+    """What gunicorn's parser reads from: the socket's `recv` and nothing else.
+
+    Without `settimeout` to find, the parser's `finish_body` leaves the socket's mode alone;
+    it otherwise switched it twice a request (an ioctl each), and the kernel's receive timeout
+    (`open_client`) bounds every read anyway.
+    """
+
+    __slots__ = ('recv',)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.recv = sock.recv
 
 
 class Connection:
@@ -86,7 +117,7 @@ class Connection:
         self.fd = sock.fileno()  # kept: an error answer may close the socket before we do
         self.addr = addr
         self.server = server
-        self.parser = http.get_parser(cfg, sock, addr)
+        self.parser = http.get_parser(cfg, Receiver(sock), addr)
         self.last_used = time.monotonic()
         self.answered = 0
 
@@ -162,12 +193,15 @@ class DrainingKeepAliveWorker(Worker):
             if close:
                 listener.close()
 
-    def notify(self) -> None:
-        """The heartbeat file's timestamp: once a second is plenty for a 60 s timeout."""
+    def notify(self) -> bool:
+        """The heartbeat file's timestamp: once a second is plenty for a 60 s timeout. True when
+        it was written: the loop checks its parent at the same pace, not with a call a request."""
         now = time.monotonic()
-        if now - self.last_notified >= 1.0:
-            self.last_notified = now
-            super().notify()
+        if now - self.last_notified < 1.0:
+            return False
+        self.last_notified = now
+        super().notify()
+        return True
 
     def run(self) -> None:
         # Signals (SIGTERM among them) write to this pipe: the wait ends at once.
@@ -176,11 +210,10 @@ class DrainingKeepAliveWorker(Worker):
             for listener in self.sockets:
                 self.poller.register(listener, selectors.EVENT_READ, listener)
         while self.alive:
-            self.notify()
-            self.serve_ready(timeout=1.0)
-            if self.ppid != os.getppid():
+            if self.notify() and self.ppid != os.getppid():
                 self.log.info('Parent changed, shutting down: %s', self)
                 break
+            self.serve_ready(timeout=1.0)
             self.close_idle(self.cfg.keepalive)
         self.drain()
 
@@ -259,8 +292,7 @@ class DrainingKeepAliveWorker(Worker):
 
     def open(self, client: socket.socket, addr: Any, server: Any) -> None:
         util.close_on_exec(client)
-        # A timeout, not blocking mode: a ready socket is read at once, a stalled one gives up.
-        client.settimeout(self.request_timeout)
+        open_client(client, self.request_timeout)
         conn = Connection(self.cfg, client, addr, server)
         self.connections[conn.fd] = conn
         self.poller.register(client, selectors.EVENT_READ, conn)
@@ -310,7 +342,7 @@ class DrainingKeepAliveWorker(Worker):
             return keep and conn.parser.finish_body(max_bytes=self.drain_max_bytes)
         except (http.errors.NoMoreData, StopIteration):
             return False  # the client closed, or HTTP says this connection ends
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # the kernel's timeout (open_client) ends as EAGAIN
             self.log.debug('Closing a connection that stalled mid-request.')
             return False
         except OSError as error:
@@ -380,6 +412,20 @@ def freeze_settings(cfg: Any) -> None:
     for name, setting in cfg.settings.items():
         if not isinstance(getattr(type(cfg), name, None), property):
             object.__setattr__(cfg, name, setting.get())  # Config.__setattr__ refuses settings
+
+
+def open_client(sock: socket.socket, timeout: float) -> None:
+    """Blocking mode with the kernel's send and receive timeouts: a ready socket is read at once,
+    a stalled peer ends the call with EAGAIN after `timeout` seconds.
+
+    Not `settimeout()`: with a Python-level timeout every recv and send first polls the socket,
+    two extra system calls per request on a socket the poller has just reported ready.
+    """
+    sock.setblocking(True)
+    seconds = int(timeout)
+    interval = struct.pack('ll', seconds, int((timeout - seconds) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, interval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, interval)
 
 
 def close_without_waiting(sock: socket.socket) -> None:

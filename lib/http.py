@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from typing import Any
@@ -21,6 +22,26 @@ RESPONSE_HEADERS = {
 }
 
 
+class RequestIds:
+    """Fresh request ids: 32 hex digits, like uuid4's and nginx's `$request_id`, made of a random
+    prefix drawn once per process and a counter. Unique across processes (a fork draws a new
+    prefix) without a system call per request, which `os.urandom` was; an id is a label for
+    finding a request in the logs, not a secret.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(1)
+
+    def new(self) -> str:
+        return f'{self.prefix}{next(self.counter):016x}'
+
+
+new_request_id = RequestIds().new
 REQUEST_ID_KEY = 'HTTP_X_REQUEST_ID'  # the header, as the WSGI environ names it
 SETTLED_KEY = 'dbapi.request_id'  # the id once checked: every later layer reads it back
 
@@ -40,7 +61,7 @@ def settle_request_id(environ: dict[str, Any]) -> str:
     if incoming and VALID_REQUEST_ID.fullmatch(incoming):
         request_id = incoming
     else:
-        request_id = os.urandom(16).hex()  # uuid4's 32 hex digits, without building a UUID
+        request_id = new_request_id()
         environ[REQUEST_ID_KEY] = request_id
     environ[SETTLED_KEY] = request_id
     return request_id

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from gunicorn.config import Config
 
-from lib.gunicorn_worker import CoalescingResponse, DrainingKeepAliveWorker, freeze_settings
+from lib.gunicorn_worker import CoalescingResponse, DrainingKeepAliveWorker, freeze_settings, open_client
 from tests.service import TOKEN, Service, running_service
 
 READ_TIMEOUT = 10.0
@@ -254,10 +254,16 @@ def response(sock: FakeSocket, method: str = 'POST') -> CoalescingResponse:
     return CoalescingResponse(req, sock, Config())
 
 
-def test_head_and_body_leave_in_one_send() -> None:
+def started(headers: list[tuple[str, str]], method: str = 'POST') -> tuple[FakeSocket, CoalescingResponse]:
+    """A response whose app has called start_response, and the socket it would send on."""
     sock = FakeSocket()
-    resp = response(sock)
-    resp.start_response('200 OK', [('Content-Type', 'application/json'), ('Content-Length', '2')])
+    resp = response(sock, method)
+    resp.start_response('200 OK', headers)
+    return sock, resp
+
+
+def test_head_and_body_leave_in_one_send() -> None:
+    sock, resp = started([('Content-Type', 'application/json'), ('Content-Length', '2')])
     resp.write(b'{}')
     resp.close()
     assert len(sock.sends) == 1
@@ -266,9 +272,7 @@ def test_head_and_body_leave_in_one_send() -> None:
 
 
 def test_a_body_without_length_is_chunked_and_terminated() -> None:
-    sock = FakeSocket()
-    resp = response(sock)
-    resp.start_response('200 OK', [('Content-Type', 'application/json')])
+    sock, resp = started([('Content-Type', 'application/json')])
     resp.write(b'[1,')
     resp.write(b'2]')
     resp.close()
@@ -279,18 +283,51 @@ def test_a_body_without_length_is_chunked_and_terminated() -> None:
 
 
 def test_an_answer_without_body_still_sends_its_head_once() -> None:
-    sock = FakeSocket()
-    resp = response(sock, method='HEAD')
-    resp.start_response('200 OK', [('Content-Type', 'application/json'), ('Content-Length', '2')])
+    sock, resp = started([('Content-Type', 'application/json'), ('Content-Length', '2')], method='HEAD')
     resp.write(b'{}')  # a HEAD answer carries no body, whatever the app writes
     resp.close()
     assert len(sock.sends) == 1 and sock.sends[0].endswith(b'\r\n\r\n')
 
 
+def test_the_answer_leaves_only_when_the_app_is_done_and_a_large_one_streams() -> None:
+    sock, resp = started([('Content-Length', '4')])
+    resp.write(b'{}')
+    resp.write(b'[]')
+    assert sock.sends == []  # held: the app (its access record) finishes before the client wakes
+    resp.close()
+    assert len(sock.sends) == 1 and sock.sends[0].endswith(b'\r\n\r\n{}[]')
+    big = b'x' * (CoalescingResponse.hold_bytes + 1)
+    sock, resp = started([('Content-Length', str(len(big) + 1))])
+    resp.write(big)
+    assert len(sock.sends) == 1 and sock.sends[0].endswith(big)  # not held in memory: it streams
+    resp.write(b'y')
+    resp.close()
+    assert b''.join(sock.sends).endswith(big + b'y') and len(sock.sends) == 2
+
+
+def test_a_failure_after_body_bytes_were_held_can_still_become_a_500() -> None:
+    sock, resp = started([('Content-Length', '4')])
+    resp.write(b'{}')  # held, not sent
+    resp.unsend()
+    assert sock.sends == [] and not resp.headers_sent
+
+
+def test_a_client_socket_reads_without_a_python_timeout_and_a_stalled_peer_ends_in_eagain() -> None:
+    """The kernel bounds each call (SO_RCVTIMEO), so Python polls nothing before a recv or send."""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        open_client(ours, 0.3)
+        assert ours.gettimeout() is None  # blocking: no poll before each call
+        started = time.monotonic()
+        with pytest.raises(BlockingIOError):
+            ours.recv(10)
+        assert 0.25 < time.monotonic() - started < 2
+        peer.sendall(b'ready')
+        assert ours.recv(10) == b'ready'
+
+
 def test_a_failure_before_any_byte_left_can_still_become_a_500() -> None:
-    sock = FakeSocket()
-    resp = response(sock)
-    resp.start_response('200 OK', [('Content-Length', '2')])
+    sock, resp = started([('Content-Length', '2')])
     resp.send_headers()  # the head is ready, not sent
     resp.unsend()
     assert sock.sends == [] and not resp.headers_sent
