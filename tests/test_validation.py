@@ -61,11 +61,31 @@ class Dotted(Schema):
     city = fields.String(attribute='address.city')
 
 
+class Validated(Schema):
+    """Validators that refuse by returning False or by raising, a callable default, pre- and post-load."""
+
+    word = fields.String(validate=[lambda value: value != 'no', validate.Length(max=3)])
+    mail = fields.Email(load_default=lambda: 'a@b.co')
+    kept = fields.Integer(validate=validate.Range(min=0), allow_none=True)
+    trimmed = fields.String(
+        pre_load=lambda value: value.strip() if isinstance(value, str) else value, post_load=str.upper
+    )
+
+
 PROBE_SCHEMAS = [getattr(probe_schemas, name) for name in dir(probe_schemas) if name.endswith('Schema')]
-SCHEMAS = [FooSchema, KeySchema, UpsertSchema, RowsSchema, *PROBE_SCHEMAS, Renamed, Lenient, Including, Hooked, Dotted]
+SCHEMAS = [
+    *(FooSchema, KeySchema, UpsertSchema, RowsSchema, *PROBE_SCHEMAS),
+    *(Renamed, Lenient, Including, Hooked, Dotted, Validated),
+]
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.emails()  # valid addresses: the success path of Email's validator
+    | st.sampled_from(['no', ' ab ', 'a@b', '@x.org', 'user1@example.com']),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
     max_leaves=6,
 )
