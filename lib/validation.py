@@ -3,10 +3,11 @@
 `Schema.load` wraps the work of the fields (type checks, conversions, validators) in layers a
 plain schema never needs: pre/post-load hooks, schema validators, partial loading, an error
 store, one closure per field. For a two-field schema those layers were half of its cost
-(bench.micro). `loader_for` returns a function that calls every field's own `deserialize`, in
-the order and with the arguments `Schema.load` uses, when the schema has none of those
-features; whenever a field fails or the body has a key the schema does not know, it calls
-`Schema.load` itself, so every error is marshmallow's own. Any other schema gets `Schema.load`.
+(bench.micro). `loader_for` returns a function that deserializes every field, in the order and
+with the arguments `Schema.load` uses, when the schema has none of those features (a plain
+field's steps inline, `field_loader`; any other field's own `deserialize`); whenever a field
+fails or the body has a key the schema does not know, it calls `Schema.load` itself, so every
+error is marshmallow's own. Any other schema gets `Schema.load`.
 tests/test_validation.py checks both give the same answer for the same body.
 """
 
