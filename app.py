@@ -12,11 +12,12 @@ from flask_compress import Compress
 
 from lib import access_log, db, errors, gateway, health, http
 from lib.config import ConfigError, build_config
-from lib.json import ORJSONProvider
+from lib.errors import PROBLEM_JSON
+from lib.json import JSON_MIMETYPE, ORJSONProvider
 from lib.logger import setup_logging
 from settings import APP_ID
 
-COMPRESSED_MIMETYPES = ['application/json', 'application/problem+json']
+COMPRESSED_MIMETYPES = [JSON_MIMETYPE, PROBLEM_JSON]
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:

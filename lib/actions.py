@@ -24,12 +24,11 @@ from lib.auth import authenticate
 from lib.db import connection, release_request_connections
 from lib.decorators import CONN_ATTR, SCHEMA_ATTR, ConnSpec
 from lib.errors import PROBLEM_JSON, ApiError, bad_request, problem_document, to_problem
-from lib.json import contains_nul, dumps
+from lib.json import JSON_MIMETYPE, contains_nul, dumps
 from lib.validation import Loader, loader_for
 
 RESERVED_MODULES = frozenset({'health'})
 MAX_NAME_IN_MESSAGE = 80
-JSON = 'application/json'
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +110,7 @@ def read_body(environ: Mapping[str, Any], limit: int) -> dict[str, Any]:
     if length == 0:
         return {}
     mimetype = environ.get('CONTENT_TYPE', '').partition(';')[0].strip().lower()
-    if mimetype != JSON and not mimetype.endswith('+json'):
+    if mimetype != JSON_MIMETYPE and not mimetype.endswith('+json'):
         raise ApiError(415, 'unsupported-media-type', f'the body must be application/json, not {mimetype!r}')
     data = read_data(environ, length, limit)
     return parse_body(data) if data else {}
@@ -145,7 +144,7 @@ class Served:
 
     status: int
     body: bytes
-    content_type: str = JSON
+    content_type: str = JSON_MIMETYPE
     headers: dict[str, str] = field(default_factory=dict)
     action: str | None = None  # set only for a real action: a scanner's made-up names stay in url.path
     token_label: str | None = None

@@ -18,8 +18,9 @@ from flask_compress.flask_compress import _choose_algorithm, _compress_data
 from werkzeug.http import HTTP_STATUS_CODES
 
 from lib.access_log import FLASK_KEY
-from lib.actions import JSON, Action, Served, serve
+from lib.actions import Action, Served, serve
 from lib.http import common_headers, settle_request_id
+from lib.json import JSON_MIMETYPE
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 STATUS_LINES = {code: f'{code} {phrase}' for code, phrase in HTTP_STATUS_CODES.items()}
@@ -56,7 +57,7 @@ class ActionGateway:
         """The body, compressed as flask-compress would (same algorithms, same minimum size)."""
         body = served.body
         headers = [('Content-Type', served.content_type), ('Vary', 'Accept-Encoding'), *served.headers.items()]
-        if served.content_type == JSON and served.status == 200 and len(body) >= self.compress_min_size:
+        if served.content_type == JSON_MIMETYPE and served.status == 200 and len(body) >= self.compress_min_size:
             algorithm = _choose_algorithm(self.algorithms, environ.get('HTTP_ACCEPT_ENCODING', ''))
             if algorithm is not None:
                 body = _compress_data(self.app, body, algorithm)

@@ -33,12 +33,15 @@ def default(value: Any) -> Any:
     raise TypeError(f'cannot encode {type(value).__name__} as JSON')
 
 
+JSON_MIMETYPE = 'application/json'
+
+
 def dumps(value: Any) -> bytes:
     return orjson.dumps(value, default=default, option=OPTIONS)
 
 
 class ORJSONProvider(JSONProvider):
-    mimetype = 'application/json'
+    mimetype = JSON_MIMETYPE
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         return dumps(obj).decode('utf-8')
@@ -51,7 +54,7 @@ class ORJSONProvider(JSONProvider):
         return self._app.response_class(dumps(value), mimetype=self.mimetype)
 
 
-def json_response(value: Any, status: int = 200, mimetype: str = 'application/json') -> Response:
+def json_response(value: Any, status: int = 200, mimetype: str = JSON_MIMETYPE) -> Response:
     return Response(dumps(value), status=status, mimetype=mimetype)
 
 
