@@ -8,7 +8,6 @@ so callers that handle database outages handle the pool's too.
 
 from __future__ import annotations
 
-import os
 import select
 import threading
 import time
@@ -67,7 +66,6 @@ class ConnectionPool:
         self._opened = 0
         self._closed = False
         self._cond = threading.Condition()
-        self.pid = os.getpid()
 
     def __repr__(self) -> str:
         return f'<ConnectionPool {self.name!r} {self._opened}/{self.max_size} open, {len(self._idle)} idle>'
