@@ -19,10 +19,12 @@ from psycopg2.extensions import cursor as PlainCursor
 from psycopg2.extras import RealDictCursor
 
 from lib.pool import ConnectionPool, PoolClosed
+from lib.prepared import Prepared, execute_prepared
 from lib.process import current_pid
 from settings import APP_ID
 
 Params = Mapping[str, Any] | Sequence[Any] | None
+Query = str | sql.Composable | Prepared
 Row = dict[str, Any] | tuple[Any, ...]
 
 
@@ -228,6 +230,14 @@ def row_builder(columns: tuple[str, ...]) -> Callable[[Sequence[Any]], dict[str,
     return eval(f'lambda row: {{{items}}}', names)  # noqa: S307  # nosec B307
 
 
+def run(cursor: PlainCursor, query: Query, params: Params) -> None:
+    """`cursor.execute`, which also runs a `Prepared` statement (lib/prepared.py)."""
+    if type(query) is Prepared:
+        execute_prepared(cursor, query, params)  # type: ignore[arg-type]
+    else:
+        cursor.execute(query, params)
+
+
 class Db:
     """Small helpers over one connection: identifiers quoted, every value a bound parameter."""
 
@@ -248,26 +258,26 @@ class Db:
         # Plain tuples made into dicts by a compiled builder: several times faster than RealDictCursor.
         return list(map(row_builder(tuple(column.name for column in cursor.description)), rows))
 
-    def fetch_all(self, query: str | sql.Composable, params: Params = None) -> list[Row]:
+    def fetch_all(self, query: Query, params: Params = None) -> list[Row]:
         with self.cursor() as cursor:
-            cursor.execute(query, params)
+            run(cursor, query, params)
             return self._rows(cursor)
 
-    def fetch_row(self, query: str | sql.Composable, params: Params = None) -> Row | None:
+    def fetch_row(self, query: Query, params: Params = None) -> Row | None:
         rows = self.fetch_all(query, params)
         return rows[0] if rows else None
 
-    def fetch_one(self, query: str | sql.Composable, params: Params = None) -> Any:
+    def fetch_one(self, query: Query, params: Params = None) -> Any:
         """The first column of the first row, or None."""
         with self.cursor() as cursor:
-            cursor.execute(query, params)
+            run(cursor, query, params)
             row = cursor.fetchone() if cursor.description else None
             return row[0] if row else None
 
-    def execute(self, query: str | sql.Composable, params: Params = None) -> int:
+    def execute(self, query: Query, params: Params = None) -> int:
         """Run a statement; the number of rows it touched."""
         with self.cursor() as cursor:
-            cursor.execute(query, params)
+            run(cursor, query, params)
             return cursor.rowcount
 
     def select(self, table: str, where: Mapping[str, Any] | None = None) -> list[Row]:

@@ -5,21 +5,21 @@ from lib.decorators import inject_conn, use_schema
 from settings import DEFAULT
 
 from .schemas import KeySchema, RowsSchema, UpsertSchema
-from .sql import SQL_READ, SQL_ROWS, SQL_UPSERT
+from .sql import READ, SQL_ROWS, UPSERT
 
 
 # Reads run in autocommit: one statement needs no BEGIN/COMMIT round trips.
 @use_schema(KeySchema)
 @inject_conn(DEFAULT, named=True, autocommit=True)
 def read(conn: Connection, aid: int) -> dict | None:
-    return get_db_from_conn(conn).fetch_row(SQL_READ, dict(aid=aid))
+    return get_db_from_conn(conn).fetch_row(READ, dict(aid=aid))
 
 
 @use_schema(UpsertSchema)
 @inject_conn(DEFAULT, named=True, autocommit=False)
 def upsert(conn: Connection, aid: int, bid: int, abalance: int) -> dict | None:
     with transactional(conn) as db:
-        return db.fetch_row(SQL_UPSERT, dict(aid=aid, bid=bid, abalance=abalance))
+        return db.fetch_row(UPSERT, dict(aid=aid, bid=bid, abalance=abalance))
 
 
 @use_schema(RowsSchema)
