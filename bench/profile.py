@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--seconds', type=float, default=10.0)
     parser.add_argument('--workers', type=int, default=1)
     parser.add_argument('--connections', type=int, default=4)
+    parser.add_argument('--rate', type=int, default=100, help='samples per second (py-spy); 1000 to see small steps')
     parser.add_argument('--out', type=Path, default=Path('bench/results/tmp'))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 def record(pid: int, url: str, args: argparse.Namespace, token: str) -> int:
     output = args.out / f'profile-{args.scenario}.txt'
     spy = [str(VENV_BIN / 'py-spy'), 'record', '--pid', str(pid), '--duration', str(int(args.seconds))]
-    spy += ['--format', 'raw', '--output', str(output), '--nonblocking']
+    spy += ['--format', 'raw', '--output', str(output), '--nonblocking', '--rate', str(args.rate)]
     load = threading.Thread(
         target=run_wrk,
         args=(url + PATHS[args.scenario], args.scenario, token, args.connections, args.seconds, args.scenario, 'x'),

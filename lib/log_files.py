@@ -93,7 +93,10 @@ class ProcessFileHandler(logging.Handler):
 
     def emit_line(self, text: str, created: float) -> None:
         """Write one formatted line (the caller holds `self.lock`, as `Handler.handle` does)."""
-        line = (text + '\n').encode('utf-8')
+        self.emit_bytes((text + '\n').encode('utf-8'), created)
+
+    def emit_bytes(self, line: bytes, created: float) -> None:
+        """Write one line already encoded, its newline included (the caller holds `self.lock`)."""
         try:
             self._write(line, created)
         except OSError as error:

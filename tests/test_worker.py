@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from gunicorn.config import Config
+from gunicorn.http.wsgi import Response
 
 from lib.gunicorn_worker import CoalescingResponse, DrainingKeepAliveWorker, freeze_settings, open_client
 from tests.service import TOKEN, Service, running_service
@@ -303,6 +304,48 @@ def test_the_answer_leaves_only_when_the_app_is_done_and_a_large_one_streams() -
     resp.write(b'y')
     resp.close()
     assert b''.join(sock.sends).endswith(big + b'y') and len(sock.sends) == 2
+
+
+ANSWER_HEADERS = [
+    ('Content-Type', 'application/json'),
+    ('Content-Length', '2'),
+    ('Connection', 'keep-alive'),  # hop-by-hop: gunicorn drops it
+    ('X-Padded', ' value\t'),  # stripped
+    ('Cache-Control', 'no-store'),
+]
+
+
+def plain_gunicorn_headers(headers: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int | None]:
+    resp = Response(FakeRequest(), FakeSocket(), Config())
+    resp.process_headers(headers)
+    return resp.headers, resp.response_length
+
+
+@pytest.mark.parametrize('round_', [1, 2, 3])  # the first checks and keeps; the later ones use what was kept
+def test_kept_header_checks_give_gunicorns_own_result(round_: int) -> None:
+    for answer in (ANSWER_HEADERS, [('Content-Length', '7'), ('Content-Type', 'application/json')]):
+        _, resp = started(answer)
+        assert (resp.headers, resp.response_length) == plain_gunicorn_headers(answer)
+    assert ('Content-Type', 'application/json') in CoalescingResponse.passed_headers
+    assert not any(name.lower() in ('content-length', 'connection') for name, _ in CoalescingResponse.passed_headers)
+
+
+@pytest.mark.parametrize('bad', [('Bad Name', 'x'), ('X-Ok', 'line\r\nbreak'), ('X-Ok', 3)])
+def test_a_bad_header_is_refused_even_next_to_kept_ones(bad: tuple[str, Any]) -> None:
+    answer = [('Cache-Control', 'no-store'), bad]
+    started(answer[:1])
+    with pytest.raises(Exception) as plain:  # whichever gunicorn raises: checked next
+        plain_gunicorn_headers(answer)
+    with pytest.raises(type(plain.value)):
+        started(answer)
+
+
+def test_kept_header_checks_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CoalescingResponse, 'passed_headers', set())
+    monkeypatch.setattr(CoalescingResponse, 'passed_headers_max', 3)
+    for number in range(10):
+        started([('X-Request-ID', f'id-{number}')])
+    assert len(CoalescingResponse.passed_headers) == 3
 
 
 def test_a_failure_after_body_bytes_were_held_can_still_become_a_500() -> None:
