@@ -10,6 +10,7 @@ import argparse
 import datetime
 import importlib.util
 import os
+import platform
 import secrets
 import shutil
 import socket
@@ -243,6 +244,18 @@ def report(
     return verdicts
 
 
+def sched_autogroup() -> bool | None:
+    """Whether the kernel groups processes by session for scheduling (None: no such setting).
+
+    It matters to the read p99: with it on, PostgreSQL's backends (one session of their own)
+    compete as one group, and now and then a backend waits 100-300 ms to run (README).
+    """
+    try:
+        return Path('/proc/sys/kernel/sched_autogroup_enabled').read_text(encoding='ascii').strip() == '1'
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     plan = make_plan(args)
@@ -258,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         'started': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
         'host': socket.gethostname(),
         'cpus': os.cpu_count(),
+        'kernel': platform.release(),
+        'sched_autogroup': sched_autogroup(),
         'seconds_per_run': plan.seconds,
         'rounds': plan.rounds,
         'connections': list(plan.connections),

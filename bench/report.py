@@ -51,7 +51,8 @@ def markdown(meta: dict[str, Any], results: list[Measurement], verdicts: list[Ve
     header = [
         f'Run of {meta["started"]} on {meta["host"]} ({meta["cpus"]} cores), {meta["seconds_per_run"]:g} s per '
         f'measurement in {meta.get("rounds", 1)} alternating rounds, {meta["server"]}; '
-        f'whole run {meta["elapsed_s"]:.0f} s.',
+        f'whole run {meta["elapsed_s"]:.0f} s. Kernel {meta.get("kernel", "?")}, '
+        f'sched_autogroup {AUTOGROUP.get(meta.get("sched_autogroup"), "?")}.',
         '',
     ]
     return '\n'.join(header + targets_table(verdicts) + [''] + results_table(ordered)) + '\n'
@@ -61,6 +62,7 @@ def write_markdown(path: Path, meta: dict[str, Any], results: list[Measurement],
     path.write_text(markdown(meta, results, verdicts), encoding='utf-8')
 
 
+AUTOGROUP = {True: 'on', False: 'off', None: 'absent'}
 README_START = '<!-- bench:latest:start -->'
 README_END = '<!-- bench:latest:end -->'
 

@@ -47,7 +47,13 @@ def ratio_target(
         return Verdict(what, target, 'not measured', 'SKIP')
     ratio = mine.rps / reference.rps
     ok = ratio >= limit if at_least else ratio <= limit
-    return Verdict(what, target, f'{ratio:.2f}x ({mine.rps:,.0f} / {reference.rps:,.0f} /s)', passed(ok))
+    return Verdict(what, target, f'{shown(ratio, limit)}x ({mine.rps:,.0f} / {reference.rps:,.0f} /s)', passed(ok))
+
+
+def shown(ratio: float, limit: float) -> str:
+    """Two decimals, or three where two would print the limit itself (0.148 is not 0.15)."""
+    text = f'{ratio:.2f}'
+    return f'{ratio:.3f}' if float(text) == limit and ratio != limit else text
 
 
 def rows_target(results: list[Measurement]) -> Verdict:
