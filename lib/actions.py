@@ -16,12 +16,13 @@ from typing import Any
 
 import orjson
 from flask import Blueprint, Response, current_app, g, request
+from flask.ctx import _AppCtxGlobals
 from gunicorn.http.errors import ParseException
 from marshmallow import Schema
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from lib.auth import authenticate
-from lib.db import connection, release_request_connections
+from lib.db import connection, give_back_borrowed
 from lib.decorators import CONN_ATTR, SCHEMA_ATTR, ConnSpec
 from lib.errors import PROBLEM_JSON, ApiError, bad_request, problem_document, to_problem
 from lib.json import JSON_MIMETYPE, contains_nul, dumps
@@ -151,12 +152,20 @@ class Served:
     problem: ApiError | None = None
 
 
-def serve(environ: dict[str, Any], module: str, actions: Mapping[str, Action], route: str, request_id: str) -> Served:
-    """Answer `POST /<module>/<route>`; needs an app context (the pools, `g` for borrowed connections)."""
-    config = current_app.config
+def serve(
+    environ: dict[str, Any],
+    module: str,
+    actions: Mapping[str, Action],
+    route: str,
+    request_id: str,
+    request_g: _AppCtxGlobals,
+    config: Mapping[str, Any],
+) -> Served:
+    """Answer `POST /<module>/<route>` inside the app context whose `g` and config are given
+    (actions and the pools use the context; passing them saves the LocalProxy lookups)."""
     token_label = None
     action = actions.get(route)
-    g.request_id = request_id
+    request_g.request_id = request_id
     try:
         token_label = authenticate(environ.get('HTTP_AUTHORIZATION', ''), config['BEARER_TOKENS'])
         if action is None:
@@ -168,14 +177,16 @@ def serve(environ: dict[str, Any], module: str, actions: Mapping[str, Action], r
         body = dumps(problem_document(problem, request_id))
         return Served(problem.status, body, PROBLEM_JSON, problem.headers, action and route, token_label, problem)
     finally:
-        release_request_connections()
+        give_back_borrowed(request_g)
 
 
 def make_view(module: str, actions: Mapping[str, Action]) -> Callable[..., Response]:
     """The blueprint's Flask view: the same `serve()`, for a request that reaches Flask itself."""
 
     def dispatch(route: str) -> Response:
-        served = serve(request.environ, module, actions, route, g.request_id)
+        served = serve(
+            request.environ, module, actions, route, g.request_id, g._get_current_object(), current_app.config
+        )
         g.token_label, g.problem = served.token_label, served.problem
         response = Response(served.body, status=served.status, content_type=served.content_type)
         response.headers.update(served.headers)

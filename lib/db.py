@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from flask import Flask, current_app, g, has_app_context
+from flask.ctx import _AppCtxGlobals
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as PlainCursor
@@ -154,7 +155,12 @@ def get_conn_from_dbname(name: str, named: bool = True, autocommit: bool = True)
 
 def release_request_connections(_exc: BaseException | None = None) -> None:
     """Give back every connection the request borrowed (teardown: runs even after errors)."""
-    borrowed = g.pop('_dbapi_borrowed', None)
+    give_back_borrowed(g)
+
+
+def give_back_borrowed(request_g: _AppCtxGlobals) -> None:
+    """Give back the connections taken with `get_conn_from_dbname` during the request of `request_g`."""
+    borrowed = request_g.pop('_dbapi_borrowed', None)
     for pool, conn in borrowed or ():
         with suppress(PoolClosed):
             pool.putconn(conn)

@@ -3,7 +3,8 @@
 An action request needs auth, a body, validation, a connection and a JSON answer; Flask's
 per-request machinery around that (request context, routing, hooks, response object) cost
 about two thirds of its CPU time (bench.micro). The gateway calls the same `serve()` the
-blueprint's Flask view does, inside an app context so actions keep `g` and `current_app`,
+blueprint's Flask view does, inside an app context (lib/app_context.py) so actions keep `g`
+and `current_app`,
 and passes everything that is not a POST to a registered module on to Flask: health, the
 JSON 404 of unknown paths, the 405 of other methods.
 """
@@ -17,6 +18,7 @@ from flask import Flask
 from flask_compress.flask_compress import _choose_algorithm, _compress_data
 from werkzeug.http import HTTP_STATUS_CODES
 
+from lib import app_context
 from lib.access_log import FLASK_KEY
 from lib.actions import Action, Served, serve
 from lib.http import common_headers, settle_request_id
@@ -45,8 +47,11 @@ class ActionGateway:
         if actions is None:
             return self.fallback(environ, start_response)
         request_id = settle_request_id(environ)
-        with self.app.app_context():
-            served = serve(environ, module, actions, route, request_id)
+        context, token = app_context.push(self.app)
+        try:
+            served = serve(environ, module, actions, route, request_id, context.g, self.app.config)
+        finally:
+            app_context.pop(context, token)
         environ[FLASK_KEY] = (module, served.action, served.token_label, served.problem)
         body, headers = self.encode(environ, served)
         headers.extend(common_headers(request_id, self.replica))

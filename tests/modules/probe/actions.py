@@ -2,6 +2,7 @@ import datetime
 import decimal
 import uuid
 
+from flask import current_app, g
 from psycopg2.extensions import connection as Connection
 
 from lib.db import get_conn_from_dbname, get_db_from_conn, transactional
@@ -134,3 +135,10 @@ def crash() -> None:
 
 def returns_string() -> str:
     return '<b>not html</b>'
+
+
+def context() -> dict:
+    """What an action sees of its app context; `g.mark` must never survive the request."""
+    seen = {'app': current_app.name, 'request_id': g.request_id, 'marked_before': 'mark' in g}
+    g.mark = True
+    return seen

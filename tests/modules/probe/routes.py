@@ -22,5 +22,6 @@ routes = [
         'returns_none',
         'crash',
         'returns_string',
+        'context',
     )
 ] + [dict(route='nested/name', action=actions.returns_none)]
