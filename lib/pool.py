@@ -65,7 +65,11 @@ class ConnectionPool:
         self._idle: deque[Connection] = deque()
         self._opened = 0
         self._closed = False
-        self._cond = threading.Condition()
+        # The plain lock for short critical sections (its `with` is C; a Condition's is Python),
+        # the condition on the same lock for waiting, notified only when someone waits.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
 
     def __repr__(self) -> str:
         return f'<ConnectionPool {self.name!r} {self._opened}/{self.max_size} open, {len(self._idle)} idle>'
@@ -90,9 +94,9 @@ class ConnectionPool:
         if self._closed or not self._reset(conn):
             self._discard(conn)
             return
-        with self._cond:
+        with self._lock:
             self._idle.append(conn)
-            self._cond.notify()
+            self._wake_one()
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Connection]:
@@ -103,7 +107,7 @@ class ConnectionPool:
             self.putconn(conn)
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
             idle, self._idle = list(self._idle), deque()
             self._cond.notify_all()
@@ -112,7 +116,7 @@ class ConnectionPool:
 
     def _reserve(self, deadline: float) -> Connection | None:
         """An idle connection, or None when the caller may open a new one (a slot is taken)."""
-        with self._cond:
+        with self._lock:
             while True:
                 if self._closed:
                     raise PoolClosed(f'pool {self.name!r} is closed')
@@ -126,7 +130,11 @@ class ConnectionPool:
                     raise PoolTimeout(
                         f'no free connection in pool {self.name!r} ({self.max_size} in use) within {self.timeout:g} s'
                     )
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
 
     def _open(self) -> Connection:
         try:
@@ -156,6 +164,11 @@ class ConnectionPool:
         self._release_slot()
 
     def _release_slot(self) -> None:
-        with self._cond:
+        with self._lock:
             self._opened -= 1
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        """Wake one waiting caller, if any (the lock is held)."""
+        if self._waiting:
             self._cond.notify()

@@ -37,8 +37,9 @@ TYPE_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_ .,()\[\]]*')
 # SQLSTATEs that mean the server no longer holds the statement as this connection believes:
 # gone (DISCARD ALL, DEALLOCATE), or planned for a table whose columns have changed since.
 STALE = frozenset({'26000', '0A000'})
-# Per connection, the names it has prepared; forgotten with the connection object.
-_prepared: weakref.WeakKeyDictionary[Connection, set[str]] = weakref.WeakKeyDictionary()
+PREPARED_KEY = 'dbapi_prepared'  # in a connection's __dict__: the names it has prepared
+# The same for connections that have no __dict__ (plain psycopg2 ones); forgotten with them.
+_prepared_elsewhere: weakref.WeakKeyDictionary[Connection, set[str]] = weakref.WeakKeyDictionary()
 
 
 class Prepared:
@@ -88,12 +89,10 @@ def parse(query: str) -> tuple[list[str], str]:
 
 def execute_prepared(cursor: Cursor, statement: Prepared, params: Mapping[str, Any] | None) -> None:
     """Run `statement` on the cursor's connection, preparing it there first if need be."""
-    if statement.params and not isinstance(params, Mapping):
+    if statement.params and type(params) is not dict and not isinstance(params, Mapping):
         raise TypeError(f'{statement!r} takes its parameters by name {statement.params}, not {type(params).__name__}')
     conn = cursor.connection
-    prepared = _prepared.get(conn)
-    if prepared is None:
-        prepared = _prepared[conn] = set()
+    prepared = names_prepared_on(conn)
     if statement.name not in prepared:
         cursor.execute(statement.prepare)
         prepared.add(statement.name)
@@ -106,3 +105,16 @@ def execute_prepared(cursor: Cursor, statement: Prepared, params: Mapping[str, A
             # than any other failure, so no repair in place (in a transaction there could be none).
             conn.close()
         raise
+
+
+def names_prepared_on(conn: Connection) -> set[str]:
+    """The statements `conn` has prepared: kept on the connection when it can hold attributes
+    (the pool's connections), which is faster to reach than a weak mapping."""
+    try:
+        names = conn.__dict__
+    except AttributeError:
+        return _prepared_elsewhere.setdefault(conn, set())
+    prepared = names.get(PREPARED_KEY)
+    if prepared is None:
+        prepared = names[PREPARED_KEY] = set()
+    return prepared

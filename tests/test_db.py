@@ -184,6 +184,25 @@ def test_pool_is_bounded_and_times_out(database):
     pool.close()
 
 
+@pytest.mark.parametrize('release', ['putconn', 'discard'])
+def test_a_waiting_caller_is_woken_when_a_connection_or_a_slot_comes_back(database, release):
+    pool = ConnectionPool('t', dict(database), max_size=1, timeout=5)
+    held = pool.getconn()
+    with ThreadPoolExecutor(1) as executor:
+        waiter = executor.submit(pool.getconn)  # waits: the one connection is taken
+        threading.Event().wait(0.2)
+        assert not waiter.done()
+        if release == 'putconn':
+            pool.putconn(held)
+        else:
+            held.close()  # broken: dropped on return, and its slot is free for a new one
+            pool.putconn(held)
+        got = waiter.result(timeout=4)  # woken, not left to its 5 s timeout
+    assert (got is held) == (release == 'putconn') and not got.closed
+    pool.putconn(got)
+    pool.close()
+
+
 def test_pool_rolls_back_and_replaces_broken_connections(database):
     pool = ConnectionPool('t', dict(database), max_size=1, timeout=1)
     conn = pool.getconn()
