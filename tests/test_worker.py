@@ -330,6 +330,31 @@ def test_kept_header_checks_give_gunicorns_own_result(round_: int) -> None:
     assert not any(name.lower() in ('content-length', 'connection') for name, _ in CoalescingResponse.passed_headers)
 
 
+@pytest.mark.parametrize(
+    ('version', 'method', 'headers', 'close'),
+    [
+        ((1, 1), 'POST', [('Content-Length', '2')], False),
+        ((1, 1), 'POST', [('Content-Length', '2')], True),
+        ((1, 1), 'POST', [], False),  # no length: chunked
+        ((1, 0), 'POST', [('Content-Length', '2')], False),
+        ((1, 1), 'GET', [('Connection', 'upgrade'), ('Upgrade', 'websocket')], False),
+    ],
+)
+def test_the_first_lines_are_gunicorns_own(monkeypatch: pytest.MonkeyPatch, version, method, headers, close) -> None:
+    for now in (1_700_000_000.25, 1_700_000_000.75, 1_700_000_001.5):  # the Date line follows the second
+        monkeypatch.setattr(time, 'time', lambda now=now: now)
+        lines = []
+        for kind in (Response, CoalescingResponse):
+            req = FakeRequest()
+            req.version, req.method = version, method
+            resp = kind(req, FakeSocket(), Config())
+            resp.start_response('200 OK', list(headers))
+            if close:
+                resp.force_close()
+            lines.append(resp.default_headers())
+        assert lines[0] == lines[1]
+
+
 @pytest.mark.parametrize('bad', [('Bad Name', 'x'), ('X-Ok', 'line\r\nbreak'), ('X-Ok', 3)])
 def test_a_bad_header_is_refused_even_next_to_kept_ones(bad: tuple[str, Any]) -> None:
     answer = [('Cache-Control', 'no-store'), bad]
