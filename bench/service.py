@@ -23,6 +23,7 @@ def service_env(dbname: str, token: str, log_dir: Path, recycle: bool) -> dict[s
         EXTRA_MODULES='modules.bench',
         LOG_DIR=str(log_dir),
         LOG_STDOUT='0',
+        PROXY_HOPS='1',  # as the stack sets it (docker-compose.yml): nginx appends the caller's address
     )
     if not recycle:
         # Recycled workers would hide a leak from the memory figure and blur the connection peak.

@@ -230,6 +230,11 @@ def test_client_ip_trusts_x_forwarded_for_only_for_the_configured_hops() -> None
     assert client_ip({'REMOTE_ADDR': '10.0.0.9', 'HTTP_X_FORWARDED_FOR': 'not-an-ip'}, 1) == '10.0.0.9'
     assert client_ip({'REMOTE_ADDR': '10.0.0.9'}, 1) == '10.0.0.9'
     assert client_ip({}, 0) is None
+    long_text = 'f' * 100  # not an address, and longer than any: checked every time, never kept
+    assert client_ip({'REMOTE_ADDR': '10.0.0.9', 'HTTP_X_FORWARDED_FOR': long_text}, 1) == '10.0.0.9'
+    for _ in range(2):  # the second answer comes from what the first one kept
+        assert client_ip({'REMOTE_ADDR': '10.0.0.9', 'HTTP_X_FORWARDED_FOR': '198.51.100.4'}, 1) == '198.51.100.4'
+        assert client_ip({'REMOTE_ADDR': '10.0.0.9', 'HTTP_X_FORWARDED_FOR': 'fe80::1%eth0'}, 1) == 'fe80::1%eth0'
 
 
 def test_proxy_hops_setting_reaches_the_record(database: dict[str, Any], log_dir: str) -> None:
