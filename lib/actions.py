@@ -12,11 +12,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from flask import Blueprint, Response, current_app, g, request
-from flask.ctx import _AppCtxGlobals
 from gunicorn.http.errors import ParseException
 from marshmallow import Schema
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -27,6 +26,9 @@ from lib.decorators import CONN_ATTR, SCHEMA_ATTR, ConnSpec
 from lib.errors import PROBLEM_JSON, ApiError, bad_request, problem_document, to_problem
 from lib.json import JSON_MIMETYPE, contains_nul, dumps
 from lib.validation import Loader, loader_for
+
+if TYPE_CHECKING:
+    from flask.ctx import _AppCtxGlobals  # the class of `g`: for the annotations only
 
 RESERVED_MODULES = frozenset({'health'})
 MAX_NAME_IN_MESSAGE = 80

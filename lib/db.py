@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from functools import lru_cache
 from operator import attrgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, g, has_app_context
-from flask.ctx import _AppCtxGlobals
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as PlainCursor
@@ -24,6 +23,9 @@ from lib.pool import ConnectionPool, PoolClosed
 from lib.prepared import Prepared, execute_prepared
 from lib.process import current_pid
 from settings import APP_ID
+
+if TYPE_CHECKING:
+    from flask.ctx import _AppCtxGlobals  # the class of `g`: for the annotations only
 
 Params = Mapping[str, Any] | Sequence[Any] | None
 Query = str | sql.Composable | Prepared
@@ -238,7 +240,7 @@ def row_builder(columns: tuple[str, ...]) -> Callable[[Sequence[Any]], dict[str,
     return eval(f'lambda row: {{{items}}}', names)  # noqa: S307  # nosec B307
 
 
-def run(cursor: PlainCursor, query: Query, params: Params) -> None:
+def execute_query(cursor: PlainCursor, query: Query, params: Params) -> None:
     """`cursor.execute`, which also runs a `Prepared` statement (lib/prepared.py)."""
     if type(query) is Prepared:
         execute_prepared(cursor, query, params)  # type: ignore[arg-type]
@@ -268,7 +270,7 @@ class Db:
 
     def fetch_all(self, query: Query, params: Params = None) -> list[Row]:
         with self.cursor() as cursor:
-            run(cursor, query, params)
+            execute_query(cursor, query, params)
             return self._rows(cursor)
 
     def fetch_row(self, query: Query, params: Params = None) -> Row | None:
@@ -278,14 +280,14 @@ class Db:
     def fetch_one(self, query: Query, params: Params = None) -> Any:
         """The first column of the first row, or None."""
         with self.cursor() as cursor:
-            run(cursor, query, params)
+            execute_query(cursor, query, params)
             row = cursor.fetchone() if cursor.description else None
             return row[0] if row else None
 
     def execute(self, query: Query, params: Params = None) -> int:
         """Run a statement; the number of rows it touched."""
         with self.cursor() as cursor:
-            run(cursor, query, params)
+            execute_query(cursor, query, params)
             return cursor.rowcount
 
     def select(self, table: str, where: Mapping[str, Any] | None = None) -> list[Row]:

@@ -78,7 +78,9 @@ def parse(query: str) -> tuple[list[str], str]:
         name = match.group(1)
         if name is None:
             if match.group(0) == '%':
-                raise ValueError(f'prepared statement: a lone % in {query!r}; write %% for a literal one')
+                raise ValueError(
+                    f'prepared statement: a lone % in {query!r}: parameters are named, %(name)s, and a literal % is %%'
+                )
             return '%'
         if name not in params:
             params.append(name)
