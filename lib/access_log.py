@@ -37,7 +37,7 @@ FLASK_KEY = 'dbapi.access'  # environ key: what Flask knew about the request
 # for these failures the record names the kind and the constraint, never the message.
 DATABASE_SLUGS = frozenset(slug for _, slug in SQLSTATE_STATUS.values())
 MAX_FIELD_PATHS = 50
-MAX_CACHED_ADDRESS = 64  # longer than any address with a zone: checked, never kept
+MAX_CACHED_ADDRESS = 64  # a longer text is still checked, never kept: the cache stays small
 
 WSGIEnviron = dict[str, Any]
 StartResponse = Callable[..., Any]
