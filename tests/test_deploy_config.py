@@ -151,7 +151,11 @@ def nginx_version(binary: str) -> tuple[int, ...]:
 
 def test_nginx_accepts_the_local_rendering(tmp_path: Path) -> None:
     require_tool(find_nginx(), 'nginx')
-    checked = Nginx(tmp_path, [free_port(), free_port()]).test()
+    nginx = Nginx(tmp_path, [free_port(), free_port()])
+    try:
+        checked = nginx.test()
+    finally:
+        nginx.stop()  # removes the prefix directory it made under /tmp when run as root
     assert checked.returncode == 0, checked.stderr
 
 
@@ -167,7 +171,10 @@ def test_nginx_accepts_the_swarm_rendering(tmp_path: Path) -> None:
         values['NGINX_UPSTREAM_SERVERS'] = 'server 127.0.0.1:8000;'
     nginx = Nginx(tmp_path, [])
     nginx.conf.write_text(render(TEMPLATE.read_text(), values))
-    checked = subprocess.run(nginx.command('-t'), capture_output=True, text=True, timeout=30)
+    try:
+        checked = subprocess.run(nginx.command('-t'), capture_output=True, text=True, timeout=30)
+    finally:
+        nginx.stop()
     assert checked.returncode == 0, checked.stderr
     assert 'FROM nginx:1.28' in (ROOT / 'nginx' / 'Dockerfile').read_text()  # the image has `resolve`
 
