@@ -33,6 +33,11 @@ from gunicorn.http import wsgi
 from gunicorn.http.wsgi import Response
 from gunicorn.workers.base import Worker
 
+from lib.clock import SecondText
+
+# `util.http_date()`, formatted once a second: it has no finer unit.
+_http_date = SecondText(util.http_date)
+
 
 class CoalescingResponse(Response):
     """Sends a small answer whole, head and body in one send, when the app is done with it.
@@ -84,7 +89,7 @@ class CoalescingResponse(Response):
         headers = [
             f'HTTP/{self.req.version[0]}.{self.req.version[1]} {self.status}\r\n',
             f'Server: {self.version}\r\n',
-            f'Date: {http_date()}\r\n',
+            f'Date: {_http_date.at(int(time.time()))}\r\n',
             f'Connection: {connection}\r\n',
         ]
         if self.chunked:
@@ -132,18 +137,6 @@ class CoalescingResponse(Response):
         if self.held:
             self.held, self.held_size = None, 0
             self.headers_sent = False
-
-
-_date: tuple[int, str] = (-1, '')
-
-
-def http_date() -> str:
-    """`util.http_date()` for now, formatted once a second (it has no finer unit)."""
-    global _date
-    second = int(time.time())
-    if _date[0] != second:
-        _date = (second, util.http_date(second))
-    return _date[1]
 
 
 class Receiver:

@@ -18,6 +18,7 @@ from pythonjsonlogger.core import LogData
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 import settings
+from lib.clock import SecondText
 from lib.log_files import HOSTNAME, ProcessFileHandler
 from lib.process import current_pid
 
@@ -53,18 +54,14 @@ class RequestIdSlot(threading.local):
 
 current_request_id = RequestIdSlot()
 
-_second_cache: tuple[int, str] = (-1, '')
+# strftime once a second, not once a record
+_second_prefix = SecondText(lambda second: time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second)))
 
 
 def utc_timestamp(created: float) -> str:
     """ISO-8601 in UTC with milliseconds and `Z`, as Elasticsearch's `date` reads it."""
-    global _second_cache
     second = int(created)
-    cached_second, prefix = _second_cache
-    if cached_second != second:  # strftime once a second, not once a record
-        prefix = time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))
-        _second_cache = (second, prefix)
-    return f'{prefix}.{int((created - second) * 1000):03d}Z'
+    return f'{_second_prefix.at(second)}.{int((created - second) * 1000):03d}Z'
 
 
 def static_fields() -> dict[str, Any]:
@@ -126,7 +123,7 @@ class EcsFormatter(OrjsonFormatter):
         try:
             return orjson.dumps(log_data, default=self.json_default, option=LINE_OPTIONS)
         except TypeError:
-            return (self.jsonify_log_record(log_data) + '\n').encode('utf-8')
+            return (ascii_json(log_data) + '\n').encode('utf-8')
 
     @staticmethod
     def _add_error(log_data: LogData, record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
@@ -142,8 +139,13 @@ class EcsFormatter(OrjsonFormatter):
         try:
             return super().jsonify_log_record(log_data)
         except TypeError:
-            # orjson refuses lone surrogates (undecodable bytes); the stdlib escapes them. Never lose the line.
-            return json.dumps(log_data, default=str, ensure_ascii=True, separators=(',', ':'))
+            return ascii_json(log_data)
+
+
+def ascii_json(log_data: Mapping[str, Any]) -> str:
+    """The line orjson refused: it refuses lone surrogates (undecodable bytes), the stdlib
+    escapes them. Never lose the line."""
+    return json.dumps(log_data, default=str, ensure_ascii=True, separators=(',', ':'))
 
 
 def log_fields(logger: logging.Logger, level: int, message: str, fields: dict[str, Any]) -> None:
