@@ -132,7 +132,7 @@ class Exchange:
         self.environ = environ
         self.server_start_response = start_response
         self.request_id = settle_request_id(environ)
-        current_request_id.set(self.request_id)
+        current_request_id.value = self.request_id
         self.status = 0
         self.sent = 0
 

@@ -6,6 +6,7 @@ action did, so a forgetful action cannot drain the pool.
 
 from __future__ import annotations
 
+import codecs
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -13,12 +14,13 @@ from functools import lru_cache
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, current_app, g, has_app_context
-from psycopg2 import sql
+from flask import Flask, g, has_app_context
+from psycopg2 import extensions, sql
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as PlainCursor
 from psycopg2.extras import RealDictCursor
 
+from lib import app_context
 from lib.pool import ConnectionPool, PoolClosed
 from lib.prepared import Prepared, execute_prepared
 from lib.process import current_pid
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
 Params = Mapping[str, Any] | Sequence[Any] | None
 Query = str | sql.Composable | Prepared
+POOLS_KEY = 'dbapi.pools'  # in app.extensions
+C_UTF8 = 'dbapi_utf_8'  # the codec psycopg2 gets for UTF8 databases: see `decode_utf8_in_c`
 COLUMN_NAME = attrgetter('name')  # of a cursor.description entry
 Row = dict[str, Any] | tuple[Any, ...]
 
@@ -99,13 +103,42 @@ class Pools:
         self._pid = current_pid()
 
 
+def _find_c_utf8(name: str) -> codecs.CodecInfo | None:
+    if name != C_UTF8:
+        return None
+    # The decoder runs with `final` off (it takes no keywords, and psycopg2 passes two arguments):
+    # text from a UTF8 server always ends on a whole character, so nothing is ever held back.
+    return codecs.CodecInfo(codecs.utf_8_encode, codecs.utf_8_decode, name=C_UTF8)
+
+
+def decode_utf8_in_c() -> None:
+    """Give psycopg2 C functions for UTF-8 instead of the stdlib codec's Python wrappers.
+
+    psycopg2 decodes every result's status line and column names through the connection's
+    Python codec (values take its C fast path): for `encodings.utf_8`, one Python call per
+    column and one per query. This codec is the same C functions without the wrapper: the
+    same text, errors and replacements.
+    """
+    try:
+        codecs.lookup(C_UTF8)
+    except LookupError:
+        codecs.register(_find_c_utf8)
+    for name in ('UTF8', 'UNICODE'):  # PostgreSQL's name and its alias
+        extensions.encodings[name] = C_UTF8
+
+
 def init_app(app: Flask) -> None:
-    app.extensions['dbapi.pools'] = Pools(app.config)
+    decode_utf8_in_c()
+    app.extensions[POOLS_KEY] = Pools(app.config)
     app.teardown_request(release_request_connections)
 
 
 def pools() -> Pools:
-    return current_app.extensions['dbapi.pools']
+    """The current app's pools (read through Flask's context variable, not `current_app`)."""
+    context = app_context.current(None)
+    if context is None:
+        raise RuntimeError('lib.db needs an app context: the pools belong to an app (use `with app.app_context():`)')
+    return context.app.extensions[POOLS_KEY]
 
 
 def prepare(conn: Connection, named: bool, autocommit: bool) -> Connection:

@@ -38,13 +38,9 @@ class RequestIdSlot(threading.local):
     context (cpython#148891; it crashed the test process here with a segfault).
     """
 
+    # Read and set as a plain attribute (a C-level access on a thread-local, where a method is a
+    # Python call): every log line reads it, every request sets it.
     value: str | None = None
-
-    def get(self) -> str | None:
-        return self.value
-
-    def set(self, request_id: str) -> None:
-        self.value = request_id
 
     def clear(self, request_id: str) -> None:
         """Forget `request_id`, unless this thread has moved on to another request meanwhile."""
@@ -109,7 +105,7 @@ class EcsFormatter(OrjsonFormatter):
             'process.pid': pid,
             'process.thread.name': thread,
         }
-        request_id = current_request_id.get()
+        request_id = current_request_id.value  # the attribute, not get(): a Python call a line
         if request_id is not None:
             fields['http.request.id'] = request_id
         return fields

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg2
 import pytest
 
-from lib.db import Db, transactional
+from lib.db import Db, connection, pools, transactional
 from lib.pool import ConnectionPool, PoolTimeout
 from tests.conftest import AUTH, make_app, query
 
@@ -131,6 +132,38 @@ def test_connection_goes_back_clean_after_error(app, database, db):
         [database['dbname']],
     )
     assert idle_in_tx == [(0,)]
+
+
+def test_pooled_connections_decode_names_status_and_messages_without_python_calls(app):
+    calls: list[str] = []
+
+    def count(frame, event, _arg):
+        if event == 'call':
+            calls.append(f'{frame.f_code.co_filename}:{frame.f_code.co_name}')
+
+    with app.app_context(), connection('default', named=False) as conn, conn.cursor() as cursor:
+        cursor.execute('SELECT 1 AS "é", %(text)s::text AS "naïve"', {'text': 'zoë'})
+        sys.setprofile(count)
+        try:
+            cursor.execute('SELECT 2 AS "ünïcode", %(text)s::text AS "naïve"', {'text': 'ß'})
+            description, status, rows = cursor.description, cursor.statusmessage, cursor.fetchall()
+        finally:
+            sys.setprofile(None)
+        assert ([column.name for column in description], status, rows) == (['ünïcode', 'naïve'], 'SELECT 1', [(2, 'ß')])
+        assert calls == []  # the stdlib's codec made one Python call per column and one per query
+        with pytest.raises(psycopg2.errors.DivisionByZero) as raised:
+            cursor.execute('SELECT 1 / 0 AS "ü"')
+        assert raised.value.pgerror.startswith('ERROR:  division by zero')
+        cursor.execute("DO $$ BEGIN RAISE NOTICE 'héllo wörld'; END $$")
+        assert conn.notices[-1] == 'NOTICE:  héllo wörld\n'
+    assert conn.encoding == 'UTF8'
+
+
+def test_pools_outside_an_app_context_is_a_clear_error(app):
+    with pytest.raises(RuntimeError, match='needs an app context'):
+        pools()
+    with app.app_context():
+        assert pools() is app.extensions['dbapi.pools']
 
 
 def test_forgotten_connection_goes_back_when_the_request_ends(database, log_dir):

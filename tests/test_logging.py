@@ -707,9 +707,9 @@ def test_answers_dropped_unread_are_recorded_and_the_process_survives(database: 
 
 def test_a_request_finished_late_does_not_clear_the_id_of_the_one_in_progress() -> None:
     slot = log_format.RequestIdSlot()
-    slot.set('first')
-    slot.set('second')  # the first answer is still open: it ends later, from the collector
+    slot.value = 'first'
+    slot.value = 'second'  # the first answer is still open: it ends later, from the collector
     slot.clear('first')
-    assert slot.get() == 'second'
+    assert slot.value == 'second'
     slot.clear('second')
-    assert slot.get() is None
+    assert slot.value is None
