@@ -20,10 +20,9 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as PlainCursor
 from psycopg2.extras import RealDictCursor
 
-from lib import app_context
+from lib import app_context, process
 from lib.pool import ConnectionPool, PoolClosed
 from lib.prepared import Prepared, execute_prepared
-from lib.process import current_pid
 from settings import APP_ID
 
 if TYPE_CHECKING:
@@ -54,12 +53,12 @@ class Pools:
         self.statement_timeout: int = config['STATEMENT_TIMEOUT']
         self._pools: dict[str, ConnectionPool] = {}
         self._lock = threading.Lock()
-        self._pid = current_pid()
+        self._pid = process.pid
         self._inherited: list[ConnectionPool] = []
 
     def get(self, name: str) -> ConnectionPool:
         pool = self._pools.get(name)
-        if pool is not None and self._pid == current_pid():
+        if pool is not None and self._pid == process.pid:
             return pool
         with self._lock:
             self._forget_inherited()
@@ -83,7 +82,7 @@ class Pools:
         params = dict(
             self.databases[name],
             connect_timeout=self.connect_timeout,
-            application_name=f'{APP_ID}:{current_pid()}',
+            application_name=f'{APP_ID}:{process.pid}',
             options=f'-c statement_timeout={self.statement_timeout}',
             connection_factory=PooledConnection,
             # A dead peer is noticed within ~30 s instead of the kernel's two hours.
@@ -96,11 +95,11 @@ class Pools:
 
     def _forget_inherited(self) -> None:
         """After a fork, never touch the parent's sockets: closing them would end its sessions."""
-        if self._pid == current_pid():
+        if self._pid == process.pid:
             return
         self._inherited.extend(self._pools.values())
         self._pools = {}
-        self._pid = current_pid()
+        self._pid = process.pid
 
 
 def _find_c_utf8(name: str) -> codecs.CodecInfo | None:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from lib.process import current_pid
+from lib import process
 
 HOSTNAME = socket.gethostname()
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
@@ -108,7 +108,7 @@ class ProcessFileHandler(logging.Handler):
         super().close()
 
     def _write(self, line: bytes, now: float) -> None:
-        if self._pid != current_pid() or self._fd is None:
+        if self._pid != process.pid or self._fd is None:
             if self._fd is None and now - self._failed_at < RETRY_SECONDS:
                 raise OSError(f'{self.path or self.directory}: still failing, retried every {RETRY_SECONDS:g} s')
             self._open()
@@ -127,10 +127,10 @@ class ProcessFileHandler(logging.Handler):
             self._torn = bool(view)
 
     def _open(self) -> None:
-        if self._pid != current_pid():
+        if self._pid != process.pid:
             # The parent's descriptor is closed here only; the parent keeps its own.
             self._close_file()
-            self._pid = current_pid()
+            self._pid = process.pid
             # Containers number their pids alike, and a fixed `hostname:` would make replicas
             # collide on a shared volume: a random part keeps every process's file its own.
             self.path = os.path.join(self.directory, f'{self.prefix}-{HOSTNAME}-{self._pid}-{secrets.token_hex(3)}.log')

@@ -18,9 +18,9 @@ from pythonjsonlogger.core import LogData
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 import settings
+from lib import process
 from lib.clock import SecondText
 from lib.log_files import HOSTNAME, ProcessFileHandler
-from lib.process import current_pid
 
 ECS_VERSION = '8.11.0'
 # OrjsonFormatter's options (its jsonify_log_record), with the line's newline added by orjson.
@@ -114,7 +114,7 @@ class EcsFormatter(OrjsonFormatter):
         """The line `format()` makes of a record with no exception and `fields` as its `ecs` extra,
         encoded and with its newline, without a LogRecord (the access record's hot path,
         `log_fields` below): orjson's bytes go to the file as they are."""
-        log_data = self.base_fields(created, level, logger, message, current_pid(), threading.current_thread().name)
+        log_data = self.base_fields(created, level, logger, message, process.pid, threading.current_thread().name)
         log_data.update(fields)
         try:
             return orjson.dumps(log_data, default=self.json_default, option=LINE_OPTIONS)

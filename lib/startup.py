@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg2
 
+from lib import process
 from lib.config import ConfigError, build_config
-from lib.process import current_pid
 
 PROBE_TIMEOUT_SECONDS = 3
 WORKER_LOGGER = 'dbapi.worker'
@@ -115,4 +115,4 @@ def announce_worker_ready(worker: Any) -> None:
     replaced worker really serves.
     """
     served = sorted(getattr(worker.wsgi, 'blueprints', ())) or ['a plain WSGI app']
-    logging.getLogger(WORKER_LOGGER).info('worker %d ready, serving %s', current_pid(), ', '.join(served))
+    logging.getLogger(WORKER_LOGGER).info('worker %d ready, serving %s', process.pid, ', '.join(served))
