@@ -45,6 +45,7 @@ NGINX_DEFAULTS = {
     'MAX_CONTENT_LENGTH': MAX_CONTENT_LENGTH,
     'NGINX_RATE_LIMIT': '100000r/s',
     'NGINX_RATE_BURST': '100000',
+    'NGINX_WORKER_PROCESSES': '1',  # as the stack runs it: one worker per CPU of its limit
 }
 
 

@@ -17,7 +17,16 @@ import yaml
 
 import settings
 from lib.startup import budgets, check_connection_budget
-from scripts.topology import PLACEHOLDER, TEMPLATE, Nginx, TopologyError, find_nginx, free_port, render
+from scripts.topology import (
+    NGINX_DEFAULTS,
+    PLACEHOLDER,
+    TEMPLATE,
+    Nginx,
+    TopologyError,
+    find_nginx,
+    free_port,
+    render,
+)
 from tests.conftest import PG
 from tests.tools import require_tool
 
@@ -120,6 +129,17 @@ def test_every_layer_agrees_on_the_body_limit() -> None:
     assert stack['api']['environment']['MAX_CONTENT_LENGTH'] == limit
     assert stack['nginx']['environment']['MAX_CONTENT_LENGTH'] == limit
     assert f'MAX_CONTENT_LENGTH={limit}' in (ROOT / 'nginx' / 'Dockerfile').read_text()
+
+
+def test_nginx_runs_one_worker_per_cpu_of_its_limit_in_every_layer() -> None:
+    nginx = deployed_stack()['services']['nginx']
+    cpus = float(nginx['deploy']['resources']['limits']['cpus'])
+    assert cpus.is_integer()
+    workers = str(int(cpus))
+    assert nginx['environment']['NGINX_WORKER_PROCESSES'] == workers
+    assert f'NGINX_WORKER_PROCESSES={workers}' in (ROOT / 'nginx' / 'Dockerfile').read_text()
+    assert NGINX_DEFAULTS['NGINX_WORKER_PROCESSES'] == workers  # the local topology and the bench
+    assert 'worker_processes auto' not in TEMPLATE.read_text()  # auto counts the node's CPUs
 
 
 def test_the_stack_and_the_image_fill_every_placeholder_of_the_template() -> None:

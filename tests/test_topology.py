@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
 from lib.apply_sql import apply_sql
-from scripts.topology import Topology, find_nginx, free_port, topology
+from scripts.topology import NGINX_DEFAULTS, Topology, find_nginx, free_port, topology
 from tests.conftest import AUTH, MODULES, PG, create_database, drop_database
 from tests.tools import LoadThreads, require_tool
 
@@ -125,6 +126,11 @@ def assert_problem(response: requests.Response, status: int) -> dict[str, Any]:
 def test_requests_are_spread_over_every_replica(top: Topology) -> None:
     served = [post(top.url, '/example/').headers.get('X-Served-By') for _ in range(6 * REPLICAS)]
     assert set(served) == {replica.name for replica in top.replicas}, served
+
+
+def test_nginx_runs_the_workers_the_stack_gives_it(top: Topology) -> None:
+    master = psutil.Process(top.nginx.process.pid)
+    assert len(master.children()) == int(NGINX_DEFAULTS['NGINX_WORKER_PROCESSES'])
 
 
 def test_stopping_a_replica_under_load_loses_no_request(top: Topology, db: Any) -> None:
