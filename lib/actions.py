@@ -21,7 +21,7 @@ from marshmallow import Schema
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from lib.auth import authenticate
-from lib.db import connection, give_back_borrowed
+from lib.db import BorrowedConnection, give_back_borrowed
 from lib.decorators import CONN_ATTR, SCHEMA_ATTR, ConnSpec
 from lib.errors import PROBLEM_JSON, ApiError, bad_request, problem_document, to_problem
 from lib.json import JSON_MIMETYPE, contains_nul, dumps
@@ -134,7 +134,7 @@ def run(action: Action, body: dict[str, Any]) -> Any:
     spec = action.conn
     if spec is None:
         return action.function(**kwargs)
-    with connection(spec.database, spec.named, spec.autocommit) as conn:
+    with BorrowedConnection(spec.database, spec.named, spec.autocommit) as conn:
         result = action.function(conn=conn, **kwargs)
         if not conn.autocommit:
             conn.commit()
@@ -167,7 +167,7 @@ def serve(
     (actions and the pools use the context; passing them saves the LocalProxy lookups)."""
     token_label = None
     action = actions.get(route)
-    request_g.request_id = request_id
+    vars(request_g)['request_id'] = request_id  # what `g.request_id = ...` does, without its Python __setattr__
     try:
         token_label = authenticate(environ.get('HTTP_AUTHORIZATION', ''), config['BEARER_TOKENS'])
         if action is None:

@@ -39,7 +39,7 @@ def observed(app: Flask) -> bool:
 
 def push(app: Flask) -> tuple[AppContext, Token[AppContext] | None]:
     """A new app context, made current; give both to `pop` when the request is done."""
-    context = app.app_context()
+    context = AppContext(app)  # what app.app_context() returns
     if observed(app):
         context.push()
         return context, None

@@ -196,7 +196,7 @@ def release_request_connections(_exc: BaseException | None = None) -> None:
 
 def give_back_borrowed(request_g: _AppCtxGlobals) -> None:
     """Give back the connections taken with `get_conn_from_dbname` during the request of `request_g`."""
-    borrowed = request_g.pop('_dbapi_borrowed', None)
+    borrowed = vars(request_g).pop('_dbapi_borrowed', None)  # g.pop(), without its Python method
     for pool, conn in borrowed or ():
         with suppress(PoolClosed):
             pool.putconn(conn)
