@@ -99,9 +99,8 @@ class CoalescingResponse(Response):
     def send_headers(self) -> None:
         if self.headers_sent:
             return
-        lines = self.default_headers()
-        lines.extend(f'{name}: {value}\r\n' for name, value in self.headers)
-        lines.append('\r\n')
+        # A list, not a generator: a generator is resumed once per header (a Python call each).
+        lines = [*self.default_headers(), *[f'{name}: {value}\r\n' for name, value in self.headers], '\r\n']
         head = ''.join(lines).encode('latin-1')
         self.held, self.held_size = [head], len(head)
         self.headers_sent = True
