@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     plan = make_plan(args)
     started = time.monotonic()
+    started_at = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')  # before the run, not after
     tmp = Path(tempfile.mkdtemp(prefix='dbapi-bench-'))
     try:
         results, stats, server = execute(plan, args.recycle, tmp)
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shutil.rmtree(tmp, ignore_errors=True)
     meta = {
-        'started': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
+        'started': started_at,
         'host': socket.gethostname(),
         'cpus': os.cpu_count(),
         'kernel': platform.release(),
