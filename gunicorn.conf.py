@@ -73,6 +73,8 @@ def post_worker_init(worker: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Close this worker's pools so PostgreSQL sees its sessions end instead of dropping."""
-    pools = getattr(getattr(worker, 'wsgi', None), 'extensions', {}).get('dbapi.pools')
+    from lib.db import POOLS_KEY
+
+    pools = getattr(getattr(worker, 'wsgi', None), 'extensions', {}).get(POOLS_KEY)
     if pools is not None:
         pools.close()

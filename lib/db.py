@@ -116,7 +116,8 @@ def decode_utf8_in_c() -> None:
     psycopg2 decodes every result's status line and column names through the connection's
     Python codec (values take its C fast path): for `encodings.utf_8`, one Python call per
     column and one per query. This codec is the same C functions without the wrapper: the
-    same text, errors and replacements.
+    same text, errors and replacements. psycopg2's map of encodings is the process's, so every
+    connection opened after this call (the pools' and any other) decodes through it.
     """
     try:
         codecs.lookup(C_UTF8)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg2
 import pytest
 from gunicorn.config import Config
 from gunicorn.http.wsgi import Response
@@ -77,6 +78,35 @@ def service(database: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) 
 def connect(service: Service) -> tuple[socket.socket, Reader]:
     sock = socket.create_connection(('127.0.0.1', service.port), timeout=READ_TIMEOUT)
     return sock, Reader(sock)
+
+
+def test_stopped_workers_end_their_database_sessions_instead_of_dropping_them(database, tmp_path) -> None:
+    """PostgreSQL counts a session whose client vanished without saying goodbye as abandoned
+    (pg_stat_database.sessions_abandoned). After a SIGTERM no session is: gunicorn.conf.py's
+    worker_exit closes the pools, and a worker's normal exit would close its connections too;
+    a worker that died hard (os._exit, a kill) would leave them abandoned."""
+    admin = psycopg2.connect(**database)
+    admin.autocommit = True
+
+    def sessions() -> tuple[int, int]:
+        with admin.cursor() as cursor:
+            cursor.execute('SELECT pg_stat_clear_snapshot()')
+            cursor.execute(
+                'SELECT sessions, sessions_abandoned FROM pg_stat_database WHERE datname = %s', [database['dbname']]
+            )
+            return cursor.fetchone()
+
+    started, abandoned = sessions()
+    with running_service(database, str(tmp_path)) as service:
+        backends = {service.post('/probe/backend_pid').json() for _ in range(20)}
+        assert backends  # the workers hold pooled sessions
+    deadline = time.monotonic() + 5
+    while sessions()[0] < started + len(backends) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ended, abandoned_after = sessions()
+    admin.close()
+    assert ended >= started + len(backends)  # every worker's session has ended
+    assert abandoned_after == abandoned
 
 
 def test_the_production_worker_is_this_one(service: Service) -> None:
