@@ -213,14 +213,19 @@ class Nginx:
         return subprocess.run(self.command('-t'), capture_output=True, text=True, timeout=30, check=False)
 
     def start(self) -> None:
-        checked = self.test()
-        if checked.returncode != 0:
-            raise TopologyError(f'nginx -t rejected {self.conf}:\n{checked.stderr}')
-        with self.stderr_path.open('ab') as stderr:
-            self.process = subprocess.Popen(
-                self.command('-g', 'daemon off;'), stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
-            )
-        wait_until(self.listening, START_TIMEOUT_SECONDS, f'nginx did not listen on {self.url}')
+        """Check, start and wait until it listens; a failure stops it and removes its prefix."""
+        try:
+            checked = self.test()
+            if checked.returncode != 0:
+                raise TopologyError(f'nginx -t rejected {self.conf}:\n{checked.stderr}')
+            with self.stderr_path.open('ab') as stderr:
+                self.process = subprocess.Popen(
+                    self.command('-g', 'daemon off;'), stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
+                )
+            wait_until(self.listening, START_TIMEOUT_SECONDS, f'nginx did not listen on {self.url}')
+        except BaseException:
+            self.stop()  # callers stop what started; one that failed to start leaves nothing behind
+            raise
 
     def listening(self) -> bool:
         if self.process is None or self.process.poll() is not None:

@@ -179,6 +179,16 @@ def test_nginx_accepts_the_local_rendering(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stderr
 
 
+def test_nginx_that_fails_to_start_leaves_no_prefix_behind(tmp_path: Path) -> None:
+    require_tool(find_nginx(), 'nginx')
+    nginx = Nginx(tmp_path, [free_port()], NGINX_RATE_LIMIT='not-a-rate')
+    with pytest.raises(TopologyError, match='nginx -t rejected'):
+        nginx.start()
+    assert nginx.process is None
+    if nginx.prefix != nginx.directory:  # as root: a directory of its own under /tmp
+        assert not nginx.prefix.exists()
+
+
 def test_nginx_accepts_the_swarm_rendering(tmp_path: Path) -> None:
     """The stack's values; an nginx older than 1.27.3 (Debian 12 has 1.22) lacks `resolve` and
     cannot resolve tasks.api here, so it checks everything else: the same line without both."""
