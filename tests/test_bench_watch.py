@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import psycopg2
 import pytest
 
 from bench import database as bench_database
 from bench.database import ConnectionWatch
-
-
-def wait_for(condition: Any, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
+from scripts.topology import wait_until
 
 
 @pytest.fixture
@@ -42,7 +36,7 @@ def test_the_peak_counts_only_the_watched_workers_sessions(watch, sessions):
     watch.watch(lambda: workers)
     sessions('dbapi:101', 'dbapi:102', 'dbapi:999')  # 999: another server's worker
     with watch:
-        wait_for(lambda: watch.peak >= 2)
+        wait_until(lambda: watch.peak >= 2, 5, 'the watch did not see both sessions')
         time.sleep(0.3)  # about 15 more polls
     assert watch.peak == 2
 
@@ -52,11 +46,11 @@ def test_the_workers_are_looked_up_again_only_when_an_unknown_session_appears(wa
     watch.watch(lambda: workers)
     sessions('dbapi:201')
     with watch:
-        wait_for(lambda: watch.peak == 1)
+        wait_until(lambda: watch.peak == 1, 5, 'the watch did not see the session')
         time.sleep(0.5)  # ~25 polls of known sessions: no lookup
         assert watch.lookups == 1
         workers.append(203)  # a recycled worker, say: found at the next lookup
         sessions('dbapi:202', 'dbapi:203')
-        wait_for(lambda: watch.peak == 3)
+        wait_until(lambda: watch.peak == 3, 5, "the watch did not see the new worker's session")
     assert watch.peak == 3
     assert watch.lookups == 2

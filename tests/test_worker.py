@@ -22,6 +22,7 @@ from gunicorn.config import Config
 from gunicorn.http.wsgi import Response
 
 from lib.gunicorn_worker import CoalescingResponse, DrainingKeepAliveWorker, freeze_settings, open_client
+from scripts.topology import wait_until
 from tests.service import TOKEN, Service, running_service
 
 READ_TIMEOUT = 10.0
@@ -100,9 +101,7 @@ def test_stopped_workers_end_their_database_sessions_instead_of_dropping_them(da
     with running_service(database, str(tmp_path)) as service:
         backends = {service.post('/probe/backend_pid').json() for _ in range(20)}
         assert backends  # the workers hold pooled sessions
-    deadline = time.monotonic() + 5
-    while sessions()[0] < started + len(backends) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: sessions()[0] >= started + len(backends), 5, "the workers' sessions did not end")
     ended, abandoned_after = sessions()
     admin.close()
     assert ended >= started + len(backends)  # every worker's session has ended
