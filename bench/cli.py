@@ -34,7 +34,7 @@ from bench.plot import write_plot
 from bench.report import update_readme, write_json, write_markdown
 from bench.servers import REPO, VENV_BIN, Server, gunicorn_command, serve
 from bench.service import PATHS, service_env
-from bench.targets import ServerStats, Verdict, evaluate
+from bench.targets import BARE, ServerStats, Verdict, evaluate
 from bench.wrk import run_wrk
 
 RESULTS = REPO / 'bench' / 'results'
@@ -202,6 +202,10 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
             hello = stack.enter_context(serve('hello', gunicorn_command('bench.hello:app'), env, tmp, probe='/'))
             run.urls['wsgi hello'] = hello.url
             run.scenarios['wsgi hello'] = ('foo',)
+        if 'read' in plan.scenarios:
+            bare = stack.enter_context(serve(BARE, gunicorn_command('bench.bare:app'), env, tmp, probe='/'))
+            run.urls[BARE] = bare.url
+            run.scenarios[BARE] = ('read',)
         app = stack.enter_context(app_server(env, tmp))
         run.urls['app direct'] = app.url
         watch.watch(lambda: [worker.pid for worker in app.workers()])

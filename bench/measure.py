@@ -9,7 +9,7 @@ from typing import Any
 @dataclass(slots=True)
 class Measurement:
     scenario: str  # foo, read, upsert, rows
-    series: str  # app direct, app nginx, wsgi hello, pgbench simple, pgbench prepared, pgbench json_agg
+    series: str  # app direct, app nginx, wsgi hello, wsgi psycopg2, pgbench simple, pgbench prepared, pgbench json_agg
     connections: int
     rps: float
     p50_ms: float

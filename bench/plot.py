@@ -6,8 +6,9 @@ from pathlib import Path
 
 from bench.measure import Measurement
 from bench.report import SCENARIO_NAMES
+from bench.targets import BARE
 
-REFERENCES = ('wsgi hello', 'pgbench simple', 'pgbench prepared', 'pgbench json_agg')
+REFERENCES = ('wsgi hello', BARE, 'pgbench simple', 'pgbench prepared', 'pgbench json_agg')
 
 
 def write_plot(path: Path, results: list[Measurement], title: str) -> None:

@@ -10,6 +10,7 @@ from bench.measure import Measurement, find
 
 AT = 8  # connections, unless a target says otherwise
 MAIN_SERIES = frozenset({'app direct', 'app nginx'})
+BARE = 'wsgi psycopg2'  # bench/bare.py: the read's floor, the same server and driver without the framework
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,17 @@ def candidate_figures(results: list[Measurement]) -> list[Verdict]:
     return figures
 
 
+def floor_figures(results: list[Measurement]) -> list[Verdict]:
+    """Where the read target sits against what the server and driver alone reach (INFO)."""
+    if find(results, 'read', BARE, AT) is None:
+        return []
+    floor = ratio_target(
+        results, 'bare WSGI + psycopg2 read (no framework)', ('read', BARE), ('read', 'pgbench simple'), 0.15, True
+    )
+    framework = ratio_target(results, 'read by key, app / bare read', ('read', 'app direct'), ('read', BARE), 1, True)
+    return [info(floor), Verdict(framework.what, 'no target', framework.measured, 'INFO')]
+
+
 def info(verdict: Verdict) -> Verdict:
     return Verdict(verdict.what, verdict.target, verdict.measured, 'INFO')
 
@@ -140,4 +152,4 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
         lambda: memory_target(stats),
         lambda: connections_target(stats),
     ]
-    return [check() for check in checks] + candidate_figures(results)
+    return [check() for check in checks] + floor_figures(results) + candidate_figures(results)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.targets import shown
+from bench.measure import Measurement
+from bench.targets import BARE, evaluate, shown
 
 
 @pytest.mark.parametrize(
@@ -20,3 +21,24 @@ from bench.targets import shown
 )
 def test_a_ratio_never_prints_as_its_target_unless_it_is(ratio: float, limit: float, text: str) -> None:
     assert shown(ratio, limit) == text
+
+
+def reads(**rps: float) -> list[Measurement]:
+    return [Measurement('read', series, 8, rate, 1.0, 2.0, 1.0, int(rate), 0, 0) for series, rate in rps.items()]
+
+
+def test_the_bare_read_is_reported_beside_the_targets_never_as_one() -> None:
+    results = reads(**{'pgbench simple': 40_000, BARE: 6_000, 'app direct': 4_500, 'app nginx': 3_600})
+    verdicts = evaluate(results, None)
+    figures = {v.what: v for v in verdicts if v.status == 'INFO'}
+    floor = figures['bare WSGI + psycopg2 read (no framework)']
+    assert floor.measured == '0.15x (6,000 / 40,000 /s)'
+    assert figures['read by key, app / bare read'].measured == '0.75x (4,500 / 6,000 /s)'
+    # The targets themselves are judged as before: the floor never replaces the reference.
+    direct = next(v for v in verdicts if v.what == 'read by key, direct')
+    assert (direct.measured, direct.status) == ('0.11x (4,500 / 40,000 /s)', 'FAIL')
+
+
+def test_no_bare_read_no_figures() -> None:
+    verdicts = evaluate(reads(**{'pgbench simple': 40_000, 'app direct': 4_500}), None)
+    assert not [v for v in verdicts if 'bare' in v.what]
