@@ -10,6 +10,9 @@ from bench.measure import Measurement, find
 
 AT = 8  # connections, unless a target says otherwise
 MAIN_SERIES = frozenset({'app direct', 'app nginx'})
+# The targets measured for more than the production server (candidates, the bare read): one number each.
+READ_RATIO = 0.15  # read by key, against pgbench -M simple
+FOO_RATIO = 0.6  # example/foo, against the WSGI hello on the same server
 BARE = 'wsgi psycopg2'  # bench/bare.py: the read's floor, the same server and driver without the framework
 
 
@@ -111,10 +114,10 @@ def candidate_figures(results: list[Measurement]) -> list[Verdict]:
     figures = []
     for name in names:
         read = ratio_target(
-            results, f'{name}: read by key', ('read', f'app {name}'), ('read', 'pgbench simple'), 0.15, True
+            results, f'{name}: read by key', ('read', f'app {name}'), ('read', 'pgbench simple'), READ_RATIO, True
         )
         foo = ratio_target(
-            results, f'{name}: foo vs its hello', ('foo', f'app {name}'), ('foo', f'wsgi hello {name}'), 0.6, True
+            results, f'{name}: foo vs its hello', ('foo', f'app {name}'), ('foo', f'wsgi hello {name}'), FOO_RATIO, True
         )
         mine = find(results, 'read', f'app {name}', AT)
         p99 = f'{mine.p99_ms:.2f} ms' if mine else 'not measured'
@@ -127,7 +130,12 @@ def floor_figures(results: list[Measurement]) -> list[Verdict]:
     if find(results, 'read', BARE, AT) is None:
         return []
     floor = ratio_target(
-        results, 'bare WSGI + psycopg2 read (no framework)', ('read', BARE), ('read', 'pgbench simple'), 0.15, True
+        results,
+        'bare WSGI + psycopg2 read (no framework)',
+        ('read', BARE),
+        ('read', 'pgbench simple'),
+        READ_RATIO,
+        True,
     )
     framework = ratio_target(results, 'read by key, app / bare read', ('read', 'app direct'), ('read', BARE), 1, True)
     return [info(floor), Verdict(framework.what, 'no target', framework.measured, 'INFO')]
@@ -140,11 +148,11 @@ def info(verdict: Verdict) -> Verdict:
 def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verdict]:
     checks: list[Callable[[], Verdict]] = [
         lambda: ratio_target(
-            results, 'read by key, direct', ('read', 'app direct'), ('read', 'pgbench simple'), 0.15, True
+            results, 'read by key, direct', ('read', 'app direct'), ('read', 'pgbench simple'), READ_RATIO, True
         ),
         lambda: ratio_target(results, 'read by key, nginx', ('read', 'app nginx'), ('read', 'app direct'), 0.8, True),
         lambda: ratio_target(
-            results, 'example/foo vs WSGI hello', ('foo', 'app direct'), ('foo', 'wsgi hello'), 0.6, True
+            results, 'example/foo vs WSGI hello', ('foo', 'app direct'), ('foo', 'wsgi hello'), FOO_RATIO, True
         ),
         lambda: rows_target(results),
         lambda: p99_target(results),

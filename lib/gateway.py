@@ -4,9 +4,8 @@ An action request needs auth, a body, validation, a connection and a JSON answer
 per-request machinery around that (request context, routing, hooks, response object) cost
 about two thirds of its CPU time (bench.micro). The gateway calls the same `serve()` the
 blueprint's Flask view does, inside an app context (lib/app_context.py) so actions keep `g`
-and `current_app`,
-and passes everything that is not a POST to a registered module on to Flask: health, the
-JSON 404 of unknown paths, the 405 of other methods.
+and `current_app`, and passes everything that is not a POST to a registered module on to
+Flask: health, the JSON 404 of unknown paths, the 405 of other methods.
 """
 
 from __future__ import annotations
