@@ -95,10 +95,28 @@ class ProcessFileHandler(logging.Handler):
         """Write one formatted line (the caller holds `self.lock`, as `Handler.handle` does)."""
         self.emit_bytes((text + '\n').encode('utf-8'), created)
 
-    def emit_bytes(self, line: bytes, created: float) -> None:
-        """Write one line already encoded, its newline included (the caller holds `self.lock`)."""
+    def emit_bytes(self, line: bytes, now: float) -> None:
+        """Write one line already encoded, its newline included (the caller holds `self.lock`).
+
+        One function, not a `try` around a helper: it runs for every access record."""
         try:
-            self._write(line, created)
+            if self._pid != process.pid or self._fd is None:
+                if self._fd is None and now - self._failed_at < RETRY_SECONDS:
+                    raise OSError(f'{self.path or self.directory}: still failing, retried every {RETRY_SECONDS:g} s')
+                self._open()
+            elif now - self._checked_at >= RECHECK_SECONDS:
+                self._recheck(now)
+            if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
+                self._rotate()
+            if self._torn:
+                line = b'\n' + line
+                self._torn = False
+            view = memoryview(line)
+            while view:
+                written = os.write(self._fd, view)  # type: ignore[arg-type]
+                self._size += written
+                view = view[written:]
+                self._torn = bool(view)
         except OSError as error:
             self._failed(error, line)
 
@@ -106,25 +124,6 @@ class ProcessFileHandler(logging.Handler):
         with self.lock:
             self._close_file()
         super().close()
-
-    def _write(self, line: bytes, now: float) -> None:
-        if self._pid != process.pid or self._fd is None:
-            if self._fd is None and now - self._failed_at < RETRY_SECONDS:
-                raise OSError(f'{self.path or self.directory}: still failing, retried every {RETRY_SECONDS:g} s')
-            self._open()
-        elif now - self._checked_at >= RECHECK_SECONDS:
-            self._recheck(now)
-        if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
-            self._rotate()
-        if self._torn:
-            line = b'\n' + line
-            self._torn = False
-        view = memoryview(line)
-        while view:
-            written = os.write(self._fd, view)  # type: ignore[arg-type]
-            self._size += written
-            view = view[written:]
-            self._torn = bool(view)
 
     def _open(self) -> None:
         if self._pid != process.pid:

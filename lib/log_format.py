@@ -26,6 +26,9 @@ ECS_VERSION = '8.11.0'
 # OrjsonFormatter's options (its jsonify_log_record), with the line's newline added by orjson.
 LINE_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
 FIELDS_ATTR = 'ecs'  # `log.info(..., extra={'ecs': {'dbapi.x': 1}})` adds fields under their own names
+# The names of the levels lines are written at (`logging.getLevelName` is a Python call a line);
+# any other level is looked up.
+LEVEL_NAMES = {level: logging.getLevelName(level) for level in (logging.INFO, logging.WARNING, logging.ERROR)}
 
 
 class RequestIdSlot(threading.local):
@@ -50,14 +53,21 @@ class RequestIdSlot(threading.local):
 
 current_request_id = RequestIdSlot()
 
+
+class ThreadName(threading.local):
+    """This thread's name, read once per thread (`threading.local` runs `__init__` in each
+    thread at its first use): `threading.current_thread().name` was two Python calls on every
+    access record. A thread renamed after its first line keeps its first name in later lines;
+    nothing here renames threads (gunicorn's workers serve from their main thread)."""
+
+    def __init__(self) -> None:
+        self.name = threading.current_thread().name
+
+
+thread_name = ThreadName()
+
 # strftime once a second, not once a record
 _second_prefix = SecondText(lambda second: time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second)))
-
-
-def utc_timestamp(created: float) -> str:
-    """ISO-8601 in UTC with milliseconds and `Z`, as Elasticsearch's `date` reads it."""
-    second = int(created)
-    return f'{_second_prefix.at(second)}.{int((created - second) * 1000):03d}Z'
 
 
 def static_fields() -> dict[str, Any]:
@@ -95,9 +105,13 @@ class EcsFormatter(OrjsonFormatter):
     def base_fields(
         self, created: float, level: str, logger: str, message: str, pid: int | None, thread: str | None
     ) -> dict[str, Any]:
-        """The fields every line starts with, the request id of the current request included."""
+        """The fields every line starts with, the request id of the current request included.
+
+        `@timestamp` is ISO-8601 in UTC with milliseconds and `Z`, as Elasticsearch's `date`
+        reads it (built here, not by a function of its own: this runs for every line)."""
+        second = int(created)
         fields = {
-            '@timestamp': utc_timestamp(created),
+            '@timestamp': f'{_second_prefix.at(second)}.{int((created - second) * 1000):03d}Z',
             'log.level': level.lower(),
             'log.logger': logger,
             'message': message,
@@ -114,7 +128,7 @@ class EcsFormatter(OrjsonFormatter):
         """The line `format()` makes of a record with no exception and `fields` as its `ecs` extra,
         encoded and with its newline, without a LogRecord (the access record's hot path,
         `log_fields` below): orjson's bytes go to the file as they are."""
-        log_data = self.base_fields(created, level, logger, message, process.pid, threading.current_thread().name)
+        log_data = self.base_fields(created, level, logger, message, process.pid, thread_name.name)
         log_data.update(fields)
         try:
             return orjson.dumps(log_data, default=self.json_default, option=LINE_OPTIONS)
@@ -157,7 +171,7 @@ def log_fields(logger: logging.Logger, level: int, message: str, fields: dict[st
         logger.handle(record)
         return
     created = time.time()
-    level_name = logging.getLevelName(level)
+    level_name = LEVEL_NAMES.get(level) or logging.getLevelName(level)
     for handler in handlers:
         line = handler.formatter.format_fields(created, level_name, logger.name, message, fields)  # type: ignore[union-attr]
         with handler.lock:  # type: ignore[union-attr]

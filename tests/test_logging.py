@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -667,6 +668,21 @@ def test_log_fields_writes_the_line_the_formatter_writes(
     assert short.pop('@timestamp') and usual.pop('@timestamp')
     assert short == usual
     assert short['message'] == f'POST {path} 200' and short['url.path'] == path
+
+
+def test_log_fields_names_the_thread_that_wrote_each_line(lone_logger: logging.Logger, tmp_path: Path) -> None:
+    """The short path keeps each thread's name per thread (log_format.ThreadName), as the
+    LogRecord path reads it: lines from two threads name their own."""
+    handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=0, backup_count=0)
+    handler.setFormatter(EcsFormatter())
+    lone_logger.addHandler(handler)
+    log_format.log_fields(lone_logger, logging.INFO, 'main', {})
+    arguments = (lone_logger, logging.INFO, 'other', {})
+    other = threading.Thread(target=log_format.log_fields, args=arguments, name='other-7')
+    other.start()
+    other.join()
+    names = {line['message']: line['process.thread.name'] for line in read_lines(tmp_path)}
+    assert names == {'main': threading.current_thread().name, 'other': 'other-7'}
 
 
 @pytest.mark.parametrize('other', ['a plain handler', 'a filter on the handler', 'a filter on the logger'])
