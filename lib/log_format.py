@@ -68,6 +68,8 @@ thread_name = ThreadName()
 
 # strftime once a second, not once a record
 _second_prefix = SecondText(lambda second: time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second)))
+# `.000Z` ... `.999Z`, looked up: formatting the milliseconds was a third of a line's base fields
+_MILLIS_SUFFIX = tuple(f'.{millis:03d}Z' for millis in range(1000))
 
 
 def static_fields() -> dict[str, Any]:
@@ -111,7 +113,7 @@ class EcsFormatter(OrjsonFormatter):
         reads it (built here, not by a function of its own: this runs for every line)."""
         second = int(created)
         fields = {
-            '@timestamp': f'{_second_prefix.at(second)}.{int((created - second) * 1000):03d}Z',
+            '@timestamp': _second_prefix.at(second) + _MILLIS_SUFFIX[int((created - second) * 1000)],
             'log.level': level.lower(),
             'log.logger': logger,
             'message': message,

@@ -5,6 +5,7 @@ fork, deletion, an unwritable directory). The multi-process checks are in test_l
 
 from __future__ import annotations
 
+import datetime
 import gc
 import json
 import logging
@@ -128,6 +129,17 @@ def test_access_record_fields(small_app: Flask, log_dir: str) -> None:
     assert record['client.ip'] == '127.0.0.1'
     assert record['user_agent.original'] == 'backend/1.2'
     assert record['message'].startswith('POST /probe/big 200 ')
+    # Milliseconds to 3 places, in the number and in the message, rounded from the nanoseconds.
+    assert record['duration_ms'] == (record['event.duration'] + 500) // 1000 / 1000
+    assert record['message'].endswith(f' {record["duration_ms"]:.3f}ms')
+
+
+@pytest.mark.parametrize('fraction', [0.0, 0.0004, 0.0015, 0.5, 0.9996])
+def test_timestamps_are_utc_with_milliseconds_cut_not_rounded(fraction: float) -> None:
+    created = 1_700_000_000 + fraction
+    fields = EcsFormatter().base_fields(created, 'INFO', 'dbapi', 'x', 1, 'MainThread')
+    expected = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(timespec='milliseconds')
+    assert fields['@timestamp'] == expected.replace('+00:00', 'Z')
 
 
 def test_made_up_actions_are_not_named_as_actions(small_app: Flask, log_dir: str) -> None:
