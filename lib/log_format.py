@@ -26,8 +26,8 @@ ECS_VERSION = '8.11.0'
 # OrjsonFormatter's options (its jsonify_log_record), with the line's newline added by orjson.
 LINE_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
 FIELDS_ATTR = 'ecs'  # `log.info(..., extra={'ecs': {'dbapi.x': 1}})` adds fields under their own names
-# The names of the levels lines are written at (`logging.getLevelName` is a Python call a line);
-# any other level is looked up.
+# The names of the levels lines are written at, as named when this module loads
+# (`logging.getLevelName` is a Python call a line); any other level is looked up.
 LEVEL_NAMES = {level: logging.getLevelName(level) for level in (logging.INFO, logging.WARNING, logging.ERROR)}
 
 
