@@ -55,6 +55,8 @@ PROXY_HOPS = os.getenv('PROXY_HOPS', '0')
 # Database pools: one per named database per process.
 POOL_SIZE = os.getenv('POOL_SIZE', '4')
 POOL_TIMEOUT = os.getenv('POOL_TIMEOUT', '5')
+POOL_MAX_LIFETIME = os.getenv('POOL_MAX_LIFETIME', '1800')  # seconds, less a random 0-10%
+POOL_MAX_IDLE = os.getenv('POOL_MAX_IDLE', '600')  # seconds
 CONNECT_TIMEOUT = os.getenv('CONNECT_TIMEOUT', '3')
 STATEMENT_TIMEOUT = os.getenv('STATEMENT_TIMEOUT', '30000')  # milliseconds
 

@@ -92,6 +92,8 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         'PROXY_HOPS': settings.PROXY_HOPS,
         'POOL_SIZE': settings.POOL_SIZE,
         'POOL_TIMEOUT': settings.POOL_TIMEOUT,
+        'POOL_MAX_LIFETIME': settings.POOL_MAX_LIFETIME,
+        'POOL_MAX_IDLE': settings.POOL_MAX_IDLE,
         'CONNECT_TIMEOUT': settings.CONNECT_TIMEOUT,
         'STATEMENT_TIMEOUT': settings.STATEMENT_TIMEOUT,
     }
@@ -113,6 +115,8 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         PROXY_HOPS=parse_int('PROXY_HOPS', raw['PROXY_HOPS']),
         POOL_SIZE=parse_int('POOL_SIZE', raw['POOL_SIZE'], minimum=1),
         POOL_TIMEOUT=parse_float('POOL_TIMEOUT', raw['POOL_TIMEOUT']),
+        POOL_MAX_LIFETIME=parse_float('POOL_MAX_LIFETIME', raw['POOL_MAX_LIFETIME']),
+        POOL_MAX_IDLE=parse_float('POOL_MAX_IDLE', raw['POOL_MAX_IDLE']),
         CONNECT_TIMEOUT=parse_int('CONNECT_TIMEOUT', raw['CONNECT_TIMEOUT'], minimum=1),
         STATEMENT_TIMEOUT=parse_int('STATEMENT_TIMEOUT', raw['STATEMENT_TIMEOUT']),
     )

@@ -2,12 +2,14 @@
 
 Modelled on psycopg_pool: a paired `getconn()`/`putconn()` under a `connection()` context
 manager, one deadline for the wait, every returned connection checked (rolled back if it is
-in a transaction, dropped if broken), and errors that subclass psycopg2's OperationalError
-so callers that handle database outages handle the pool's too.
+in a transaction, dropped if broken), connections retired after `max_lifetime` (jittered) or
+`max_idle` seconds, and errors that subclass psycopg2's OperationalError so callers that
+handle database outages handle the pool's too.
 """
 
 from __future__ import annotations
 
+import random
 import select
 import threading
 import time
@@ -38,31 +40,66 @@ class PoolClosed(PoolError):
     """The pool was closed (the process is shutting down)."""
 
 
+# A connection lives between 90% and 100% of max_lifetime, so connections opened together
+# (every worker at start) are not all retired, and reopened, at the same moment.
+LIFETIME_JITTER = 0.1
+
+
 def is_broken(conn: Connection) -> bool:
     """True when an idle connection can no longer be used.
 
     An idle connection's socket has nothing to read unless the server sent something on its
     own: a termination notice (restart, pg_terminate_backend) or EOF. A zero-timeout poll
     costs one system call, far less than a `SELECT 1` round trip on every checkout.
+    `poll`, not `select`: select() cannot watch a descriptor >= FD_SETSIZE (1024), so in a
+    process with many open files every connection would look broken and be reopened.
     """
     if conn.closed:
         return True
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)  # POLLERR, POLLHUP, POLLNVAL come anyway
+        return bool(poller.poll(0))
     except (OSError, ValueError, psycopg2.Error):
         return True
-    return bool(readable)
+
+
+def jittered(lifetime: float) -> float:
+    """`lifetime` shortened by a random 0 to LIFETIME_JITTER of itself."""
+    return lifetime * (1.0 - LIFETIME_JITTER * random.random())  # noqa: S311 - spreads reconnects, guards nothing
 
 
 class ConnectionPool:
-    """At most `max_size` connections to one database, opened on demand."""
+    """At most `max_size` connections to one database, opened on demand.
 
-    def __init__(self, name: str, params: dict[str, Any], max_size: int, timeout: float) -> None:
+    A connection is retired (closed, its slot freed) once it has lived `max_lifetime` seconds
+    (less a random 0-10%) or sat idle `max_idle` seconds, checked only when it is returned or
+    about to be borrowed: never while a caller holds it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        params: dict[str, Any],
+        max_size: int,
+        timeout: float,
+        max_lifetime: float = 1800.0,
+        max_idle: float = 600.0,
+    ) -> None:
+        for label, value in (('max_lifetime', max_lifetime), ('max_idle', max_idle)):
+            if not value > 0:
+                raise ValueError(f'{label}={value!r} must be more than 0 seconds')
         self.name = name
         self.max_size = max_size
         self.timeout = timeout
+        self.max_lifetime = max_lifetime
+        self.max_idle = max_idle
         self._params = params
-        self._idle: deque[Connection] = deque()
+        # Idle connections with the monotonic time they were returned, oldest return first.
+        self._idle: deque[tuple[Connection, float]] = deque()
+        # id(conn) -> (opened at, retire at), monotonic, for every connection the pool opened
+        # and has not closed: the pool's bookkeeping stays out of the psycopg2 objects.
+        self._ages: dict[int, tuple[float, float]] = {}
         self._opened = 0
         self._closed = False
         # The plain lock for short critical sections (its `with` is C; a Condition's is Python),
@@ -78,24 +115,38 @@ class ConnectionPool:
     def stats(self) -> dict[str, int]:
         return {'open': self._opened, 'idle': len(self._idle), 'max': self.max_size}
 
+    def lifetime(self, conn: Connection) -> float:
+        """The seconds `conn` may live in this pool (max_lifetime, jittered)."""
+        opened_at, retire_at = self._ages[id(conn)]
+        return retire_at - opened_at
+
     def getconn(self, timeout: float | None = None) -> Connection:
-        """A healthy connection, waiting at most `timeout` seconds for one to be free."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        """A healthy connection, younger than its lifetime and idle less than max_idle, waiting
+        at most `timeout` seconds for one to be free.
+
+        `now` is read once: a connection that arrives while this call waits was returned
+        after `now` and checked then, so it is at most the wake-up latency older than seen.
+        """
+        now = time.monotonic()
+        deadline = now + (self.timeout if timeout is None else timeout)
+        idle_cutoff = now - self.max_idle
         while True:
-            conn = self._reserve(deadline)
-            if conn is None:
+            entry = self._reserve(deadline, idle_cutoff)
+            if entry is None:
                 return self._open()
-            if not is_broken(conn):
+            conn, returned_at = entry
+            if returned_at > idle_cutoff and now < self._ages[id(conn)][1] and not is_broken(conn):
                 return conn
             self._discard(conn)
 
     def putconn(self, conn: Connection) -> None:
-        """Give a connection back, clean: rolled back if needed, dropped if broken."""
-        if self._closed or not self._reset(conn):
+        """Give a connection back, clean: rolled back if needed, dropped if broken or too old."""
+        now = time.monotonic()
+        if self._closed or now >= self._retire_at(conn) or not self._reset(conn):
             self._discard(conn)
             return
         with self._lock:
-            self._idle.append(conn)
+            self._idle.append((conn, now))
             self._wake_one()
 
     @contextmanager
@@ -111,17 +162,25 @@ class ConnectionPool:
             self._closed = True
             idle, self._idle = list(self._idle), deque()
             self._cond.notify_all()
-        for conn in idle:
+        for conn, _ in idle:
             self._discard(conn)
 
-    def _reserve(self, deadline: float) -> Connection | None:
-        """An idle connection, or None when the caller may open a new one (a slot is taken)."""
+    def _reserve(self, deadline: float, idle_cutoff: float) -> tuple[Connection, float] | None:
+        """An idle connection with its return time, or None when the caller may open a new one
+        (a slot is taken).
+
+        LIFO, the warmest connection, so the others age out; but when the oldest return is
+        before `idle_cutoff` that one comes first, for the caller to close: with LIFO alone
+        the connections at the bottom would never be looked at while load is light.
+        """
         with self._lock:
             while True:
                 if self._closed:
                     raise PoolClosed(f'pool {self.name!r} is closed')
                 if self._idle:
-                    return self._idle.pop()  # LIFO: the warmest connection, the others may age out
+                    if self._idle[0][1] <= idle_cutoff:
+                        return self._idle.popleft()
+                    return self._idle.pop()
                 if self._opened < self.max_size:
                     self._opened += 1
                     return None
@@ -138,10 +197,20 @@ class ConnectionPool:
 
     def _open(self) -> Connection:
         try:
-            return psycopg2.connect(**self._params)
+            conn = psycopg2.connect(**self._params)
         except BaseException:
             self._release_slot()
             raise
+        opened_at = time.monotonic()
+        self._ages[id(conn)] = (opened_at, opened_at + jittered(self.max_lifetime))
+        return conn
+
+    def _retire_at(self, conn: Connection) -> float:
+        """When `conn` must be closed; a connection this pool did not open is refused."""
+        ages = self._ages.get(id(conn))
+        if ages is None:
+            raise ValueError(f'{conn!r} was not opened by pool {self.name!r}: it cannot be returned to it')
+        return ages[1]
 
     def _reset(self, conn: Connection) -> bool:
         """Bring a returned connection back to idle; False when it must be dropped."""
@@ -161,6 +230,7 @@ class ConnectionPool:
     def _discard(self, conn: Connection) -> None:
         with suppress(psycopg2.Error):
             conn.close()
+        self._ages.pop(id(conn), None)
         self._release_slot()
 
     def _release_slot(self) -> None:
