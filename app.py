@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask
 from flask_compress import Compress
 
-from lib import access_log, db, errors, gateway, health, http
+from lib import db, errors, gateway, health
 from lib.config import ConfigError, build_config
 from lib.errors import PROBLEM_JSON
 from lib.json import JSON_MIMETYPE, ORJSONProvider
@@ -30,18 +30,15 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     # `//` in a path would be answered with an HTML 308 redirect (routing bypasses the error
     # handlers); a POST API has one spelling per action, anything else is a JSON 404.
     app.url_map.merge_slashes = False
-    http.init_app(app)
     app.extensions['compress'] = Compress(app)
     errors.init_app(app)
     db.init_app(app)
     app.register_blueprint(health.blueprint)
     for name in config['MODULES']:
         app.register_blueprint(import_module(name).blueprint)
-    # WSGI layers, innermost first: the gateway serves module actions without Flask's
-    # per-request machinery (lib/gateway.py); the access record wraps everything, so it sees
-    # every request whichever layer answers and whatever fails (lib/access_log.py).
+    # The WSGI entry: request scope and access record for every request, and the one path of
+    # action requests; the rest goes to Flask (lib/gateway.py).
     gateway.init_app(app)
-    access_log.init_app(app)
     return app
 
 

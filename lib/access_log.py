@@ -1,16 +1,11 @@
-"""One access record per request, written when the response has been sent (or handed to the
-server whole, for a body the app made whole).
+"""One access record per request, written when its answer has been handed to the server whole
+or, for a streamed body, when the body has been sent (or the exchange failed).
 
 It answers "what happened to request X, who called, how long did it take, what failed"
-without ever holding a body, a token or a submitted value.
-
-The record is written by a WSGI wrapper around the whole Flask app, not by an `after_request`
-hook: hooks are skipped when something fails late enough (a hook that raises, an exception
-that escapes Flask, a worker told to stop mid-request), and a record missing exactly then is
-the worst kind of missing. The wrapper sees every request: it writes the record when the
-body has been sent (or the exchange failed), with the real status and bytes. Flask adds what
-only it knows (module, action, token label, the failure) through the WSGI environ, from a
-`teardown_request` hook, which Flask always runs.
+without ever holding a body, a token or a submitted value. `lib.gateway` opens an `Exchange`
+for every request before anything else runs, so a request that fails anywhere, in the app or in
+Flask, still gets its record; what the path learned (module, action, caller, the problem) it
+reads from the request's scope.
 """
 
 from __future__ import annotations
@@ -24,15 +19,12 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from typing import Any
 
-from flask import Flask, current_app, g, request
-
 from lib.errors import SQLSTATE_STATUS, ApiError
-from lib.http import settle_request_id
-from lib.log_format import current_request_id, log_fields
+from lib.log_format import FIELDS_ATTR, current_request_id
+from lib.scope import RequestScope
 
 log = logging.getLogger('dbapi.access')
 
-FLASK_KEY = 'dbapi.access'  # environ key: what Flask knew about the request
 # Database messages can quote the submitted values ('invalid input syntax for type integer: "42x"'):
 # for these failures the record names the kind and the constraint, never the message.
 DATABASE_SLUGS = frozenset(slug for _, slug in SQLSTATE_STATUS.values())
@@ -111,28 +103,20 @@ def problem_fields(problem: ApiError) -> dict[str, Any]:
     return fields
 
 
-def remember_request(_: BaseException | None = None) -> None:
-    """`teardown_request`: leave what Flask knows in the environ for the record (always runs)."""
-    module = request.blueprint
-    action = (request.view_args or {}).get('route')
-    actions = getattr(current_app.blueprints.get(module or ''), 'actions', None)
-    if actions is None or action not in actions:
-        action = None  # only real actions: a scanner's made-up names stay in url.path
-    request.environ[FLASK_KEY] = (module, action, g.get('token_label'), g.get('problem'))
-
-
 class Exchange:
-    """One request on its way through the wrapper; `finish` writes its record exactly once."""
+    """One request on its way through the app; `finish` writes its record exactly once."""
 
-    __slots__ = ('environ', 'request_id', 'sent', 'server_start_response', 'started_ns', 'status', 'wrapper')
+    __slots__ = ('environ', 'records', 'scope', 'sent', 'server_start_response', 'started_ns', 'status')
 
-    def __init__(self, wrapper: AccessLog, environ: WSGIEnviron, start_response: StartResponse) -> None:
+    def __init__(
+        self, records: AccessRecords, environ: WSGIEnviron, scope: RequestScope, start_response: StartResponse
+    ) -> None:
         self.started_ns = time.perf_counter_ns()
-        self.wrapper = wrapper
+        self.records = records
         self.environ = environ
+        self.scope = scope
         self.server_start_response = start_response
-        self.request_id = settle_request_id(environ)
-        current_request_id.value = self.request_id
+        current_request_id.value = scope.request_id
         self.status = 0
         self.sent = 0
 
@@ -145,11 +129,11 @@ class Exchange:
             return
         duration_ns = time.perf_counter_ns() - self.started_ns
         self.started_ns = 0
-        current_request_id.clear(self.request_id)
+        current_request_id.clear(self.scope.request_id)
         try:
-            self.wrapper.write(self, duration_ns, error)
+            self.records.write(self, duration_ns, error)
         except Exception as failure:  # noqa: BLE001 - the record must never break the response
-            self.wrapper.report(failure)
+            self.records.report(failure)
 
 
 class LoggedBody:
@@ -184,29 +168,12 @@ class LoggedBody:
             self._exchange.finish()
 
 
-class AccessLog:
-    """WSGI middleware around the Flask app: one access record for every request."""
+class AccessRecords:
+    """Writes the access records of one app (`lib.gateway` makes one)."""
 
-    def __init__(self, app: Any, proxy_hops: int) -> None:
-        self.app = app
+    def __init__(self, proxy_hops: int) -> None:
         self.proxy_hops = proxy_hops
         self._reported = False
-
-    def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
-        exchange = Exchange(self, environ, start_response)
-        try:
-            body = self.app(environ, exchange.start_response)
-        except BaseException as error:
-            exchange.finish(error)
-            raise
-        if type(body) is list:
-            # A body made whole (every action's answer, lib/gateway.py): its size is known and
-            # nothing is left to fail in the app, so the record is written now, without a wrapper
-            # the server would iterate and close. A failed send would not show in it either way.
-            exchange.sent = sum(map(len, body))
-            exchange.finish()
-            return body
-        return LoggedBody(body, exchange)
 
     def write(self, exchange: Exchange, duration_ns: int, error: BaseException | None) -> None:
         status = exchange.status or 500  # no status: the exception escaped, the server answers 500
@@ -214,12 +181,11 @@ class AccessLog:
         level = logging.ERROR if failed else logging.INFO
         if not log.isEnabledFor(level):
             return
-        environ = exchange.environ
+        environ, scope = exchange.environ, exchange.scope
         method = environ.get('REQUEST_METHOD', '')
         path = url_path(environ)
-        module, action, token_label, problem = environ.get(FLASK_KEY) or (None, None, None, None)
-        # Milliseconds to 3 decimals from integers: round() and `:.3f` on a float each ran
-        # CPython's correctly rounded decimal conversion, on every request.
+        problem = scope.problem
+        # Milliseconds to 3 decimals, rounded half up, from integers.
         micros = (duration_ns + 500) // 1000
         millis, fraction = divmod(micros, 1000)
         fields: dict[str, Any] = {
@@ -227,12 +193,12 @@ class AccessLog:
             'event.duration': duration_ns,
             'duration_ms': micros / 1000,
             'event.outcome': 'failure' if failed or status >= 400 else 'success',
-            'http.request.id': exchange.request_id,
+            'http.request.id': scope.request_id,
             'http.request.method': method,
             'url.path': path,
-            'dbapi.module': module,
-            'dbapi.action': action,
-            'dbapi.token_label': token_label,
+            'dbapi.module': scope.module,
+            'dbapi.action': scope.action,
+            'dbapi.token_label': scope.caller,
             'http.response.status_code': status,
             'http.response.body.bytes': exchange.sent,
             'client.ip': client_ip(environ, self.proxy_hops),
@@ -241,14 +207,10 @@ class AccessLog:
         if problem is not None:
             fields.update(problem_fields(problem))
         message = f'{method} {path} {status} {millis}.{fraction:03d}ms'
-        if error is None:
-            log_fields(log, level, message, fields)
-            return
-        # makeRecord + handle: Logger.log would also walk the stack for a caller no line shows.
-        record = log.makeRecord(
-            log.name, level, __file__, 0, message, (), (type(error), error, error.__traceback__), extra={'ecs': fields}
-        )
-        log.handle(record)
+        exc_info = None if error is None else (type(error), error, error.__traceback__)
+        # makeRecord + handle: what Logger.log does, without its walk of the stack for a caller
+        # (no line shows one).
+        log.handle(log.makeRecord(log.name, level, __file__, 0, message, (), exc_info, extra={FIELDS_ATTR: fields}))
 
     def report(self, failure: Exception) -> None:
         if self._reported:
@@ -256,8 +218,3 @@ class AccessLog:
         self._reported = True
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.write(f'dbapi: cannot write an access record: {type(failure).__name__}: {failure}\n')
-
-
-def init_app(app: Flask) -> None:
-    app.teardown_request(remember_request)
-    app.wsgi_app = AccessLog(app.wsgi_app, app.config['PROXY_HOPS'])  # type: ignore[method-assign]

@@ -1,10 +1,10 @@
-"""A module's actions: from its routes table to an answer, and the blueprint that carries them.
+"""A module's actions: its routes table checked into `Action` records, the blueprint that lists
+them in Flask's url map, and `serve()`, the one path that answers an action request.
 
-`serve()` is the one implementation of an action request: Bearer auth first, then the
-action, the body, validation, the connection, the call and the JSON answer, with every
-error turned into a problem. It works on the WSGI environ inside an app context, so the
-gateway in front of Flask (lib/gateway.py, the hot path) and the blueprint's Flask view
-give the same answer for the same request.
+`serve()` reads straight through the steps of a request, each owned by its own file:
+Bearer auth (lib.auth), the action and its method, the body (lib.body), validation
+(lib.validation), the connection and its transaction (lib.db), the call, the JSON answer
+(lib.json). Any failure becomes one problem answer (lib.errors), in one place.
 """
 
 from __future__ import annotations
@@ -12,26 +12,24 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import orjson
-from flask import Blueprint, Response, current_app, g, request
-from gunicorn.http.errors import ParseException
+from flask import Blueprint
 from marshmallow import Schema
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from lib.auth import authenticate
+from lib.body import read_body
 from lib.db import BorrowedConnection, give_back_borrowed
 from lib.decorators import CONN_ATTR, SCHEMA_ATTR, ConnSpec
-from lib.errors import PROBLEM_JSON, ApiError, bad_request, problem_document, to_problem
-from lib.json import JSON_MIMETYPE, contains_nul, dumps
-from lib.validation import Loader, loader_for
-
-if TYPE_CHECKING:
-    from flask.ctx import _AppCtxGlobals  # the class of `g`: for the annotations only
+from lib.errors import PROBLEM_JSON, ApiError, problem_document, to_problem
+from lib.json import JSON_MIMETYPE, dumps
+from lib.scope import RequestScope
+from lib.validation import arguments
 
 RESERVED_MODULES = frozenset({'health'})
 MAX_NAME_IN_MESSAGE = 80
+ALLOW_POST = {'Allow': 'POST'}
+ROOT_ENDPOINT = 'index'  # the endpoint name of a module's '' route (`POST /<module>/`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +39,6 @@ class Action:
     function: Callable[..., Any]
     schema: Schema | None
     conn: ConnSpec | None
-    load: Loader | None = None  # the schema's load (lib.validation), set by build_actions
 
     @property
     def name(self) -> str:
@@ -62,75 +59,25 @@ def build_actions(module: str, routes: Iterable[Mapping[str, Any]]) -> dict[str,
         spec = getattr(function, CONN_ATTR, None)
         if spec is not None and 'conn' not in inspect.signature(function).parameters:
             raise ValueError(f'module {module!r}: action {route!r} injects a connection but takes no `conn`')
-        schema = getattr(function, SCHEMA_ATTR, None)
-        load = loader_for(schema) if schema is not None else None
-        actions[route] = Action(module, route, function, schema, spec, load)
+        actions[route] = Action(module, route, function, getattr(function, SCHEMA_ATTR, None), spec)
     return actions
 
 
-def content_length(environ: Mapping[str, Any]) -> int | None:
-    """The declared body length; None for a chunked body, whose length is known only once read."""
-    if 'chunked' in environ.get('HTTP_TRANSFER_ENCODING', '').lower():
-        return None
-    raw = environ.get('CONTENT_LENGTH') or '0'
-    if not raw.isdigit():
-        raise bad_request(f'Content-Length {raw[:MAX_NAME_IN_MESSAGE]!r} is not a number')
-    return int(raw)
+def find_action(actions: Mapping[str, Action], module: str, route: str, method: str) -> Action:
+    """The action `POST /<module>/<route>` names: 404 when there is none, 405 for another method."""
+    action = actions.get(route)
+    if action is None:
+        raise ApiError(404, 'not-found', f'module {module!r} has no action {route[:MAX_NAME_IN_MESSAGE]!r}')
+    if method != 'POST':
+        raise ApiError(
+            405, 'method-not-allowed', f'actions are called with POST, not {method[:16]}', headers=ALLOW_POST
+        )
+    return action
 
 
-def read_data(environ: Mapping[str, Any], length: int | None, limit: int) -> bytes:
-    """The raw body, at most `limit` bytes. Broken chunked framing, or a client gone mid-body, is a 400."""
-    if length is not None and length > limit:
-        raise RequestEntityTooLarge()  # refused before a byte is read
-    try:
-        data = environ['wsgi.input'].read(limit + 1 if length is None else length)
-    except (ParseException, OSError) as error:
-        # gunicorn parses chunked bodies only as the app reads them: its errors surface here.
-        raise bad_request(f'the body could not be read: {str(error)[:MAX_NAME_IN_MESSAGE]}') from None
-    if len(data) > limit:
-        raise RequestEntityTooLarge()
-    if length is not None and len(data) < length:
-        raise bad_request(f'the body ended after {len(data)} of {length} bytes')
-    return data
-
-
-def parse_body(data: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError as error:
-        raise bad_request(f'the body is not valid JSON: {error}') from None
-    if not isinstance(body, dict):
-        raise bad_request(f'the body must be a JSON object, not {type(body).__name__}')
-    # PostgreSQL text cannot hold U+0000; the byte scan keeps the walk off the hot path.
-    if b'\\u0000' in data and contains_nul(body):
-        raise bad_request('strings cannot contain the NUL character (\\u0000)')
-    return body
-
-
-def read_body(environ: Mapping[str, Any], limit: int) -> dict[str, Any]:
-    """The request body as a JSON object; an empty body is an empty object."""
-    length = content_length(environ)
-    if length == 0:
-        return {}
-    mimetype = environ.get('CONTENT_TYPE', '').partition(';')[0].strip().lower()
-    if mimetype != JSON_MIMETYPE and not mimetype.endswith('+json'):
-        raise ApiError(415, 'unsupported-media-type', f'the body must be application/json, not {mimetype!r}')
-    data = read_data(environ, length, limit)
-    return parse_body(data) if data else {}
-
-
-def arguments(action: Action, body: dict[str, Any]) -> dict[str, Any]:
-    if action.load is not None:
-        return action.load(body)  # ValidationError -> 422 naming the fields
-    if body:
-        unknown = {key: ['Unknown field.'] for key in body}
-        raise ApiError(422, 'validation-error', 'the body failed validation', errors=unknown)
-    return {}
-
-
-def run(action: Action, body: dict[str, Any]) -> Any:
-    """Validate, inject the connection, call, commit; the pool rolls back whatever is left."""
-    kwargs = arguments(action, body)
+def call(action: Action, kwargs: dict[str, Any]) -> Any:
+    """Call the action; one with a connection runs in its transaction, committed when it returns
+    (unless autocommit), rolled back when it raises, and the connection goes back clean."""
     spec = action.conn
     if spec is None:
         return action.function(**kwargs)
@@ -143,74 +90,58 @@ def run(action: Action, body: dict[str, Any]) -> Any:
 
 @dataclass(slots=True)
 class Served:
-    """An action request's answer, and what the access record says of it."""
+    """An action request's answer, before compression and the common headers."""
 
     status: int
     body: bytes
     content_type: str = JSON_MIMETYPE
-    headers: dict[str, str] = field(default_factory=dict)
-    action: str | None = None  # set only for a real action: a scanner's made-up names stay in url.path
-    token_label: str | None = None
-    problem: ApiError | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def serve(
-    environ: dict[str, Any],
-    module: str,
+    scope: RequestScope,
+    environ: Mapping[str, Any],
     actions: Mapping[str, Action],
     route: str,
-    request_id: str,
-    request_g: _AppCtxGlobals,
     config: Mapping[str, Any],
 ) -> Served:
-    """Answer `POST /<module>/<route>` inside the app context whose `g` and config are given
-    (actions and the pools use the context; passing them saves the LocalProxy lookups)."""
-    token_label = None
-    action = actions.get(route)
-    vars(request_g)['request_id'] = request_id  # what `g.request_id = ...` does, without its Python __setattr__
+    """Answer a request for `/<scope.module>/<route>`; every failure becomes a problem answer,
+    and whatever the request borrowed from a pool is back there when this returns."""
     try:
-        token_label = authenticate(environ.get('HTTP_AUTHORIZATION', ''), config['BEARER_TOKENS'])
-        if action is None:
-            raise ApiError(404, 'not-found', f'module {module!r} has no action {route[:MAX_NAME_IN_MESSAGE]!r}')
-        result = run(action, read_body(environ, config['MAX_CONTENT_LENGTH']))
-        return Served(200, dumps(result), action=route, token_label=token_label)
+        scope.caller = authenticate(environ.get('HTTP_AUTHORIZATION', ''), config['BEARER_TOKENS'])
+        action = find_action(actions, scope.module or '', route, environ.get('REQUEST_METHOD', ''))
+        scope.action = route
+        body = read_body(environ, config['MAX_CONTENT_LENGTH'])
+        result = call(action, arguments(action.schema, body))
+        return Served(200, dumps(result))
     except Exception as error:  # noqa: BLE001 - every failure becomes a problem answer
-        problem = to_problem(error)
-        body = dumps(problem_document(problem, request_id))
-        return Served(problem.status, body, PROBLEM_JSON, problem.headers, action and route, token_label, problem)
+        problem = scope.problem = to_problem(error)
+        return Served(problem.status, dumps(problem_document(problem, scope.request_id)), PROBLEM_JSON, problem.headers)
     finally:
-        give_back_borrowed(request_g)
+        give_back_borrowed(scope)
 
 
-def make_view(module: str, actions: Mapping[str, Action]) -> Callable[..., Response]:
-    """The blueprint's Flask view: the same `serve()`, for a request that reaches Flask itself."""
+class ModuleBlueprint(Blueprint):
+    """A module's blueprint, carrying its checked routes table."""
 
-    def dispatch(route: str) -> Response:
-        served = serve(
-            request.environ, module, actions, route, g.request_id, g._get_current_object(), current_app.config
-        )
-        g.token_label, g.problem = served.token_label, served.problem
-        response = Response(served.body, status=served.status, content_type=served.content_type)
-        response.headers.update(served.headers)
-        return response
-
-    return dispatch
+    def __init__(self, module: str, import_name: str, actions: dict[str, Action]) -> None:
+        super().__init__(module, import_name, url_prefix=f'/{module}')
+        self.actions = actions
 
 
-def module_blueprint(import_name: str, routes: Iterable[Mapping[str, Any]]) -> Blueprint:
-    """The blueprint of the module package `import_name`, serving `POST /<module>/<route>`.
+def module_blueprint(import_name: str, routes: Iterable[Mapping[str, Any]]) -> ModuleBlueprint:
+    """The blueprint of the module package `import_name`: its `actions` table, and one POST url
+    rule per action so that Flask's url map (`flask routes`) lists every action.
 
-    Its `actions` table is what the gateway serves; its POST-only url rules put the module in
-    Flask's url map, where every other method is a 405 with `Allow: POST`.
+    The rules carry no view function: `lib.gateway` answers every path under the module's
+    prefix with `serve()`, so Flask's routing never dispatches one.
     """
     module = import_name.rpartition('.')[2]
     if module in RESERVED_MODULES:
         raise ValueError(f'module name {module!r} is reserved')
     actions = build_actions(module, routes)
-    blueprint = Blueprint(module, import_name, url_prefix=f'/{module}')
-    view = make_view(module, actions)
-    options = {'methods': ['POST'], 'provide_automatic_options': False}
-    blueprint.add_url_rule('/', 'action', view, defaults={'route': ''}, strict_slashes=False, **options)
-    blueprint.add_url_rule('/<path:route>', 'action', view, **options)
-    blueprint.actions = actions  # type: ignore[attr-defined]
+    blueprint = ModuleBlueprint(module, import_name, actions)
+    for route in actions:
+        endpoint = route.replace('.', '_') or ROOT_ENDPOINT
+        blueprint.add_url_rule(f'/{route}', endpoint, methods=['POST'], provide_automatic_options=False)
     return blueprint

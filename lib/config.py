@@ -90,6 +90,7 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         'MAX_CONTENT_LENGTH': settings.MAX_CONTENT_LENGTH,
         'COMPRESS_MIN_SIZE': settings.COMPRESS_MIN_SIZE,
         'PROXY_HOPS': settings.PROXY_HOPS,
+        'REPLICA_ID': settings.REPLICA_ID,
         'POOL_SIZE': settings.POOL_SIZE,
         'POOL_TIMEOUT': settings.POOL_TIMEOUT,
         'POOL_MAX_LIFETIME': settings.POOL_MAX_LIFETIME,

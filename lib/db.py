@@ -6,32 +6,28 @@ action did, so a forgetful action cannot drain the pool.
 
 from __future__ import annotations
 
-import codecs
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from functools import lru_cache
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from flask import Flask, g, has_app_context
-from psycopg2 import extensions, sql
+from flask import Flask, current_app, has_app_context
+from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as PlainCursor
 from psycopg2.extras import RealDictCursor
 
-from lib import app_context, process
+from lib import process
 from lib.pool import ConnectionPool, PoolClosed
 from lib.prepared import Prepared, execute_prepared
+from lib.scope import RequestScope, current_scope
 from settings import APP_ID
-
-if TYPE_CHECKING:
-    from flask.ctx import _AppCtxGlobals  # the class of `g`: for the annotations only
 
 Params = Mapping[str, Any] | Sequence[Any] | None
 Query = str | sql.Composable | Prepared
 POOLS_KEY = 'dbapi.pools'  # in app.extensions
-C_UTF8 = 'dbapi_utf_8'  # the codec psycopg2 gets for UTF8 databases: see `decode_utf8_in_c`
 COLUMN_NAME = attrgetter('name')  # of a cursor.description entry
 Row = dict[str, Any] | tuple[Any, ...]
 
@@ -49,6 +45,8 @@ class Pools:
         self.databases: dict[str, dict[str, Any]] = config['DATABASES']
         self.size: int = config['POOL_SIZE']
         self.timeout: float = config['POOL_TIMEOUT']
+        self.max_lifetime: float = config['POOL_MAX_LIFETIME']
+        self.max_idle: float = config['POOL_MAX_IDLE']
         self.connect_timeout: int = config['CONNECT_TIMEOUT']
         self.statement_timeout: int = config['STATEMENT_TIMEOUT']
         self._pools: dict[str, ConnectionPool] = {}
@@ -91,7 +89,14 @@ class Pools:
             keepalives_interval=5,
             keepalives_count=3,
         )
-        return ConnectionPool(name, params, max_size=self.size, timeout=self.timeout)
+        return ConnectionPool(
+            name,
+            params,
+            max_size=self.size,
+            timeout=self.timeout,
+            max_lifetime=self.max_lifetime,
+            max_idle=self.max_idle,
+        )
 
     def _forget_inherited(self) -> None:
         """After a fork, never touch the parent's sockets: closing them would end its sessions."""
@@ -102,43 +107,18 @@ class Pools:
         self._pid = process.pid
 
 
-def _find_c_utf8(name: str) -> codecs.CodecInfo | None:
-    if name != C_UTF8:
-        return None
-    # The decoder runs with `final` off (it takes no keywords, and psycopg2 passes two arguments):
-    # text from a UTF8 server always ends on a whole character, so nothing is ever held back.
-    return codecs.CodecInfo(codecs.utf_8_encode, codecs.utf_8_decode, name=C_UTF8)
-
-
-def decode_utf8_in_c() -> None:
-    """Give psycopg2 C functions for UTF-8 instead of the stdlib codec's Python wrappers.
-
-    psycopg2 decodes every result's status line and column names through the connection's
-    Python codec (values take its C fast path): for `encodings.utf_8`, one Python call per
-    column and one per query. This codec is the same C functions without the wrapper: the
-    same text, errors and replacements. psycopg2's map of encodings is the process's, so every
-    connection opened after this call (the pools' and any other) decodes through it.
-    """
-    try:
-        codecs.lookup(C_UTF8)
-    except LookupError:
-        codecs.register(_find_c_utf8)
-    for name in ('UTF8', 'UNICODE'):  # PostgreSQL's name and its alias
-        extensions.encodings[name] = C_UTF8
-
-
 def init_app(app: Flask) -> None:
-    decode_utf8_in_c()
     app.extensions[POOLS_KEY] = Pools(app.config)
-    app.teardown_request(release_request_connections)
 
 
 def pools() -> Pools:
-    """The current app's pools (read through Flask's context variable, not `current_app`)."""
-    context = app_context.current(None)
-    if context is None:
-        raise RuntimeError('lib.db needs an app context: the pools belong to an app (use `with app.app_context():`)')
-    return context.app.extensions[POOLS_KEY]
+    """The pools of the app serving the current request, or of the current app context."""
+    scope = current_scope()
+    if scope is not None:
+        return scope.pools
+    if not has_app_context():
+        raise RuntimeError('lib.db needs a request or an app context: the pools belong to an app')
+    return current_app.extensions[POOLS_KEY]
 
 
 def prepare(conn: Connection, named: bool, autocommit: bool) -> Connection:
@@ -149,9 +129,9 @@ def prepare(conn: Connection, named: bool, autocommit: bool) -> Connection:
 
 
 class BorrowedConnection:
-    """`with connection(name) as conn:` — a plain class, not a generator: every action with an
-    injected connection goes through it, and two nested generator context managers were a
-    measurable part of a read's cost (callgrind, bench.micro)."""
+    """`with connection(name) as conn:` a connection from `name`'s pool for the block, given
+    back clean (rolled back if the block left a transaction open) however the block ends.
+    A plain class rather than a generator: every injected connection passes through it."""
 
     __slots__ = ('autocommit', 'conn', 'named', 'pool')
 
@@ -182,23 +162,19 @@ def get_conn_from_dbname(name: str, named: bool = True, autocommit: bool = True)
 
     Outside a request use `connection(name)` instead, which gives it back at the end of a block.
     """
-    if not has_app_context() or not hasattr(g, 'request_id'):
+    scope = current_scope()
+    if scope is None:
         raise RuntimeError('get_conn_from_dbname() needs a request; use lib.db.connection() elsewhere')
-    pool = pools().get(name)
+    pool = scope.pools.get(name)
     conn = pool.getconn()
-    g.setdefault('_dbapi_borrowed', []).append((pool, conn))
+    scope.borrowed.append((pool, conn))
     return prepare(conn, named, autocommit)
 
 
-def release_request_connections(_exc: BaseException | None = None) -> None:
-    """Give back every connection the request borrowed (teardown: runs even after errors)."""
-    give_back_borrowed(g)
-
-
-def give_back_borrowed(request_g: _AppCtxGlobals) -> None:
-    """Give back the connections taken with `get_conn_from_dbname` during the request of `request_g`."""
-    borrowed = vars(request_g).pop('_dbapi_borrowed', None)  # g.pop(), without its Python method
-    for pool, conn in borrowed or ():
+def give_back_borrowed(scope: RequestScope) -> None:
+    """Give back the connections taken with `get_conn_from_dbname` during the request of `scope`."""
+    borrowed, scope.borrowed = scope.borrowed, []
+    for pool, conn in borrowed:
         with suppress(PoolClosed):
             pool.putconn(conn)
 
@@ -261,7 +237,7 @@ def _pairs(values: Mapping[str, Any], prefix: str, params: dict[str, Any], glue:
 
 @lru_cache(maxsize=512)
 def row_builder(columns: tuple[str, ...]) -> Callable[[Sequence[Any]], dict[str, Any]]:
-    """A function making one row's dict with a dict display, 3x faster than `dict(zip(...))`.
+    """A function making one row's dict with a dict display, cheaper than `dict(zip(...))`.
 
     The compiled text holds only generated names and indexes; the column names stay values in
     its namespace, so no column name can ever become code. A repeated name keeps its last value,
@@ -289,7 +265,7 @@ class Db:
         self.named = getattr(conn, 'named', True)
 
     def cursor(self) -> PlainCursor:
-        # Always tuples underneath: `_rows` builds the dicts faster than RealDictCursor does.
+        # Always tuples underneath: `_rows` builds the dicts itself.
         return self.conn.cursor(cursor_factory=PlainCursor)
 
     def _rows(self, cursor: Any) -> list[Row]:
@@ -298,7 +274,7 @@ class Db:
         rows = cursor.fetchall()
         if not self.named:
             return rows
-        # Plain tuples made into dicts by a compiled builder: several times faster than RealDictCursor.
+        # Plain tuples made into dicts by a compiled builder, cheaper than RealDictCursor.
         return list(map(row_builder(tuple(map(COLUMN_NAME, cursor.description))), rows))
 
     def fetch_all(self, query: Query, params: Params = None) -> list[Row]:

@@ -11,14 +11,15 @@ import logging
 from typing import Any
 
 import psycopg2
-from flask import Flask, Response, g
+from flask import Flask, Response
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
-from lib.http import request_id
+from lib.http import new_request_id
 from lib.json import json_response
 from lib.pool import PoolTimeout
+from lib.scope import current_scope
 
 log = logging.getLogger('dbapi.errors')
 
@@ -131,9 +132,16 @@ def problem_document(error: ApiError, request_id: str) -> dict[str, Any]:
 
 
 def problem_response(error: ApiError) -> Response:
-    response = json_response(problem_document(error, request_id()), status=error.status, mimetype=PROBLEM_JSON)
+    """The problem answer of a request Flask serves (health, unknown paths), in the same shape as
+    an action's; the request's scope keeps the problem for its access record."""
+    scope = current_scope()
+    if scope is None:  # only outside lib.gateway: a test's request context, say
+        request_id = new_request_id()
+    else:
+        scope.problem = error
+        request_id = scope.request_id
+    response = json_response(problem_document(error, request_id), status=error.status, mimetype=PROBLEM_JSON)
     response.headers.update(error.headers)
-    g.problem = error  # the access log names the failure (never the values)
     return response
 
 

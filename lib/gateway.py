@@ -1,75 +1,95 @@
-"""The hot path: `POST /<module>/<action>` served straight from WSGI, in front of Flask.
+"""The app's WSGI entry: every request gets its scope and its access record here, and an action
+request (`/<module>/...` of a registered module) is answered here by `lib.actions.serve()`.
 
-An action request needs auth, a body, validation, a connection and a JSON answer; Flask's
-per-request machinery around that (request context, routing, hooks, response object) cost
-about two thirds of its CPU time (bench.micro). The gateway calls the same `serve()` the
-blueprint's Flask view does, inside an app context (lib/app_context.py) so actions keep `g`
-and `current_app`, and passes everything that is not a POST to a registered module on to
-Flask: health, the JSON 404 of unknown paths, the 405 of other methods.
+Everything else goes to Flask (health, unknown paths); the module blueprints put every action in
+Flask's url map, but Flask never dispatches one. Flask's per-request machinery (request context,
+routing, hooks, a response object) would add nothing an action uses, so action requests skip it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flask import Flask
-from flask_compress.flask_compress import _choose_algorithm, _compress_data
 from werkzeug.http import HTTP_STATUS_CODES
 
-from lib import app_context
-from lib.access_log import FLASK_KEY
-from lib.actions import Action, Served, serve
+from lib.access_log import AccessRecords, Exchange, LoggedBody
+from lib.actions import Action, ModuleBlueprint, Served, serve
+from lib.compression import choose, compressors
+from lib.db import POOLS_KEY
 from lib.http import common_headers, settle_request_id
 from lib.json import JSON_MIMETYPE
+from lib.scope import RequestScope, enter, leave
 
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+WSGIEnviron = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 STATUS_LINES = {code: f'{code} {phrase}' for code, phrase in HTTP_STATUS_CODES.items()}
 
 
-class ActionGateway:
-    def __init__(self, app: Flask, fallback: WSGIApp) -> None:
-        self.app = app
-        self.fallback = fallback
-        self.modules: dict[str, dict[str, Action]] = {
-            name: blueprint.actions for name, blueprint in app.blueprints.items() if hasattr(blueprint, 'actions')
+class Gateway:
+    def __init__(self, app: Flask, flask_wsgi: WSGIApp) -> None:
+        self.config = app.config
+        self.flask_wsgi = flask_wsgi
+        self.pools = app.extensions[POOLS_KEY]
+        self.modules: dict[str, Mapping[str, Action]] = {
+            name: blueprint.actions
+            for name, blueprint in app.blueprints.items()
+            if isinstance(blueprint, ModuleBlueprint)
         }
-        self.replica = app.config.get('REPLICA_ID')
-        self.compress_min_size = app.config['COMPRESS_MIN_SIZE']
-        self.algorithms = tuple(app.extensions['compress'].enabled_algorithms)
+        self.records = AccessRecords(app.config['PROXY_HOPS'])
+        self.compressors = compressors(app.config)
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get('REQUEST_METHOD') != 'POST':
-            return self.fallback(environ, start_response)
-        module, _, route = environ.get('PATH_INFO', '')[1:].partition('/')
-        actions = self.modules.get(module)
-        if actions is None:
-            return self.fallback(environ, start_response)
-        request_id = settle_request_id(environ)
-        context, token = app_context.push(self.app)
+    def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
+        scope = RequestScope(settle_request_id(environ), self.pools)
+        exchange = Exchange(self.records, environ, scope, start_response)
+        token = enter(scope)
         try:
-            served = serve(environ, module, actions, route, request_id, context.g, self.app.config)
+            module, _, route = environ.get('PATH_INFO', '')[1:].partition('/')
+            actions = self.modules.get(module)
+            if actions is None:
+                return self.via_flask(environ, exchange)
+            scope.module = module
+            served = serve(scope, environ, actions, route, self.config)
+            body, headers = self.encode(environ, served)
+            headers.extend(common_headers(scope.request_id, self.config['REPLICA_ID']))
+            exchange.start_response(STATUS_LINES.get(served.status, str(served.status)), headers)
+            exchange.sent = len(body)
+            exchange.finish()  # the body is whole: nothing is left to fail in the app
+            return [body]
+        except BaseException as error:
+            exchange.finish(error)
+            raise
         finally:
-            app_context.pop(context, token)
-        environ[FLASK_KEY] = (module, served.action, served.token_label, served.problem)
-        body, headers = self.encode(environ, served)
-        headers.extend(common_headers(request_id, self.replica))
-        start_response(STATUS_LINES.get(served.status, str(served.status)), headers)
-        return [body]
+            leave(token)
 
-    def encode(self, environ: dict[str, Any], served: Served) -> tuple[bytes, list[tuple[str, str]]]:
-        """The body, compressed as flask-compress would (same algorithms, same minimum size)."""
+    def via_flask(self, environ: WSGIEnviron, exchange: Exchange) -> Iterable[bytes]:
+        """Flask's answer, with the common headers; its record is written once its body is sent."""
+        extra = common_headers(exchange.scope.request_id, self.config['REPLICA_ID'])
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            return exchange.start_response(status, [*headers, *extra], exc_info)
+
+        return LoggedBody(self.flask_wsgi(environ, start_response), exchange)
+
+    def encode(self, environ: WSGIEnviron, served: Served) -> tuple[bytes, list[tuple[str, str]]]:
+        """The body, compressed as flask-compress compresses Flask's answers (same settings)."""
         body = served.body
         headers = [('Content-Type', served.content_type), ('Vary', 'Accept-Encoding'), *served.headers.items()]
-        if served.content_type == JSON_MIMETYPE and served.status == 200 and len(body) >= self.compress_min_size:
-            algorithm = _choose_algorithm(self.algorithms, environ.get('HTTP_ACCEPT_ENCODING', ''))
+        if (
+            served.status == 200
+            and served.content_type == JSON_MIMETYPE
+            and len(body) >= self.config['COMPRESS_MIN_SIZE']
+        ):
+            algorithm = choose(environ.get('HTTP_ACCEPT_ENCODING', ''), self.compressors)
             if algorithm is not None:
-                body = _compress_data(self.app, body, algorithm)
+                body = self.compressors[algorithm](body)
                 headers.append(('Content-Encoding', algorithm))
         headers.append(('Content-Length', str(len(body))))
         return body, headers
 
 
 def init_app(app: Flask) -> None:
-    """Call after every module blueprint is registered: the gateway serves the ones it sees."""
-    app.wsgi_app = ActionGateway(app, app.wsgi_app)  # type: ignore[method-assign]
+    """Call last, after every module blueprint is registered: the gateway serves the ones it sees."""
+    app.wsgi_app = Gateway(app, app.wsgi_app)  # type: ignore[method-assign]

@@ -1,4 +1,4 @@
-"""Per-request plumbing every response shares: the request id and the safety headers."""
+"""Per-request plumbing every response shares: the request id and the common headers."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ import itertools
 import os
 import re
 from typing import Any
-
-from flask import Flask, Response, current_app, g, request
-
-import settings
 
 REQUEST_ID_HEADER = 'X-Request-ID'
 # Which replica answered, when REPLICA_ID is set: shows the balancing behind nginx.
@@ -20,13 +16,13 @@ RESPONSE_HEADERS = {
     'X-Content-Type-Options': 'nosniff',
     'Cache-Control': 'no-store',
 }
+REQUEST_ID_KEY = 'HTTP_X_REQUEST_ID'  # the header, as the WSGI environ names it
 
 
 class RequestIds:
-    """Fresh request ids: 32 hex digits, like uuid4's and nginx's `$request_id`, made of a random
-    prefix drawn once per process and a counter. Unique across processes (a fork draws a new
-    prefix) without a system call per request, which `os.urandom` was; an id is a label for
-    finding a request in the logs, not a secret.
+    """Fresh request ids: 32 hex digits, like nginx's `$request_id`, made of a random prefix drawn
+    once per process and a counter. Unique across processes (a fork draws a new prefix) without a
+    system call per request; an id is a label for finding a request in the logs, not a secret.
     """
 
     def __init__(self) -> None:
@@ -42,57 +38,21 @@ class RequestIds:
 
 
 new_request_id = RequestIds().new
-REQUEST_ID_KEY = 'HTTP_X_REQUEST_ID'  # the header, as the WSGI environ names it
-SETTLED_KEY = 'dbapi.request_id'  # the id once checked: every later layer reads it back
 
 
 def settle_request_id(environ: dict[str, Any]) -> str:
-    """The request's id: the caller's X-Request-ID if short and plain, else a fresh one.
-
-    The id is kept in the environ, so every layer that asks again (the access record, the
-    gateway, Flask's hook) gets the same one without checking it again: the response, the
-    access record and any traceback of the request all show it. A fresh id also replaces the
-    header there, so whoever reads the header sees the id in use.
-    """
-    settled = environ.get(SETTLED_KEY)
-    if settled is not None:
-        return settled
+    """The request's id: the caller's X-Request-ID if short and plain, else a fresh one, which
+    then also replaces the header in the environ, so whoever reads the header sees the id in use."""
     incoming = environ.get(REQUEST_ID_KEY, '')
     if incoming and VALID_REQUEST_ID.fullmatch(incoming):
-        request_id = incoming
-    else:
-        request_id = new_request_id()
-        environ[REQUEST_ID_KEY] = request_id
-    environ[SETTLED_KEY] = request_id
+        return incoming
+    request_id = environ[REQUEST_ID_KEY] = new_request_id()
     return request_id
 
 
-def assign_request_id() -> None:
-    g.request_id = settle_request_id(request.environ)
-
-
-def request_id() -> str:
-    """This request's id, assigned now if the request failed before the first hook ran."""
-    if 'request_id' not in g:
-        assign_request_id()
-    return g.request_id
-
-
 def common_headers(request_id: str, replica: str | None) -> list[tuple[str, str]]:
-    """The headers every response carries, whichever layer (Flask or the gateway) answers."""
+    """The headers every response carries, whichever part of the app answers."""
     headers = [(REQUEST_ID_HEADER, request_id), *RESPONSE_HEADERS.items()]
     if replica:
         headers.append((SERVED_BY_HEADER, replica))
     return headers
-
-
-def finish_response(response: Response) -> Response:
-    for name, value in common_headers(request_id(), current_app.config['REPLICA_ID']):
-        response.headers[name] = value
-    return response
-
-
-def init_app(app: Flask) -> None:
-    app.config.setdefault('REPLICA_ID', settings.REPLICA_ID)
-    app.before_request(assign_request_id)
-    app.after_request(finish_response)

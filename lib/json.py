@@ -49,10 +49,6 @@ class ORJSONProvider(JSONProvider):
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return orjson.loads(s)
 
-    def response(self, *args: Any, **kwargs: Any) -> Response:
-        value = self._prepare_response_obj(args, kwargs)
-        return self._app.response_class(dumps(value), mimetype=self.mimetype)
-
 
 def json_response(value: Any, status: int = 200, mimetype: str = JSON_MIMETYPE) -> Response:
     return Response(dumps(value), status=status, mimetype=mimetype)

@@ -18,17 +18,13 @@ from pythonjsonlogger.core import LogData
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 import settings
-from lib import process
 from lib.clock import SecondText
-from lib.log_files import HOSTNAME, ProcessFileHandler
+from lib.log_files import HOSTNAME
 
 ECS_VERSION = '8.11.0'
 # OrjsonFormatter's options (its jsonify_log_record), with the line's newline added by orjson.
 LINE_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
 FIELDS_ATTR = 'ecs'  # `log.info(..., extra={'ecs': {'dbapi.x': 1}})` adds fields under their own names
-# The names of the levels lines are written at, as named when this module loads
-# (`logging.getLevelName` is a Python call a line); any other level is looked up.
-LEVEL_NAMES = {level: logging.getLevelName(level) for level in (logging.INFO, logging.WARNING, logging.ERROR)}
 
 
 class RequestIdSlot(threading.local):
@@ -54,21 +50,9 @@ class RequestIdSlot(threading.local):
 current_request_id = RequestIdSlot()
 
 
-class ThreadName(threading.local):
-    """This thread's name, read once per thread (`threading.local` runs `__init__` in each
-    thread at its first use): `threading.current_thread().name` was two Python calls on every
-    access record. A thread renamed after its first line keeps its first name in later lines;
-    nothing here renames threads (gunicorn's workers serve from their main thread)."""
-
-    def __init__(self) -> None:
-        self.name = threading.current_thread().name
-
-
-thread_name = ThreadName()
-
 # strftime once a second, not once a record
 _second_prefix = SecondText(lambda second: time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second)))
-# `.000Z` ... `.999Z`, looked up: formatting the milliseconds was a third of a line's base fields
+# `.000Z` ... `.999Z`, looked up rather than formatted for every line
 _MILLIS_SUFFIX = tuple(f'.{millis:03d}Z' for millis in range(1000))
 
 
@@ -126,17 +110,6 @@ class EcsFormatter(OrjsonFormatter):
             fields['http.request.id'] = request_id
         return fields
 
-    def format_fields(self, created: float, level: str, logger: str, message: str, fields: Mapping[str, Any]) -> bytes:
-        """The line `format()` makes of a record with no exception and `fields` as its `ecs` extra,
-        encoded and with its newline, without a LogRecord (the access record's hot path,
-        `log_fields` below): orjson's bytes go to the file as they are."""
-        log_data = self.base_fields(created, level, logger, message, process.pid, thread_name.name)
-        log_data.update(fields)
-        try:
-            return orjson.dumps(log_data, default=self.json_default, option=LINE_OPTIONS)
-        except TypeError:
-            return (ascii_json(log_data) + '\n').encode('utf-8')
-
     @staticmethod
     def _add_error(log_data: LogData, record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
         error = record.exc_info[1] if record.exc_info else None
@@ -158,42 +131,3 @@ def ascii_json(log_data: Mapping[str, Any]) -> str:
     """The line orjson refused: it refuses lone surrogates (undecodable bytes), the stdlib
     escapes them. Never lose the line."""
     return json.dumps(log_data, default=str, ensure_ascii=True, separators=(',', ':'))
-
-
-def log_fields(logger: logging.Logger, level: int, message: str, fields: dict[str, Any]) -> None:
-    """`logger.log(level, message, extra={'ecs': fields})`, cheaper when it can be.
-
-    When every handler the record would reach is a log file writing these ECS lines, the line is
-    made and written without a LogRecord and logging's dispatch (a third of an access record's
-    cost); any other handler (stdout, console, a test's capture) gets the usual record.
-    """
-    handlers = ecs_file_handlers(logger, level)
-    if not handlers:
-        record = logger.makeRecord(logger.name, level, __file__, 0, message, (), None, extra={FIELDS_ATTR: fields})
-        logger.handle(record)
-        return
-    created = time.time()
-    level_name = LEVEL_NAMES.get(level) or logging.getLevelName(level)
-    for handler in handlers:
-        line = handler.formatter.format_fields(created, level_name, logger.name, message, fields)  # type: ignore[union-attr]
-        with handler.lock:  # type: ignore[union-attr]
-            handler.emit_bytes(line, created)
-
-
-def ecs_file_handlers(logger: logging.Logger, level: int) -> list[ProcessFileHandler] | None:
-    """The handlers `Logger.handle` would call for a record at `level`, if all are ECS log files."""
-    if logger.disabled or logger.filters:
-        return None
-    found: list[ProcessFileHandler] = []
-    current: logging.Logger | None = logger
-    while current is not None:
-        for handler in current.handlers:
-            if level < handler.level:
-                continue
-            if type(handler) is not ProcessFileHandler or handler.filters:
-                return None
-            if type(handler.formatter) is not EcsFormatter:
-                return None
-            found.append(handler)
-        current = current.parent if current.propagate else None
-    return found

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -663,60 +662,6 @@ def lone_logger() -> Any:
     for handler in list(item.handlers):
         item.removeHandler(handler)
         handler.close()
-
-
-@pytest.mark.parametrize('path', ['/a%sb', '/a\udcffb'])  # the second: a lone surrogate, which orjson refuses
-def test_log_fields_writes_the_line_the_formatter_writes(
-    lone_logger: logging.Logger, tmp_path: Path, path: str
-) -> None:
-    handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=0, backup_count=0)
-    handler.setFormatter(EcsFormatter())
-    lone_logger.addHandler(handler)
-    fields = {'event.dataset': 'dbapi.access', 'url.path': path, 'http.response.status_code': 200, 'n': None}
-    assert log_format.ecs_file_handlers(lone_logger, logging.INFO) == [handler]
-    log_format.log_fields(lone_logger, logging.INFO, f'POST {path} 200', fields)
-    lone_logger.info('POST %s 200', path, extra={'ecs': fields})
-    short, usual = read_lines(tmp_path)
-    assert short.pop('@timestamp') and usual.pop('@timestamp')
-    assert short == usual
-    assert short['message'] == f'POST {path} 200' and short['url.path'] == path
-
-
-def test_log_fields_names_the_thread_that_wrote_each_line(lone_logger: logging.Logger, tmp_path: Path) -> None:
-    """The short path keeps each thread's name per thread (log_format.ThreadName), as the
-    LogRecord path reads it: lines from two threads name their own."""
-    handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=0, backup_count=0)
-    handler.setFormatter(EcsFormatter())
-    lone_logger.addHandler(handler)
-    log_format.log_fields(lone_logger, logging.INFO, 'main', {})
-    arguments = (lone_logger, logging.INFO, 'other', {})
-    other = threading.Thread(target=log_format.log_fields, args=arguments, name='other-7')
-    other.start()
-    other.join()
-    names = {line['message']: line['process.thread.name'] for line in read_lines(tmp_path)}
-    assert names == {'main': threading.current_thread().name, 'other': 'other-7'}
-
-
-@pytest.mark.parametrize('other', ['a plain handler', 'a filter on the handler', 'a filter on the logger'])
-def test_log_fields_gives_any_other_handler_the_usual_record(
-    lone_logger: logging.Logger, tmp_path: Path, other: str
-) -> None:
-    handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=0, backup_count=0)
-    handler.setFormatter(EcsFormatter())
-    lone_logger.addHandler(handler)
-    seen: list[logging.LogRecord] = []
-    if other == 'a plain handler':
-        capture = logging.Handler()
-        capture.emit = seen.append  # type: ignore[method-assign]
-        lone_logger.addHandler(capture)
-    elif other == 'a filter on the handler':
-        handler.addFilter(lambda item: seen.append(item) or True)
-    else:
-        lone_logger.addFilter(lambda item: seen.append(item) or True)
-    log_format.log_fields(lone_logger, logging.INFO, 'POST /x 200', {'url.path': '/x'})
-    assert log_format.ecs_file_handlers(lone_logger, logging.INFO) is None
-    assert [getattr(item, 'ecs', None) for item in seen] == [{'url.path': '/x'}]
-    assert [line['url.path'] for line in read_lines(tmp_path)] == ['/x']
 
 
 def test_answers_dropped_unread_are_recorded_and_the_process_survives(database: dict[str, Any], log_dir: str) -> None:

@@ -1,8 +1,9 @@
 import datetime
 import decimal
+import logging
 import uuid
 
-from flask import current_app, g
+from flask import has_app_context, has_request_context
 from psycopg2.extensions import connection as Connection
 
 from lib.db import get_conn_from_dbname, get_db_from_conn, transactional
@@ -138,7 +139,6 @@ def returns_string() -> str:
 
 
 def context() -> dict:
-    """What an action sees of its app context; `g.mark` must never survive the request."""
-    seen = {'app': current_app.name, 'request_id': g.request_id, 'marked_before': 'mark' in g}
-    g.mark = True
-    return seen
+    """What an action sees of Flask's contexts (none), and a log line written from inside it."""
+    logging.getLogger('probe').warning('inside the action')
+    return {'app_context': has_app_context(), 'request_context': has_request_context()}
