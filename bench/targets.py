@@ -12,7 +12,10 @@ AT = 8  # connections, unless a target says otherwise
 MAIN_SERIES = frozenset({'app direct', 'app nginx'})
 # The targets measured for more than the production server (candidates, the bare read): one number each.
 READ_RATIO = 0.15  # read by key, against pgbench -M simple
-FOO_RATIO = 0.6  # example/foo, against the WSGI hello on the same server
+UPSERT_RATIO = 0.4  # the upsert in a transaction, against pgbench -M simple running it in BEGIN/END
+# example/foo against the WSGI hello on the same server: shown, no longer judged. It rewarded
+# coupling to the server's internals, and any faster server speeds the hello as much as the app.
+FOO_RATIO = 0.6
 BARE = 'wsgi psycopg2'  # bench/bare.py: the read's floor, the same server and driver without the framework
 
 
@@ -152,7 +155,12 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
         ),
         lambda: ratio_target(results, 'read by key, nginx', ('read', 'app nginx'), ('read', 'app direct'), 0.8, True),
         lambda: ratio_target(
-            results, 'example/foo vs WSGI hello', ('foo', 'app direct'), ('foo', 'wsgi hello'), FOO_RATIO, True
+            results,
+            'upsert in a transaction, direct',
+            ('upsert', 'app direct'),
+            ('upsert', 'pgbench simple'),
+            UPSERT_RATIO,
+            True,
         ),
         lambda: rows_target(results),
         lambda: p99_target(results),
@@ -160,4 +168,9 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
         lambda: memory_target(stats),
         lambda: connections_target(stats),
     ]
-    return [check() for check in checks] + floor_figures(results) + candidate_figures(results)
+    foo = info(
+        ratio_target(
+            results, 'example/foo vs WSGI hello', ('foo', 'app direct'), ('foo', 'wsgi hello'), FOO_RATIO, True
+        )
+    )
+    return [check() for check in checks] + [foo] + floor_figures(results) + candidate_figures(results)

@@ -42,3 +42,17 @@ def test_the_bare_read_is_reported_beside_the_targets_never_as_one() -> None:
 def test_no_bare_read_no_figures() -> None:
     verdicts = evaluate(reads(**{'pgbench simple': 40_000, 'app direct': 4_500}), None)
     assert not [v for v in verdicts if 'bare' in v.what]
+
+
+def test_upsert_is_judged_against_pgbench_and_foo_is_only_shown() -> None:
+    results = [
+        Measurement('upsert', 'app direct', 8, 2_000, 1.0, 2.0, 1.0, 2_000, 0, 0),
+        Measurement('upsert', 'pgbench simple', 8, 6_000, 1.0, 2.0, 1.0, 6_000, 0, 0),
+        Measurement('foo', 'app direct', 8, 5_000, 1.0, 2.0, 1.0, 5_000, 0, 0),
+        Measurement('foo', 'wsgi hello', 8, 20_000, 1.0, 2.0, 1.0, 20_000, 0, 0),
+    ]
+    verdicts = {v.what: v for v in evaluate(results, None)}
+    upsert = verdicts['upsert in a transaction, direct']
+    assert (upsert.target, upsert.measured, upsert.status) == ('≥ 0.4x', '0.33x (2,000 / 6,000 /s)', 'FAIL')
+    foo = verdicts['example/foo vs WSGI hello']
+    assert (foo.measured, foo.status) == ('0.25x (5,000 / 20,000 /s)', 'INFO')
