@@ -41,8 +41,8 @@ def client_ip(environ: WSGIEnviron, hops: int) -> str | None:
     Each trusted proxy appends the address it saw, so the client is the `hops`-th entry from
     the right; anything left of it was written by the client and proves nothing.
     """
-    remote = environ.get('REMOTE_ADDR') or None
-    forwarded = environ.get('HTTP_X_FORWARDED_FOR') if hops > 0 else None
+    remote: str | None = environ.get('REMOTE_ADDR') or None
+    forwarded: str | None = environ.get('HTTP_X_FORWARDED_FOR') if hops > 0 else None
     if not forwarded:
         return remote
     entries = forwarded.rsplit(',', hops)
@@ -74,7 +74,7 @@ _parses_as_ip_cached = lru_cache(maxsize=1024)(_parses_as_ip)
 
 
 def url_path(environ: WSGIEnviron) -> str:
-    path = environ.get('PATH_INFO', '')
+    path: str = environ.get('PATH_INFO', '')
     # WSGI hands the path over as latin-1; the client sent UTF-8.
     return path if path.isascii() else path.encode('latin-1').decode('utf-8', 'replace')
 

@@ -27,6 +27,8 @@ def schema_files(modules: Iterable[str]) -> list[Path]:
     files = []
     for name in modules:
         package = import_module(name)
+        if package.__file__ is None:
+            raise ValueError(f'module {name!r} is a namespace package: a module is a package with an __init__.py')
         path = Path(package.__file__).parent / SCHEMA_FILE
         if path.exists():
             files.append(path)

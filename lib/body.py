@@ -37,7 +37,7 @@ def read_data(environ: Mapping[str, Any], length: int | None, limit: int) -> byt
     if length is not None and length > limit:
         raise RequestEntityTooLarge()  # refused before a byte is read
     try:
-        data = environ['wsgi.input'].read(limit + 1 if length is None else length)
+        data: bytes = environ['wsgi.input'].read(limit + 1 if length is None else length)
     except (ParseException, OSError) as error:
         # gunicorn parses chunked bodies only as the app reads them: its errors surface here.
         raise bad_request(f'the body could not be read: {str(error)[:MAX_TEXT_IN_MESSAGE]}') from None

@@ -16,9 +16,9 @@ import brotli
 from werkzeug.http import parse_accept_header
 
 try:  # Python 3.14's standard library, or its backport (a dependency of flask-compress)
-    from compression import zstd  # type: ignore[import-not-found]
+    from compression import zstd
 except ImportError:
-    from backports import zstd  # type: ignore[import-not-found,no-redef]
+    from backports import zstd
 
 Compressor = Callable[[bytes], bytes]
 
@@ -55,6 +55,6 @@ def choose(accept_encoding: str, algorithms: Mapping[str, Compressor]) -> str | 
         quality = accepted[name]
         if quality > best_quality:
             best, best_quality = name, quality
-    if best is not None and 'identity' in accepted and accepted['identity'] > best_quality:
+    if best is not None and accepted['identity'] > best_quality:
         return None
     return best

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from functools import lru_cache
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask, current_app, has_app_context
 from psycopg2 import sql
@@ -118,13 +118,14 @@ def pools() -> Pools:
         return scope.pools
     if not has_app_context():
         raise RuntimeError('lib.db needs a request or an app context: the pools belong to an app')
-    return current_app.extensions[POOLS_KEY]
+    found: Pools = current_app.extensions[POOLS_KEY]
+    return found
 
 
 def prepare(conn: Connection, named: bool, autocommit: bool) -> Connection:
     conn.autocommit = autocommit  # client-side in psycopg2: no round trip
-    conn.named = named
-    conn.cursor_factory = RealDictCursor if named else None  # for actions that use conn.cursor()
+    cast(PooledConnection, conn).named = named  # the pools open only PooledConnections
+    conn.cursor_factory = RealDictCursor if named else PlainCursor  # for actions that use conn.cursor()
     return conn
 
 
@@ -246,13 +247,14 @@ def row_builder(columns: tuple[str, ...]) -> Callable[[Sequence[Any]], dict[str,
     names = {f'c{index}': name for index, name in enumerate(columns)}
     items = ', '.join(f'c{index}: row[{index}]' for index in range(len(columns)))
     # Safe eval: the text is built just above from indexes only.
-    return eval(f'lambda row: {{{items}}}', names)  # noqa: S307  # nosec B307
+    builder: Callable[[Sequence[Any]], dict[str, Any]] = eval(f'lambda row: {{{items}}}', names)  # noqa: S307  # nosec B307
+    return builder
 
 
 def execute_query(cursor: PlainCursor, query: Query, params: Params) -> None:
     """`cursor.execute`, which also runs a `Prepared` statement (lib/prepared.py)."""
-    if type(query) is Prepared:
-        execute_prepared(cursor, query, params)  # type: ignore[arg-type]
+    if isinstance(query, Prepared):
+        execute_prepared(cursor, query, params)
     else:
         cursor.execute(query, params)
 
@@ -271,7 +273,7 @@ class Db:
     def _rows(self, cursor: Any) -> list[Row]:
         if cursor.description is None:
             return []
-        rows = cursor.fetchall()
+        rows: list[Any] = cursor.fetchall()
         if not self.named:
             return rows
         # Plain tuples made into dicts by a compiled builder, cheaper than RealDictCursor.

@@ -72,6 +72,22 @@ def bad_request(detail: str) -> ApiError:
     return ApiError(400, 'bad-request', detail)
 
 
+# For actions: `raise not_found(...)` answers that problem, and the transaction rolls back.
+def not_found(detail: str) -> ApiError:
+    """404: what the body names does not exist."""
+    return ApiError(404, 'not-found', detail)
+
+
+def conflict(detail: str, errors: Any = None) -> ApiError:
+    """409: the request clashes with the data as it is (a duplicate, a stale version)."""
+    return ApiError(409, 'conflict', detail, errors=errors)
+
+
+def unprocessable(detail: str, errors: dict[str, list[str]] | None = None) -> ApiError:
+    """422: the body is well formed but cannot be acted on; `errors` names fields as validation does."""
+    return ApiError(422, 'validation-error', detail, errors=errors)
+
+
 def classify_database_error(error: psycopg2.Error) -> tuple[int, str]:
     """(status, slug) for a psycopg2 error: by SQLSTATE, then by class, then by kind."""
     if isinstance(error, PoolTimeout):

@@ -43,7 +43,7 @@ new_request_id = RequestIds().new
 def settle_request_id(environ: dict[str, Any]) -> str:
     """The request's id: the caller's X-Request-ID if short and plain, else a fresh one, which
     then also replaces the header in the environ, so whoever reads the header sees the id in use."""
-    incoming = environ.get(REQUEST_ID_KEY, '')
+    incoming: str = environ.get(REQUEST_ID_KEY, '')
     if incoming and VALID_REQUEST_ID.fullmatch(incoming):
         return incoming
     request_id = environ[REQUEST_ID_KEY] = new_request_id()

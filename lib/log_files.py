@@ -121,8 +121,11 @@ class ProcessFileHandler(logging.Handler):
             self._failed(error, line)
 
     def close(self) -> None:
-        with self.lock:
+        self.acquire()
+        try:
             self._close_file()
+        finally:
+            self.release()
         super().close()
 
     def _open(self) -> None:

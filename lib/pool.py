@@ -197,7 +197,7 @@ class ConnectionPool:
 
     def _open(self) -> Connection:
         try:
-            conn = psycopg2.connect(**self._params)
+            conn: Connection = psycopg2.connect(**self._params)
         except BaseException:
             self._release_slot()
             raise

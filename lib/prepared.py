@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg2
@@ -89,7 +89,7 @@ def parse(query: str) -> tuple[list[str], str]:
     return params, PLACEHOLDER.sub(replace, query)
 
 
-def execute_prepared(cursor: Cursor, statement: Prepared, params: Mapping[str, Any] | None) -> None:
+def execute_prepared(cursor: Cursor, statement: Prepared, params: Mapping[str, Any] | Sequence[Any] | None) -> None:
     """Run `statement` on the cursor's connection, preparing it there first if need be."""
     if statement.params and type(params) is not dict and not isinstance(params, Mapping):
         raise TypeError(f'{statement!r} takes its parameters by name {statement.params}, not {type(params).__name__}')

@@ -14,7 +14,8 @@ def arguments(schema: Schema | None, body: Mapping[str, Any]) -> dict[str, Any]:
     """`schema.load(body)`: a ValidationError becomes a 422 naming the fields (lib.errors).
     An action without a schema takes no arguments, so any field it is sent is refused."""
     if schema is not None:
-        return schema.load(body)
+        loaded: dict[str, Any] = schema.load(body)
+        return loaded
     if body:
         unknown = {key: ['Unknown field.'] for key in body}
         raise ApiError(422, 'validation-error', 'the body failed validation', errors=unknown)

@@ -29,7 +29,7 @@ def test_foo_is_a_plain_function():
     assert foo(name='x')['name'] == 'x'
 
 
-def test_bar_upserts_and_reads_back_on_a_second_connection(api, db):
+def test_bar_upserts_and_reads_back_in_one_transaction(api, db):
     first = api.post('/example/bar', {'name': 'grace', 'email': 'g@example.com'})
     assert first.status_code == 200
     assert first.get_json() == [{'name': 'grace', 'email': 'g@example.com'}]
@@ -118,3 +118,13 @@ def test_duplicate_and_bad_routes_are_refused_at_registration():
 
     with pytest.raises(ValueError, match='takes no `conn`'):
         build_actions('m', [dict(route='c', action=no_conn)])
+
+
+def test_user_answers_the_row_or_a_404_through_the_public_helper(api, db):
+    assert api.post('/example/bar', {'name': 'hopper', 'email': 'h@example.com'}).status_code == 200
+    found = api.post('/example/user', {'name': 'hopper'})
+    assert (found.status_code, found.get_json()) == (200, {'name': 'hopper', 'email': 'h@example.com'})
+    missing = api.post('/example/user', {'name': 'nobody'})
+    assert missing.status_code == 404
+    assert missing.get_json()['type'] == 'urn:dbapi:problem:not-found'
+    assert missing.get_json()['detail'] == "no user named 'nobody'"

@@ -1,31 +1,44 @@
+"""The example module's actions: plain functions; the decorators only declare what they need."""
+
 from datetime import UTC, datetime
+from typing import Any
 
 from psycopg2.extensions import connection as Connection
 
-from lib.db import get_conn_from_dbname, get_db_from_conn, transactional
+from lib.db import Row, get_db_from_conn
 from lib.decorators import inject_conn, use_schema
+from lib.errors import not_found
 from settings import DEFAULT
 
-from .schemas import FooSchema
-from .sql import SQL_USERS
+from .schemas import FooSchema, NameSchema
+from .sql import SQL_USER
 
 
 def ping() -> bool:
+    """No body, no database: answers true."""
     return True
 
 
 @use_schema(FooSchema)
-def foo(name: str, email: str | None = None) -> dict:
+def foo(name: str, email: str | None = None) -> dict[str, Any]:
+    """Echo the validated body with the server's time; no database."""
     return dict(name=name, email=email, time=datetime.now(UTC))
 
 
 @use_schema(FooSchema)
-@inject_conn(DEFAULT, named=True, autocommit=False)
-def bar(conn: Connection, name: str, email: str | None = None) -> list[dict]:
-    # Write inside a transaction on the injected connection...
-    with transactional(conn) as db:
-        db.upsert('users', dict(email=email or ''), dict(name=name))
+@inject_conn(DEFAULT)  # one transaction: committed when the action returns, rolled back if it raises
+def bar(conn: Connection, name: str, email: str | None = None) -> list[Row]:
+    """Create or update the user `name`, and answer the stored rows for that name."""
+    db = get_db_from_conn(conn)
+    db.upsert('users', dict(email=email or ''), dict(name=name))
+    return db.fetch_all(SQL_USER, dict(name=name))
 
-    # ...and read it back on a second connection, which goes back to the pool with the request.
-    db2 = get_db_from_conn(get_conn_from_dbname(DEFAULT))
-    return db2.fetch_all(SQL_USERS, dict(name=name))
+
+@use_schema(NameSchema)
+@inject_conn(DEFAULT, autocommit=True)  # a single read needs no transaction
+def user(conn: Connection, name: str) -> Row:
+    """One user by name; 404 when there is none."""
+    row = get_db_from_conn(conn).fetch_row(SQL_USER, dict(name=name))
+    if row is None:
+        raise not_found(f'no user named {name!r}')
+    return row

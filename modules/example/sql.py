@@ -1,4 +1,4 @@
-SQL_USERS = """
+SQL_USER = """
 SELECT name, email
 FROM users
 WHERE name = %(name)s
