@@ -56,7 +56,7 @@ def client_ip(environ: WSGIEnviron, hops: int) -> str | None:
 
 def is_ip_address(text: str) -> bool:
     """Whether `text` is an IPv4 or IPv6 address. Callers behind nginx are few and come back,
-    and parsing one took seven Python calls (~2 µs), so short texts' answers are kept."""
+    so the answers for short texts are kept (a bounded cache)."""
     if len(text) > MAX_CACHED_ADDRESS:
         return _parses_as_ip(text)
     return _parses_as_ip_cached(text)

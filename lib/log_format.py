@@ -37,8 +37,7 @@ class RequestIdSlot(threading.local):
     context (cpython#148891; it crashed the test process here with a segfault).
     """
 
-    # Read and set as a plain attribute (a C-level access on a thread-local, where a method is a
-    # Python call): every log line reads it, every request sets it.
+    # Read and set as a plain attribute: every log line reads it, every request sets it.
     value: str | None = None
 
     def clear(self, request_id: str) -> None:
@@ -105,7 +104,7 @@ class EcsFormatter(OrjsonFormatter):
             'process.pid': pid,
             'process.thread.name': thread,
         }
-        request_id = current_request_id.value  # the attribute, not get(): a Python call a line
+        request_id = current_request_id.value
         if request_id is not None:
             fields['http.request.id'] = request_id
         return fields

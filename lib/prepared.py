@@ -1,8 +1,7 @@
 """Server-side prepared statements: parsed and planned once per connection, then run by name.
 
-A key lookup spends about a quarter of PostgreSQL's time per query parsing and planning it
-(a backend used ~95 µs per simple read, ~70 µs per EXECUTE of the same statement). A module
-opts in per statement, in its `sql.py`:
+For a key lookup, parsing and planning are a large part of PostgreSQL's own work per query
+(docs/performance.md has the figures). A module opts in per statement, in its `sql.py`:
 
     READ = Prepared('SELECT ... WHERE aid = %(aid)s', aid='integer')
 
@@ -111,7 +110,7 @@ def execute_prepared(cursor: Cursor, statement: Prepared, params: Mapping[str, A
 
 def names_prepared_on(conn: Connection) -> set[str]:
     """The statements `conn` has prepared: kept on the connection when it can hold attributes
-    (the pool's connections), which is faster to reach than a weak mapping."""
+    (the pool's connections), else in a weak mapping that forgets them with the connection."""
     try:
         names = conn.__dict__
     except AttributeError:

@@ -2,8 +2,7 @@
 
 `os.getpid()` is a system call on every use (glibc stopped caching it), and the hot path asks
 three times a request: is the pool still ours, is the log file still ours, which pid goes on
-the line. The answer changes only at a fork, so it is read once and again in each child. It is
-a module attribute, not a function: read as `process.pid`, it costs no Python call.
+the line. The answer changes only at a fork, so it is read once and again in each child.
 """
 
 from __future__ import annotations
