@@ -70,6 +70,11 @@ def _database(prefix: str) -> dict[str, str]:
         'password': _secret(f'{prefix}_DB_PASS'),
         'host': os.getenv(f'{prefix}_DB_HOST', ''),
         'port': os.getenv(f'{prefix}_DB_PORT', '5432'),
+        # `transaction` when the host and port are pgbouncer's, in transaction mode (README,
+        # "Past max_connections"); the sizes are for the start-up check when its console is closed.
+        'pgbouncer': os.getenv(f'{prefix}_DB_PGBOUNCER', ''),
+        'pgbouncer_pool_size': os.getenv(f'{prefix}_DB_PGBOUNCER_POOL_SIZE', ''),
+        'pgbouncer_max_client_conn': os.getenv(f'{prefix}_DB_PGBOUNCER_MAX_CLIENT_CONN', ''),
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import settings
@@ -16,6 +17,9 @@ ENVIRONMENTS = ('local', 'testing', 'production')
 # Tokens shipped in this repository for local use and tests: never valid in production.
 KNOWN_TOKENS = frozenset({'local-dev-token', 'testing-token', 'changeme', 'secret', 'token'})
 MIN_PRODUCTION_TOKEN_LENGTH = 24
+PGBOUNCER_MODES = ('transaction',)
+# A database's settings that describe how it is reached, not what libpq connects with.
+PGBOUNCER_KEYS = ('pgbouncer', 'pgbouncer_pool_size', 'pgbouncer_max_client_conn')
 
 
 class ConfigError(Exception):
@@ -66,7 +70,18 @@ def parse_tokens(environment: str, raw: Any) -> dict[bytes, str]:
     return {token: token_label(token) for token in tokens}
 
 
+@dataclass(frozen=True, slots=True)
+class Pgbouncer:
+    """A database reached through pgbouncer (`<NAME>_DB_PGBOUNCER`); the sizes, when set, stand in
+    for what pgbouncer's admin console would tell the start-up check."""
+
+    mode: str
+    pool_size: int | None
+    max_client_conn: int | None
+
+
 def check_databases(databases: Any) -> dict[str, dict[str, Any]]:
+    """Each database's connection parameters, as libpq takes them (the pgbouncer keys left out)."""
     if not isinstance(databases, Mapping) or settings.DEFAULT not in databases:
         raise ConfigError(f'DATABASES has no {settings.DEFAULT!r} database (set DEFAULT_DB_NAME)')
     checked = {}
@@ -75,8 +90,37 @@ def check_databases(databases: Any) -> dict[str, dict[str, Any]]:
         if not params.get('dbname'):
             raise ConfigError(f'{prefix}_DB_NAME is not set for database {name!r}')
         port = parse_int(f'{prefix}_DB_PORT', params.get('port') or 5432, minimum=1)
-        checked[name] = {key: value for key, value in dict(params, port=port).items() if value not in ('', None)}
+        checked[name] = {
+            key: value
+            for key, value in dict(params, port=port).items()
+            if value not in ('', None) and key not in PGBOUNCER_KEYS
+        }
     return checked
+
+
+def optional_int(name: str, value: Any) -> int | None:
+    return None if value in ('', None) else parse_int(name, value, minimum=1)
+
+
+def check_pgbouncer(databases: Mapping[str, Mapping[str, Any]]) -> dict[str, Pgbouncer]:
+    """The databases reached through pgbouncer, by name; the others are direct."""
+    found = {}
+    for name, params in databases.items():
+        prefix = f'{name.upper()}_DB_PGBOUNCER'
+        mode = str(params.get('pgbouncer') or '').strip()
+        if not mode:
+            for key in PGBOUNCER_KEYS[1:]:
+                if params.get(key) not in ('', None):
+                    raise ConfigError(f'{name.upper()}_DB_{key.upper()} is set but {prefix} is not')
+            continue
+        if mode not in PGBOUNCER_MODES:
+            raise ConfigError(f"{prefix}={mode!r} must be 'transaction' (pgbouncer's transaction pooling) or empty")
+        found[name] = Pgbouncer(
+            mode,
+            optional_int(f'{prefix}_POOL_SIZE', params.get('pgbouncer_pool_size')),
+            optional_int(f'{prefix}_MAX_CLIENT_CONN', params.get('pgbouncer_max_client_conn')),
+        )
+    return found
 
 
 def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -110,6 +154,7 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         DEBUG=debug,
         BEARER_TOKENS=parse_tokens(environment, raw['BEARER']),
         DATABASES=check_databases(raw['DATABASES']),
+        PGBOUNCER=check_pgbouncer(raw['DATABASES']),
         MODULES=list(raw['MODULES']),
         MAX_CONTENT_LENGTH=parse_int('MAX_CONTENT_LENGTH', raw['MAX_CONTENT_LENGTH'], minimum=1024),
         COMPRESS_MIN_SIZE=parse_int('COMPRESS_MIN_SIZE', raw['COMPRESS_MIN_SIZE']),

@@ -19,7 +19,8 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as PlainCursor
 from psycopg2.extras import RealDictCursor
 
-from lib import process
+from lib import pgbouncer, process
+from lib.config import Pgbouncer
 from lib.pool import ConnectionPool, PoolClosed
 from lib.prepared import Prepared, execute_prepared
 from lib.scope import RequestScope, current_scope
@@ -36,6 +37,7 @@ class PooledConnection(Connection):
     """A psycopg2 connection that remembers whether its rows should be dicts."""
 
     named: bool = True
+    session_state = True  # lib/prepared.py may keep statements on it (not so behind pgbouncer)
 
 
 class Pools:
@@ -49,6 +51,7 @@ class Pools:
         self.max_idle: float = config['POOL_MAX_IDLE']
         self.connect_timeout: int = config['CONNECT_TIMEOUT']
         self.statement_timeout: int = config['STATEMENT_TIMEOUT']
+        self.pgbouncer: Mapping[str, Pgbouncer] = config.get('PGBOUNCER', {})
         self._pools: dict[str, ConnectionPool] = {}
         self._lock = threading.Lock()
         self._pid = process.pid
@@ -81,14 +84,17 @@ class Pools:
             self.databases[name],
             connect_timeout=self.connect_timeout,
             application_name=f'{APP_ID}:{process.pid}',
-            options=f'-c statement_timeout={self.statement_timeout}',
-            connection_factory=PooledConnection,
             # A dead peer is noticed within ~30 s instead of the kernel's two hours.
             keepalives=1,
             keepalives_idle=10,
             keepalives_interval=5,
             keepalives_count=3,
         )
+        if name in self.pgbouncer:
+            # pgbouncer refuses `options`; the timeout goes into each transaction (lib/pgbouncer.py).
+            params['connection_factory'] = pgbouncer.connection_class(PooledConnection, self.statement_timeout)
+        else:
+            params.update(options=f'-c statement_timeout={self.statement_timeout}', connection_factory=PooledConnection)
         return ConnectionPool(
             name,
             params,

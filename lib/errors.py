@@ -44,7 +44,42 @@ SQLSTATE_STATUS: dict[str, tuple[int, str]] = {
     '08': (503, 'database-unavailable'),  # connection exception
     '53': (503, 'database-unavailable'),  # insufficient resources, too many connections
     '25P03': (503, 'database-unavailable'),  # idle-in-transaction timeout
+    '26000': (503, 'prepared-statement-missing'),  # its session is gone; the connection was closed
 }
+# What an error means, for the log line, by SQLSTATE, then by the words of a message that has
+# none (libpq's and pgbouncer's connection errors come without one).
+CAUSES_BY_CODE = {
+    '26000': 'the session that prepared the statement is gone: the connection was reset (DISCARD ALL, a restart)'
+    ' or a transaction pooler gave this transaction another server session; lib/prepared.py closed the'
+    ' connection, so a retry prepares afresh, but an action cannot PREPARE statements of its own behind pgbouncer',
+    '25001': 'on a database behind pgbouncer (<NAME>_DB_PGBOUNCER) each autocommit statement runs in a transaction'
+    ' block with its SET LOCAL statement_timeout: run this one against a direct database',
+}
+CAUSES_BY_MESSAGE = (
+    (
+        'no more connections allowed (max_client_conn)',
+        "pgbouncer's max_client_conn is reached: (API_REPLICAS + 1) x workers x POOL_SIZE must stay under it",
+    ),
+    (
+        'server login has been failing',
+        'pgbouncer cannot log in to PostgreSQL (down, or refusing the user); it tries again after server_login_retry',
+    ),
+    (
+        'query_wait_timeout',
+        'pgbouncer had no server connection to give within query_wait_timeout: PostgreSQL is down or its pool is full',
+    ),
+    ('server conn crashed', 'the PostgreSQL session behind pgbouncer ended mid-request: a restart or a crash'),
+    (
+        'unsupported startup parameter',
+        'pgbouncer refuses a startup parameter: set <NAME>_DB_PGBOUNCER=transaction for a database behind pgbouncer',
+    ),
+    (
+        'server closed the connection unexpectedly',
+        'PostgreSQL restarted or crashed, or a pgbouncer in front of it stopped or gave up waiting for a server'
+        ' connection (query_wait_timeout); their logs say which',
+    ),
+    ('Connection refused', 'nothing listens at the database address: PostgreSQL (or pgbouncer) is down'),
+)
 # Statuses whose cause is the client's input: the database's own message is safe and useful.
 CLIENT_STATUSES = {400, 409}
 
@@ -101,6 +136,15 @@ def classify_database_error(error: psycopg2.Error) -> tuple[int, str]:
     return 500, 'internal-error'
 
 
+def cause(error: psycopg2.Error) -> str:
+    """What `error` means when its text alone would not say (pooler and connection errors), or ''."""
+    known = CAUSES_BY_CODE.get(error.pgcode or '')
+    if known:
+        return f' ({known})'
+    text = str(error)
+    return next((f' ({meaning})' for words, meaning in CAUSES_BY_MESSAGE if words in text), '')
+
+
 def database_problem(error: psycopg2.Error) -> ApiError:
     status, slug = classify_database_error(error)
     headers = {'Retry-After': RETRY_AFTER_SECONDS} if status == 503 else None
@@ -109,12 +153,12 @@ def database_problem(error: psycopg2.Error) -> ApiError:
         errors = {'constraint': diag.constraint_name} if diag.constraint_name else None
         return ApiError(status, slug, diag.message_primary or slug, errors=errors)
     if status == 503:
-        log.warning('database unavailable: %s: %s', type(error).__name__, str(error).strip())
+        log.warning('database unavailable: %s: %s%s', type(error).__name__, str(error).strip(), cause(error))
         return ApiError(status, slug, 'the database is unavailable, retry shortly', headers=headers)
     if status == 504:
         log.warning('statement timeout: %s', str(error).strip())
         return ApiError(status, slug, 'the statement took longer than the configured statement_timeout')
-    log.error('database error %s', error.pgcode, exc_info=error)
+    log.error('database error %s%s', error.pgcode, cause(error), exc_info=error)
     return ApiError(500, 'internal-error', 'internal error; the request id finds it in the logs')
 
 

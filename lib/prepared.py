@@ -16,6 +16,12 @@ call is `EXECUTE name(<values>)`, the values quoted by psycopg2 as in any query.
 statement belongs to its session and survives a rollback (PostgreSQL does not undo PREPARE),
 so each pooled connection prepares each statement once. A placeholder inside a quoted
 literal is replaced as psycopg2 would replace it, which is never what such a query means.
+
+A connection whose `session_state` is False (a database behind pgbouncer in transaction mode,
+lib/pgbouncer.py) keeps nothing between transactions, so there the statement runs as its
+`plain` text: the query with each parameter written `CAST(%(x)s AS <type>)`. The declared type
+still decides what a value means, by an explicit cast rather than EXECUTE's assignment cast
+(they differ only on conversions PostgreSQL allows explicitly, like a boolean into an integer).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ _prepared_elsewhere: weakref.WeakKeyDictionary[Connection, set[str]] = weakref.W
 class Prepared:
     """One statement, with named `%(x)s` parameters, each declared with its SQL type."""
 
-    __slots__ = ('call', 'name', 'params', 'prepare', 'query')
+    __slots__ = ('call', 'name', 'params', 'plain', 'prepare', 'query')
 
     def __init__(self, query: str, /, **types: str) -> None:
         params, text = parse(query)
@@ -64,6 +70,7 @@ class Prepared:
         self.prepare = f'PREPARE {self.name} ({declared}) AS {text}' if params else f'PREPARE {self.name} AS {text}'
         values = ', '.join(f'%({name})s' for name in params)
         self.call = f'EXECUTE {self.name} ({values})' if params else f'EXECUTE {self.name}'
+        self.plain = typed_text(query, types)
 
     def __repr__(self) -> str:
         return f'Prepared({self.query!r})'
@@ -88,11 +95,25 @@ def parse(query: str) -> tuple[list[str], str]:
     return params, PLACEHOLDER.sub(replace, query)
 
 
+def typed_text(query: str, types: Mapping[str, str]) -> str:
+    """`query` for psycopg2 with each `%(x)s` cast to its declared type (`%%` stays for psycopg2)."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return match.group(0) if name is None else f'CAST(%({name})s AS {types[name]})'
+
+    return PLACEHOLDER.sub(replace, query)
+
+
 def execute_prepared(cursor: Cursor, statement: Prepared, params: Mapping[str, Any] | Sequence[Any] | None) -> None:
-    """Run `statement` on the cursor's connection, preparing it there first if need be."""
+    """Run `statement` on the cursor's connection, preparing it there first if need be; on a
+    connection that keeps no session state, as its plain text."""
     if statement.params and type(params) is not dict and not isinstance(params, Mapping):
         raise TypeError(f'{statement!r} takes its parameters by name {statement.params}, not {type(params).__name__}')
     conn = cursor.connection
+    if not getattr(conn, 'session_state', True):
+        cursor.execute(statement.plain, params or {})  # a mapping even when empty: psycopg2 then reads %% as %
+        return
     prepared = names_prepared_on(conn)
     if statement.name not in prepared:
         cursor.execute(statement.prepare)

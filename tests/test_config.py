@@ -37,6 +37,15 @@ def config(**overrides):
         ({'DATABASES': {}}, "no 'default' database"),
         ({'DATABASES': {'default': {'dbname': ''}}}, 'DEFAULT_DB_NAME is not set'),
         ({'DATABASES': {'default': {'dbname': 'x', 'port': 'abc'}}}, "DEFAULT_DB_PORT='abc'"),
+        ({'DATABASES': {'default': {'dbname': 'x', 'pgbouncer': 'session'}}}, "DEFAULT_DB_PGBOUNCER='session' must be"),
+        (
+            {'DATABASES': {'default': {'dbname': 'x', 'pgbouncer_pool_size': '20'}}},
+            'DEFAULT_DB_PGBOUNCER_POOL_SIZE is set but DEFAULT_DB_PGBOUNCER is not',
+        ),
+        (
+            {'DATABASES': {'default': {'dbname': 'x', 'pgbouncer': 'transaction', 'pgbouncer_max_client_conn': '0'}}},
+            'DEFAULT_DB_PGBOUNCER_MAX_CLIENT_CONN=0 must be at least 1',
+        ),
     ],
 )
 def test_bad_settings_name_themselves(overrides, message):
