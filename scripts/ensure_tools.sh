@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests and the benchmark drive for real: nginx, wrk, and envsubst
-# (what the nginx image renders its template with; tests compare it with scripts/topology.py).
+# Install the Debian packages the tests and the benchmark drive for real: nginx, wrk, pgbouncer, and
+# envsubst (what the nginx image renders its template with; tests compare it with scripts/topology.py).
 # (CI runs as root on a fresh machine; a developer without root installs them by hand.)
 set -euo pipefail
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 command -v envsubst >/dev/null 2>&1 || missing+=(gettext-base)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
@@ -15,5 +16,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# The package starts a system nginx on port 80; the tests run their own.
-if command -v service >/dev/null 2>&1; then service nginx stop >/dev/null 2>&1 || true; fi
+# The packages start a system nginx on port 80 and a pgbouncer on 6432; the tests run their own.
+if command -v service >/dev/null 2>&1; then
+  service nginx stop >/dev/null 2>&1 || true
+  service pgbouncer stop >/dev/null 2>&1 || true
+fi

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The production topology on one machine: real nginx in front of N gunicorn replicas.
 
-    .venv/bin/python scripts/topology.py up --replicas 3 --port 8080
+    .venv/bin/python scripts/topology.py up --replicas 3 --port 8080 [--pgbouncer]
 
 Each replica is `start.sh` (retention step, then gunicorn with gunicorn.conf.py) on a free
 loopback port, named by REPLICA_ID (the `X-Served-By` response header). nginx runs Debian's
 binary with the production template nginx/nginx.conf rendered for those ports, its own
-prefix, pid file and logs in a private directory. Ctrl-C stops everything.
+prefix, pid file and logs in a private directory. With `--pgbouncer`, Debian's pgbouncer in
+transaction mode stands between the replicas and the database (DEFAULT_DB_PGBOUNCER=transaction).
+Ctrl-C stops everything.
 
 As a library (the tests): `with topology(3, database, workdir) as top: top.url ...`.
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -29,12 +33,26 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / 'nginx' / 'nginx.conf'
 VENV_BIN = Path(sys.executable).parent
 NGINX_CANDIDATES = ('/usr/sbin/nginx', '/usr/local/sbin/nginx', '/usr/local/nginx/sbin/nginx')
+PGBOUNCER_CANDIDATES = ('/usr/sbin/pgbouncer', '/usr/bin/pgbouncer', '/usr/local/bin/pgbouncer')
+# pgbouncer refuses to run as root: as root it runs as this OS user (Debian's PostgreSQL owner).
+PGBOUNCER_OS_USER = 'postgres'
+# pgbouncer's settings for a local run; its startup-parameter handling stays its default.
+PGBOUNCER_DEFAULTS = {
+    'pool_mode': 'transaction',
+    'max_client_conn': '1000',
+    'default_pool_size': '20',
+    # pgbouncer's defaults hold a request for 120 s while PostgreSQL is down and wait 15 s
+    # after a failed login before trying again: the service would answer late, then not at all.
+    'query_wait_timeout': '5',
+    'server_login_retry': '1',
+}
 PLACEHOLDER = re.compile(r'\$\{([A-Z][A-Z0-9_]*)\}')
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 40.0  # above gunicorn's graceful_timeout (30 s)
@@ -59,6 +77,14 @@ def find_nginx() -> str | None:
     if found:
         return found
     return next((path for path in NGINX_CANDIDATES if os.access(path, os.X_OK)), None)
+
+
+def find_pgbouncer() -> str | None:
+    """Debian's pgbouncer binary (in /usr/sbin, often not on a non-root PATH), or None."""
+    found = shutil.which('pgbouncer')
+    if found:
+        return found
+    return next((path for path in PGBOUNCER_CANDIDATES if os.access(path, os.X_OK)), None)
 
 
 def free_port() -> int:
@@ -262,6 +288,148 @@ class Nginx:
             self.process.wait()
 
 
+def quoted(text: str) -> str:
+    """A value of pgbouncer's auth file: double-quoted, inner quotes doubled."""
+    return '"' + text.replace('"', '""') + '"'
+
+
+class PgBouncer:
+    """Debian's pgbouncer in front of one PostgreSQL server: every database name is passed
+    through (`* = host=... port=...`), clients log in with the database's own user and password.
+
+    Its configuration, auth file and log live in a private directory; as root, one of its own
+    under the system temp dir owned by PGBOUNCER_OS_USER, since pgbouncer will not run as root.
+    """
+
+    def __init__(self, directory: Path, database: Mapping[str, Any], port: int = 0, **settings: str) -> None:
+        self.binary = find_pgbouncer()
+        if self.binary is None:
+            raise TopologyError(
+                'pgbouncer is not installed: run scripts/ensure_tools.sh as root (apt-get install pgbouncer)'
+            )
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.server = {
+            'host': str(database.get('host') or '/var/run/postgresql'),
+            'port': str(database.get('port') or 5432),
+        }
+        self.user = str(database.get('user') or getpass.getuser())  # libpq's default user
+        self.password = str(database.get('password') or '')
+        self.settings = {**PGBOUNCER_DEFAULTS, **settings}
+        self.stderr_path = self.directory / 'pgbouncer.stderr'
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f'<PgBouncer 127.0.0.1:{self.port} -> {self.server["host"]}:{self.server["port"]}>'
+
+    @cached_property
+    def home(self) -> Path:
+        """Where the configuration, auth file and log are: readable by the user pgbouncer runs as."""
+        if os.geteuid() != 0:
+            return self.directory
+        home = Path(tempfile.mkdtemp(prefix='dbapi-pgbouncer-'))
+        entry = pwd.getpwnam(PGBOUNCER_OS_USER)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        return home
+
+    @property
+    def conf(self) -> Path:
+        return self.home / 'pgbouncer.ini'
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / 'pgbouncer.log'
+
+    def params(self, dbname: str) -> dict[str, Any]:
+        """Connection parameters of a client of this pgbouncer."""
+        params: dict[str, Any] = {'host': '127.0.0.1', 'port': self.port, 'user': self.user, 'dbname': dbname}
+        if self.password:
+            params['password'] = self.password
+        return params
+
+    def write_conf(self) -> None:
+        settings = {
+            'listen_addr': '127.0.0.1',
+            'listen_port': str(self.port),
+            'unix_socket_dir': '',
+            'logfile': str(self.log_path),
+            'auth_type': 'scram-sha-256' if self.password else 'trust',
+            'auth_file': str(self.home / 'userlist.txt'),
+            'admin_users': self.user,
+            **self.settings,
+        }
+        lines = ['[databases]', f'* = host={self.server["host"]} port={self.server["port"]}', '', '[pgbouncer]']
+        lines += [f'{key} = {value}' for key, value in settings.items()]
+        auth = self.home / 'userlist.txt'
+        auth.write_text(f'{quoted(self.user)} {quoted(self.password)}\n')
+        auth.chmod(0o600)
+        self.conf.write_text('\n'.join(lines) + '\n')
+        if self.home != self.directory:
+            entry = pwd.getpwnam(PGBOUNCER_OS_USER)
+            for path in (auth, self.conf):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def command(self) -> list[str]:
+        """pgbouncer itself, so a signal reaches it (runuser would hold a SIGTERM for 2 s)."""
+        user = ['-u', PGBOUNCER_OS_USER] if os.geteuid() == 0 else []
+        return [self.binary, *user, str(self.conf)]
+
+    def start(self) -> None:
+        """Write the configuration, start, and wait until it listens."""
+        self.write_conf()
+        with self.stderr_path.open('ab') as stderr:
+            self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+        try:
+            wait_until(self.listening, START_TIMEOUT_SECONDS, f'pgbouncer did not listen on 127.0.0.1:{self.port}')
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def listening(self) -> bool:
+        if not self.running:
+            raise TopologyError(f'pgbouncer exited:\n{tail(self.stderr_path)}\n{tail(self.log_path)}')
+        with socket.socket() as probe:
+            return probe.connect_ex(('127.0.0.1', self.port)) == 0
+
+    def show(self, what: str) -> list[dict[str, Any]]:
+        """`SHOW <what>` on the admin console: one dict per row."""
+        conn = psycopg2.connect(**self.params('pgbouncer'), connect_timeout=2)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute(f'SHOW {what}')
+                names = [column.name for column in cursor.description or ()]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        finally:
+            conn.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: pgbouncer's immediate shutdown, every client connection closed."""
+        try:
+            if self.running:
+                self.process.send_signal(sig)
+                try:
+                    self.process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+        finally:
+            if self.home != self.directory:
+                with contextlib.suppress(OSError):
+                    shutil.copy(self.log_path, self.directory / 'pgbouncer.log')
+                shutil.rmtree(self.home, ignore_errors=True)
+                del self.home  # a restart makes a new one
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 def replica_env(database: Mapping[str, Any], log_dir: Path, replicas: int, **extra: str) -> dict[str, str]:
     """The environment of every replica: the caller's, the database, the logs, the sizing."""
     env = {
@@ -370,11 +538,28 @@ def interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def pgbouncer_in_front(database: Mapping[str, Any], workdir: Path) -> Iterator[tuple[dict[str, Any], PgBouncer]]:
+    """A started pgbouncer in front of `database`, and the database as the replicas reach it."""
+    pooler = PgBouncer(workdir / 'pgbouncer', database)
+    pooler.start()
+    try:
+        yield {**database, **pooler.params(str(database.get('dbname') or pooler.user))}, pooler
+    finally:
+        pooler.stop()
+
+
 def up(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or ROOT / '.local' / 'topology').resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     signal.signal(signal.SIGTERM, interrupt)
-    with topology(args.replicas, settings_database(), workdir, args.port) as running:
+    with contextlib.ExitStack() as stack:
+        database, env = settings_database(), {}
+        if args.pgbouncer:
+            database, pooler = stack.enter_context(pgbouncer_in_front(database, workdir))
+            env['DEFAULT_DB_PGBOUNCER'] = 'transaction'
+            print(f'pgbouncer (transaction mode) on 127.0.0.1:{pooler.port}, log {pooler.log_path}', flush=True)
+        running = stack.enter_context(topology(args.replicas, database, workdir, args.port, **env))
         print(f'nginx on {running.url} in front of {len(running.replicas)} replicas:', flush=True)
         for replica in running.replicas:
             print(f'  {replica.name}  {replica.url}  pid {replica.process.pid}', flush=True)
@@ -393,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument('--replicas', type=int, default=3)
     start.add_argument('--port', type=int, default=8080, help='nginx port on 127.0.0.1 (0: a free one)')
     start.add_argument('--workdir', help='private directory for logs and nginx (default .local/topology)')
+    start.add_argument(
+        '--pgbouncer', action='store_true', help="Debian's pgbouncer in transaction mode between replicas and database"
+    )
     args = parser.parse_args(argv)
     try:
         return up(args)
