@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import settings
+from lib.config import check_pgbouncer
 from lib.startup import budgets, check_connection_budget
 from scripts.topology import (
     NGINX_DEFAULTS,
@@ -32,6 +33,7 @@ from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / 'docker-compose.yml'
+PGBOUNCER_COMPOSE = ROOT / 'docker-compose.pgbouncer.yml'  # deployed over COMPOSE to turn pgbouncer on
 GUNICORN = Path(sys.executable).parent / 'gunicorn'
 # ${NAME:-default} or ${NAME:?message}: anything else becomes empty when NAME is unset.
 SAFE_REFERENCE = re.compile(r'\$\{[A-Z][A-Z0-9_]*:[-?][^}]*\}')
@@ -49,12 +51,12 @@ def strings(node: Any) -> list[str]:
     return [node] if isinstance(node, str) else []
 
 
-def compose_strings() -> list[str]:
-    return strings(yaml.safe_load(COMPOSE.read_text()))
+def compose_strings(*files: Path) -> list[str]:
+    return [text for path in files or (COMPOSE,) for text in strings(yaml.safe_load(path.read_text()))]
 
 
-def required_variables() -> set[str]:
-    return {name for text in compose_strings() for name in REQUIRED_REFERENCE.findall(text)}
+def required_variables(*files: Path) -> set[str]:
+    return {name for text in compose_strings(*files) for name in REQUIRED_REFERENCE.findall(text)}
 
 
 def required_values(**overrides: str) -> dict[str, str]:
@@ -62,16 +64,15 @@ def required_values(**overrides: str) -> dict[str, str]:
     return {**values, 'EXPOSED_PORT': '8080', **overrides}
 
 
-def stack_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def stack_config(env: dict[str, str], *files: Path) -> subprocess.CompletedProcess[str]:
     docker = require_tool(shutil.which('docker'), 'the Docker CLI')
     clean = {'PATH': os.environ['PATH'], 'HOME': str(ROOT / '.local'), **env}  # nothing inherited by accident
-    return subprocess.run(
-        [docker, 'stack', 'config', '-c', str(COMPOSE)], capture_output=True, text=True, env=clean, timeout=60
-    )
+    compose = [argument for path in files or (COMPOSE,) for argument in ('-c', str(path))]
+    return subprocess.run([docker, 'stack', 'config', *compose], capture_output=True, text=True, env=clean, timeout=60)
 
 
-def deployed_stack() -> dict[str, Any]:
-    result = stack_config(required_values())
+def deployed_stack(*files: Path) -> dict[str, Any]:
+    result = stack_config(required_values(), *files)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -81,20 +82,22 @@ def seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in re.findall(r'([0-9.]+)([hms])', duration))
 
 
-def test_every_variable_of_the_stack_has_a_default_or_must_be_set() -> None:
+@pytest.mark.parametrize('files', [(COMPOSE,), (COMPOSE, PGBOUNCER_COMPOSE)], ids=['stack', 'with-pgbouncer'])
+def test_every_variable_of_the_stack_has_a_default_or_must_be_set(files: tuple[Path, ...]) -> None:
     # `$$` is a literal dollar; a lone $NAME or ${NAME} silently becomes empty when unset.
-    text = '\n'.join(compose_strings()).replace('$$', '')
+    text = '\n'.join(compose_strings(*files)).replace('$$', '')
     references = re.findall(r'\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*', text)
     unsafe = [ref for ref in references if not SAFE_REFERENCE.fullmatch(ref)]
     assert not unsafe, f'these become empty when unset: {unsafe}'
-    assert {'VERSION', 'EXPOSED_PORT', 'DB_HOST', 'DB_NAME', 'DB_USER'} <= required_variables()
+    assert {'VERSION', 'EXPOSED_PORT', 'DB_HOST', 'DB_NAME', 'DB_USER'} <= required_variables(*files)
 
 
-def test_the_stack_refuses_to_render_with_a_required_variable_unset() -> None:
-    for missing in sorted(required_variables()):
+@pytest.mark.parametrize('files', [(COMPOSE,), (COMPOSE, PGBOUNCER_COMPOSE)], ids=['stack', 'with-pgbouncer'])
+def test_the_stack_refuses_to_render_with_a_required_variable_unset(files: tuple[Path, ...]) -> None:
+    for missing in sorted(required_variables(*files)):
         values = required_values()
         del values[missing]
-        result = stack_config(values)
+        result = stack_config(values, *files)
         assert result.returncode != 0, f'the stack rendered without {missing}'
         assert missing in result.stderr
 
@@ -121,6 +124,39 @@ def test_the_stack_sizes_connections_for_a_default_postgresql() -> None:
     api = deployed_stack()['services']['api']['environment']
     replicas, workers, pool = int(api['API_REPLICAS']), int(api['WEB_CONCURRENCY']), int(api['POOL_SIZE'])
     assert (replicas + 1) * workers * pool <= 100 - 3  # stock max_connections minus superuser_reserved
+
+
+def test_pgbouncer_is_off_unless_its_file_is_deployed_over_the_stack() -> None:
+    stack = deployed_stack()
+    assert 'pgbouncer' not in stack['services']
+    assert 'DEFAULT_DB_PGBOUNCER' not in stack['services']['api']['environment']
+
+
+def test_the_pgbouncer_file_puts_a_pinned_transaction_pooler_between_api_and_postgresql() -> None:
+    stack = deployed_stack(COMPOSE, PGBOUNCER_COMPOSE)
+    api, pooler = stack['services']['api'], stack['services']['pgbouncer']
+    env, own = api['environment'], pooler['environment']
+    assert re.fullmatch(r'edoburu/pgbouncer:v\d+\.\d+\.\d+-p\d+', pooler['image']), pooler['image']
+    assert (env['DEFAULT_DB_HOST'], env['DEFAULT_DB_PORT']) == ('pgbouncer', own['LISTEN_PORT'])
+    assert check_pgbouncer({'default': {'pgbouncer': env['DEFAULT_DB_PGBOUNCER']}})['default'].mode == 'transaction'
+    assert own['POOL_MODE'] == 'transaction'
+    assert 'options' not in own.get('IGNORE_STARTUP_PARAMETERS', '')  # the api needs no workaround
+    assert own['DB_HOST'] == required_values()['DB_HOST']  # PostgreSQL itself
+    assert (own['DB_NAME'], own['DB_USER']) == (env['DEFAULT_DB_NAME'], env['DEFAULT_DB_USER'])
+    assert own['DB_USER'] in own['STATS_USERS'].split(',')  # the start-up check reads SHOW CONFIG
+    assert own['AUTH_FILE'] == '/run/secrets/dbapi_pgbouncer_userlist'
+    assert {secret['source'] for secret in pooler['secrets']} == {'dbapi_pgbouncer_userlist'}
+    assert 'pg_isready' in pooler['healthcheck']['test'] and own['LISTEN_PORT'] in pooler['healthcheck']['test']
+    assert pooler['deploy']['replicas'] == 1
+    assert int(own['QUERY_WAIT_TIMEOUT']) <= 5 and int(own['SERVER_LOGIN_RETRY']) <= 2
+
+
+def test_the_pgbouncer_file_sizes_clients_and_its_pool() -> None:
+    stack = deployed_stack(COMPOSE, PGBOUNCER_COMPOSE)['services']
+    api, own = stack['api']['environment'], stack['pgbouncer']['environment']
+    replicas, workers, pool = int(api['API_REPLICAS']), int(api['WEB_CONCURRENCY']), int(api['POOL_SIZE'])
+    assert (replicas + 1) * workers * pool <= int(own['MAX_CLIENT_CONN'])
+    assert int(own['DEFAULT_POOL_SIZE']) <= 100 - 3  # stock max_connections minus superuser_reserved
 
 
 def test_every_layer_agrees_on_the_body_limit() -> None:
