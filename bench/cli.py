@@ -34,12 +34,13 @@ from bench.plot import write_plot
 from bench.report import update_readme, write_json, write_markdown
 from bench.servers import REPO, VENV_BIN, Server, gunicorn_command, serve
 from bench.service import PATHS, service_env
-from bench.targets import BARE, ServerStats, Verdict, evaluate
+from bench.targets import BARE, PGBOUNCER, ServerStats, Verdict, evaluate
 from bench.wrk import run_wrk
 
 RESULTS = REPO / 'bench' / 'results'
 SCENARIOS = ('foo', 'read', 'upsert', 'rows')
 # (series, pgbench -M mode) measured beside each scenario; foo's reference is the WSGI hello.
+PGBOUNCER_SCENARIOS = ('read', 'upsert')  # measured through pgbouncer too, beside direct
 PG_REFERENCES = {
     'read': [('pgbench simple', 'simple'), ('pgbench prepared', 'prepared')],
     'upsert': [('pgbench simple', 'simple'), ('pgbench prepared', 'prepared')],
@@ -171,6 +172,21 @@ def nginx_in_front(app: Server, tmp: Path) -> Iterator[str]:
         nginx.stop()
 
 
+@contextmanager
+def app_through_pgbouncer(env: dict[str, str], tmp: Path) -> Iterator[Server]:
+    """The same app with its database behind Debian's pgbouncer in transaction mode (scripts/topology.py)."""
+    pooler = topology().PgBouncer(tmp / 'pgbouncer', PG)
+    pooler.start()
+    try:
+        through = dict(
+            env, DEFAULT_DB_HOST='127.0.0.1', DEFAULT_DB_PORT=str(pooler.port), DEFAULT_DB_PGBOUNCER='transaction'
+        )
+        with serve(PGBOUNCER, gunicorn_command('app:app'), through, tmp, probe='/health/ready') as server:
+            yield server
+    finally:
+        pooler.stop()
+
+
 def topology() -> ModuleType:
     """scripts/topology.py, the one place that renders the nginx template for a local run."""
     spec = importlib.util.spec_from_file_location('dbapi_topology', REPO / 'scripts' / 'topology.py')
@@ -211,6 +227,10 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         watch.watch(lambda: [worker.pid for worker in app.workers()])
         if plan.nginx:
             run.urls['app nginx'] = stack.enter_context(nginx_in_front(app, tmp))
+        pooled = tuple(scenario for scenario in PGBOUNCER_SCENARIOS if scenario in plan.scenarios)
+        if pooled:
+            run.urls[PGBOUNCER] = stack.enter_context(app_through_pgbouncer(env, tmp)).url
+            run.scenarios[PGBOUNCER] = pooled
         for candidate in plan.candidates:
             start_candidate(stack, run, CANDIDATES[candidate], env, tmp)
         run.log(f'database {dbname} ready; servers up; warming up')

@@ -9,13 +9,16 @@ from typing import Any
 from bench.measure import Measurement, find
 
 AT = 8  # connections, unless a target says otherwise
-MAIN_SERIES = frozenset({'app direct', 'app nginx'})
+PGBOUNCER = 'app pgbouncer'  # the app with DEFAULT_DB_PGBOUNCER=transaction, through Debian's pgbouncer
+MAIN_SERIES = frozenset({'app direct', 'app nginx', PGBOUNCER})
 # The targets measured for more than the production server (candidates, the bare read): one number each.
 READ_RATIO = 0.15  # read by key, against pgbench -M simple
 UPSERT_RATIO = 0.4  # the upsert in a transaction, against pgbench -M simple running it in BEGIN/END
 # example/foo against the WSGI hello on the same server: shown, no longer judged. It rewarded
 # coupling to the server's internals, and any faster server speeds the hello as much as the app.
 FOO_RATIO = 0.6
+# Read by key and upsert through pgbouncer in transaction mode, against the same app direct.
+PGBOUNCER_RATIO = 0.7
 BARE = 'wsgi psycopg2'  # bench/bare.py: the read's floor, the same server and driver without the framework
 
 
@@ -161,6 +164,12 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
             ('upsert', 'pgbench simple'),
             UPSERT_RATIO,
             True,
+        ),
+        lambda: ratio_target(
+            results, 'read by key, pgbouncer', ('read', PGBOUNCER), ('read', 'app direct'), PGBOUNCER_RATIO, True
+        ),
+        lambda: ratio_target(
+            results, 'upsert, pgbouncer', ('upsert', PGBOUNCER), ('upsert', 'app direct'), PGBOUNCER_RATIO, True
         ),
         lambda: rows_target(results),
         lambda: p99_target(results),

@@ -27,6 +27,7 @@ def test_bench_quick_runs_every_scenario_without_errors(tmp_path: Path) -> None:
     measured = {(r['scenario'], r['series']) for r in document['results']}
     assert {('foo', 'app direct'), ('read', 'app direct'), ('upsert', 'app direct'), ('rows', 'app direct')} <= measured
     assert ('read', 'wsgi psycopg2') in measured  # the read's floor (bench/bare.py)
+    assert {('read', 'app pgbouncer'), ('upsert', 'app pgbouncer')} <= measured  # through pgbouncer (issue 21)
     for result in document['results']:
         assert result['requests'] > 0, result
         assert (result['errors'], result['non2xx']) == (0, 0), result
