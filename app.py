@@ -33,7 +33,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.extensions['compress'] = Compress(app)
     errors.init_app(app)
     db.init_app(app)
-    cli.init_app(app)  # flask --app app actions | new-module | apply-sql
+    cli.init_app(app)  # flask --app app actions | new-module | apply-sql | new-token
     app.register_blueprint(health.blueprint)
     for name in config['MODULES']:
         app.register_blueprint(import_module(name).blueprint)

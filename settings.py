@@ -43,8 +43,22 @@ ELK_APP = f'{APP_ID}.{PROCESS_ID}'
 ELK_INDEX = f'{APP_ID}_{ENVIRONMENT}'
 ELK_PROCESS = APP_ID
 
-# Several tokens, separated by commas, so they can be rotated without downtime.
+# Several tokens, separated by commas, so they can be rotated without downtime: the caller
+# `default`, allowed every action.
 BEARER = _secret('BEARER')
+# Callers and scopes (README): a TOML file of callers, their tokens' SHA-256 digests and their
+# scopes, re-read within 2 s of a change.
+CALLERS_FILE = os.getenv('CALLERS_FILE', '')
+# JSON Web Tokens from an identity provider: the key set's URL, the issuer and the audience (all
+# three, or none); the claim of the scopes (space-separated) and those naming the caller (the
+# first present); how often an unknown key id may refetch the key set, and its age at most (s).
+JWT_JWKS_URL = os.getenv('JWT_JWKS_URL', '')
+JWT_ISSUER = os.getenv('JWT_ISSUER', '')
+JWT_AUDIENCE = os.getenv('JWT_AUDIENCE', '')
+JWT_SCOPE_CLAIM = os.getenv('JWT_SCOPE_CLAIM', 'scope')
+JWT_CALLER_CLAIM = os.getenv('JWT_CALLER_CLAIM', 'azp,sub')
+JWT_JWKS_COOLDOWN = os.getenv('JWT_JWKS_COOLDOWN', '30')
+JWT_JWKS_MAX_AGE = os.getenv('JWT_JWKS_MAX_AGE', '300')
 
 DEBUG = os.getenv('DEBUG', '0')
 MAX_CONTENT_LENGTH = os.getenv('MAX_CONTENT_LENGTH', str(20 * 1024 * 1024))

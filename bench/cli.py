@@ -33,7 +33,7 @@ from bench.pgbench import run_pgbench
 from bench.plot import write_plot
 from bench.report import update_readme, write_json, write_markdown
 from bench.servers import REPO, VENV_BIN, Server, gunicorn_command, serve
-from bench.service import PATHS, service_env
+from bench.service import PATHS, callers_env, service_env
 from bench.targets import BARE, PGBOUNCER, ServerStats, Verdict, evaluate
 from bench.wrk import run_wrk
 
@@ -57,6 +57,7 @@ class Plan:
     nginx: bool = True
     candidates: tuple[str, ...] = ()
     rounds: int = 1
+    callers: int = 0  # > 0: the app authenticates through a CALLERS_FILE of this many callers
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -73,6 +74,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument('--readme', action='store_true', help="write this run's targets table into README.md")
     parser.add_argument('--recycle', action='store_true', help="keep gunicorn's max_requests recycling on")
+    parser.add_argument('--callers', type=int, default=0, help='authenticate through a CALLERS_FILE of N callers')
     return parser.parse_args(argv)
 
 
@@ -86,7 +88,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise SystemExit(f'bench: unknown scenario(s) {", ".join(sorted(unknown))}; known: {", ".join(SCENARIOS)}')
     seconds = args.seconds or (1.0 if args.quick else 4.0)
     rounds = args.rounds or (1 if args.quick else 2)
-    return Plan(connections, seconds, 1.0, scenarios, not args.no_nginx, tuple(args.candidate), rounds)
+    return Plan(connections, seconds, 1.0, scenarios, not args.no_nginx, tuple(args.candidate), rounds, args.callers)
 
 
 def setting(env: dict[str, str], expression: str) -> str:
@@ -213,6 +215,8 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         dbname = stack.enter_context(bench_database())
         watch = stack.enter_context(ConnectionWatch(dbname))
         env = service_env(dbname, token, tmp, recycle)
+        if plan.callers > 0:
+            env.update(callers_env(token, plan.callers, tmp))
         run = Run(plan, dbname, token, watch)
         if 'foo' in plan.scenarios:
             hello = stack.enter_context(serve('hello', gunicorn_command('bench.hello:app'), env, tmp, probe='/'))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -29,3 +30,21 @@ def service_env(dbname: str, token: str, log_dir: Path, recycle: bool) -> dict[s
         # Recycled workers would hide a leak from the memory figure and blur the connection peak.
         env['MAX_REQUESTS'] = '0'
     return env
+
+
+def callers_env(token: str, count: int, folder: Path) -> dict[str, str]:
+    """Settings that authenticate through a CALLERS_FILE of `count` callers instead of BEARER.
+
+    The benchmark's token is the last caller's, scoped to what the scenarios call, so each request
+    pays the file's whole path: the digest lookup among `count` callers, the scope check and the
+    once-a-second stat. The other callers hold random digests.
+    """
+    lines = []
+    for number in range(count - 1):
+        digest = os.urandom(32).hex()
+        lines += [f'[callers.team{number:05d}]', f'tokens_sha256 = ["{digest}"]', 'scopes = ["example"]', '']
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    lines += ['[callers.bench]', f'tokens_sha256 = ["{digest}"]', 'scopes = ["bench", "example/foo"]', '']
+    path = folder / 'callers.toml'
+    path.write_text('\n'.join(lines))
+    return {'CALLERS_FILE': str(path), 'BEARER': ''}

@@ -198,7 +198,7 @@ class AccessRecords:
             'url.path': path,
             'dbapi.module': scope.module,
             'dbapi.action': scope.action,
-            'dbapi.token_label': scope.caller,
+            'dbapi.caller': scope.caller,
             'http.response.status_code': status,
             'http.response.body.bytes': exchange.sent,
             'client.ip': client_ip(environ, self.proxy_hops),

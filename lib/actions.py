@@ -2,9 +2,10 @@
 them in Flask's url map, and `serve()`, the one path that answers an action request.
 
 `serve()` reads straight through the steps of a request, each owned by its own file:
-Bearer auth (lib.auth), the action and its method, the body (lib.body), validation
-(lib.validation), the connection and its transaction (lib.db), the call, the JSON answer
-(lib.json). Any failure becomes one problem answer (lib.errors), in one place.
+the caller (lib.auth), the action and its method, the caller's scope for it (lib.auth), the
+body (lib.body), validation (lib.validation), the connection and its transaction (lib.db), the
+call, the JSON answer (lib.json). Any failure becomes one problem answer (lib.errors), in one
+place.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from flask import Blueprint
 from marshmallow import Schema
 
-from lib.auth import authenticate
+from lib.auth import authenticate, authorize
 from lib.body import read_body
 from lib.db import BorrowedConnection, give_back_borrowed
 from lib.decorators import CONN_ATTR, SCHEMA_ATTR, ConnSpec
@@ -108,9 +109,11 @@ def serve(
     """Answer a request for `/<scope.module>/<route>`; every failure becomes a problem answer,
     and whatever the request borrowed from a pool is back there when this returns."""
     try:
-        scope.caller = authenticate(environ.get('HTTP_AUTHORIZATION', ''), config['BEARER_TOKENS'])
+        caller = authenticate(environ.get('HTTP_AUTHORIZATION', ''), config['CALLERS'], config['JWT'])
+        scope.caller = caller.name
         action = find_action(actions, scope.module or '', route, environ.get('REQUEST_METHOD', ''))
         scope.action = route
+        authorize(caller, action.module, action.name)
         body = read_body(environ, config['MAX_CONTENT_LENGTH'])
         result = call(action, arguments(action.schema, body))
         return Served(200, dumps(result))

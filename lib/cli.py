@@ -3,6 +3,7 @@
     flask --app app actions [--json]          every action: its fields, database and autocommit
     flask --app app new-module NAME [--root]  scaffold modules/NAME/ with one action and its test
     flask --app app apply-sql [--database]    apply every registered module's schema.sql
+    flask --app app new-token NAME            a new token for caller NAME, and its line for CALLERS_FILE
 
 Everything `actions` shows is read from the app's module blueprints (their `actions` tables),
 the same records that serve requests, so the listing cannot drift from what is served.
@@ -14,6 +15,7 @@ import ast
 import json
 import keyword
 import re
+import secrets
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -27,6 +29,7 @@ from marshmallow import Schema, fields
 import settings
 from lib.actions import RESERVED_MODULES, Action, ModuleBlueprint
 from lib.apply_sql import apply_sql
+from lib.callers import CallersError, check_caller_name, token_digest
 
 TEMPLATES = Path(__file__).resolve().parent / 'templates' / 'module'
 MODULE_FILES = ('__init__.py', 'routes.py', 'actions.py', 'schemas.py', 'sql.py', 'schema.sql')
@@ -275,6 +278,31 @@ def apply_sql_command(database: str) -> None:
             click.echo(f'applied {shown(path)}')
 
 
+# --- new-token -----------------------------------------------------------------------------
+
+
+@click.command('new-token')
+@click.argument('name')
+def new_token_command(name: str) -> None:
+    """Make a token for caller NAME and print it, once, with its line for CALLERS_FILE.
+
+    The token (256 random bits) is not stored anywhere: give it to the caller. The file holds
+    only its SHA-256; to rotate, add the new hash beside the old one, then remove the old one.
+    """
+    try:
+        check_caller_name(name)
+    except CallersError as error:
+        raise click.ClickException(str(error)) from None
+    token = secrets.token_urlsafe(32)
+    digest = token_digest(token.encode('ascii')).hex()
+    click.echo(f'token for {name} (shown this once; give it to the caller, keep no copy):')
+    click.echo(f'  {token}')
+    click.echo('for CALLERS_FILE (a caller already there: add the hash to its tokens_sha256):')
+    click.echo(f'[callers.{name}]')
+    click.echo(f'tokens_sha256 = ["{digest}"]')
+    click.echo('scopes = []  # modules or module/actions, e.g. ["orders", "example/foo"]; "*" is everything')
+
+
 def init_app(app: Flask) -> None:
-    for command in (actions_command, new_module_command, apply_sql_command):
+    for command in (actions_command, new_module_command, apply_sql_command, new_token_command):
         app.cli.add_command(command)

@@ -6,12 +6,14 @@ deployment fails at start instead of serving an open, closed or half-working API
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import settings
+from lib.callers import Callers, CallersError, bearer_callers
+from lib.jwt_auth import JwtSettings, JwtVerifier
 
 ENVIRONMENTS = ('local', 'testing', 'production')
 # Tokens shipped in this repository for local use and tests: never valid in production.
@@ -50,24 +52,56 @@ def parse_flag(value: Any) -> bool:
     return str(value).strip().lower() in {'1', 'true', 'yes', 'on'}
 
 
-def token_label(token: bytes) -> str:
-    """A short, non-reversible name for a token, safe to log."""
-    return 'sha256:' + hashlib.sha256(token).hexdigest()[:10]
-
-
-def parse_tokens(environment: str, raw: Any) -> dict[bytes, str]:
-    """The configured tokens (comma-separated) mapped to their log labels."""
+def parse_tokens(environment: str, raw: Any) -> list[bytes]:
+    """BEARER's tokens (comma-separated); none is fine when callers come from elsewhere."""
     tokens = [raw] if isinstance(raw, bytes) else [t.strip() for t in str(raw or '').split(',')]
     tokens = [t.encode('utf-8') if isinstance(t, str) else t for t in tokens if t]
-    if not tokens:
-        raise ConfigError('BEARER is empty: set at least one token (or BEARER_FILE)')
     if environment == 'production':
         for token in tokens:
             if token.decode('utf-8', 'replace') in KNOWN_TOKENS:
                 raise ConfigError('BEARER holds a default token: production needs a token of its own')
             if len(token) < MIN_PRODUCTION_TOKEN_LENGTH:
                 raise ConfigError(f'BEARER has a token shorter than {MIN_PRODUCTION_TOKEN_LENGTH} characters')
-    return {token: token_label(token) for token in tokens}
+    return tokens
+
+
+def check_jwt(raw: Mapping[str, Any]) -> JwtSettings | None:
+    """JWT_* settings: the key set's URL, the issuer and the audience all three, or none."""
+    names = ('JWT_JWKS_URL', 'JWT_ISSUER', 'JWT_AUDIENCE')
+    url, issuer, audience = (str(raw[name] or '').strip() for name in names)
+    given = [name for name, value in zip(names, (url, issuer, audience), strict=True) if value]
+    if not given:
+        return None
+    if len(given) < len(names):
+        missing = ', '.join(name for name in names if name not in given)
+        raise ConfigError(f'{", ".join(given)} set without {missing}: JWTs need all three')
+    if urlsplit(url).scheme not in {'http', 'https'} or not urlsplit(url).netloc:
+        raise ConfigError(f'JWT_JWKS_URL={url!r} is not an http(s):// URL')
+    scope_claim = str(raw['JWT_SCOPE_CLAIM'] or '').strip()
+    caller_claims = tuple(c.strip() for c in str(raw['JWT_CALLER_CLAIM'] or '').split(',') if c.strip())
+    if not scope_claim or not caller_claims:
+        raise ConfigError('JWT_SCOPE_CLAIM and JWT_CALLER_CLAIM must name claims (defaults: scope; azp,sub)')
+    return JwtSettings(
+        url,
+        issuer,
+        audience,
+        scope_claim,
+        caller_claims,
+        refetch_seconds=parse_float('JWT_JWKS_COOLDOWN', raw['JWT_JWKS_COOLDOWN'], inclusive=True),
+        max_age_seconds=parse_float('JWT_JWKS_MAX_AGE', raw['JWT_JWKS_MAX_AGE'], minimum=1, inclusive=True),
+    )
+
+
+def check_callers(environment: str, raw: Mapping[str, Any], jwt: JwtSettings | None) -> Callers:
+    """BEARER's caller and CALLERS_FILE's, read now; at least one way in must be configured."""
+    tokens = parse_tokens(environment, raw['BEARER'])
+    path = str(raw['CALLERS_FILE'] or '').strip() or None
+    if not tokens and path is None and jwt is None:
+        raise ConfigError('BEARER is empty and neither CALLERS_FILE nor JWT_JWKS_URL is set: nobody could call')
+    try:
+        return Callers(bearer_callers(tokens), path)
+    except CallersError as error:
+        raise ConfigError(str(error)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +162,14 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     raw: dict[str, Any] = {
         'ENVIRONMENT': settings.ENVIRONMENT,
         'BEARER': settings.BEARER,
+        'CALLERS_FILE': settings.CALLERS_FILE,
+        'JWT_JWKS_URL': settings.JWT_JWKS_URL,
+        'JWT_ISSUER': settings.JWT_ISSUER,
+        'JWT_AUDIENCE': settings.JWT_AUDIENCE,
+        'JWT_SCOPE_CLAIM': settings.JWT_SCOPE_CLAIM,
+        'JWT_CALLER_CLAIM': settings.JWT_CALLER_CLAIM,
+        'JWT_JWKS_COOLDOWN': settings.JWT_JWKS_COOLDOWN,
+        'JWT_JWKS_MAX_AGE': settings.JWT_JWKS_MAX_AGE,
         'DEBUG': settings.DEBUG,
         'DATABASES': settings.DATABASES,
         'MODULES': settings.MODULES,
@@ -150,9 +192,12 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if debug and environment != 'local':
         raise ConfigError(f'DEBUG is on in ENVIRONMENT={environment!r}: debug mode is for local only')
     config = dict(raw)
+    jwt = check_jwt(raw)
     config.update(
         DEBUG=debug,
-        BEARER_TOKENS=parse_tokens(environment, raw['BEARER']),
+        # the caller step's: who may call (lib/auth.py)
+        CALLERS=check_callers(environment, raw, jwt),
+        JWT=None if jwt is None else JwtVerifier(jwt),
         DATABASES=check_databases(raw['DATABASES']),
         PGBOUNCER=check_pgbouncer(raw['DATABASES']),
         MODULES=list(raw['MODULES']),

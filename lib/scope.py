@@ -25,7 +25,7 @@ class RequestScope:
     pools: Pools
     module: str | None = None
     action: str | None = None  # only a real action: a scanner's made-up names stay in url.path
-    caller: str | None = None  # the token's label, once authenticated
+    caller: str | None = None  # the caller's name, once authenticated (never its token)
     problem: ApiError | None = None  # the failure answered, for the access record (never values)
     borrowed: list[tuple[Any, Any]] = field(default_factory=list)  # (pool, connection) to give back
 

@@ -35,7 +35,7 @@ ACCESS_FIELDS: dict[str, type | tuple[type, ...]] = {
     'url.path': str,
     'dbapi.module': (str, type(None)),
     'dbapi.action': (str, type(None)),
-    'dbapi.token_label': (str, type(None)),
+    'dbapi.caller': (str, type(None)),
     'http.response.status_code': int,
     'http.response.body.bytes': int,
     'client.ip': (str, type(None)),

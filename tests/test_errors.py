@@ -42,7 +42,9 @@ def test_401_missing_or_wrong_token(client, header):
     headers = {'Authorization': header} if header is not None else {}
     response = client.post('/example/foo', json={'name': 'x'}, headers=headers)
     assert_problem(response, 401)
-    assert response.headers['WWW-Authenticate'] == 'Bearer realm="dbapi"'
+    # RFC 6750 3.1: an error code only when a token came and is not valid
+    code = ', error="invalid_token"' if header == 'Bearer wrong' else ''
+    assert response.headers['WWW-Authenticate'] == f'Bearer realm="dbapi"{code}'
 
 
 @pytest.mark.parametrize('path', ['/nomodule/foo', '/example/nope', '/example/__init__', '/example/../example/foo'])

@@ -120,7 +120,7 @@ def test_production_refuses_default_empty_or_short_tokens(bearer: str) -> None:
 
 
 def test_production_accepts_a_strong_token() -> None:
-    assert config(ENVIRONMENT='production')['BEARER_TOKENS']
+    assert config(ENVIRONMENT='production')['CALLERS'].current
 
 
 def test_production_process_refuses_the_default_token(tmp_path: Path) -> None:
