@@ -12,11 +12,14 @@ from typing import Any
 
 bind = os.getenv('BIND', '0.0.0.0:8000')
 workers = int(os.getenv('WEB_CONCURRENCY', 2 * multiprocessing.cpu_count() + 1))
-# One thread per worker serving kept-alive connections, draining on SIGTERM
-# (lib/gunicorn_worker.py), by measurement (README, "Deploy" and "Speed"): stock sync and
-# gthread both had requests reset when a replica stopped under load; the sync worker's
-# connect/close per request cost a third of its throughput. nginx buffers requests and
-# responses and keeps its upstream connections alive, so slow clients never hold a worker.
+# The project's worker (lib/gunicorn_worker.py, the adapter to gunicorn): one thread serving
+# kept-alive connections with gunicorn's parser and request cycle, plus what gunicorn lacks: on
+# SIGTERM it stops listening at once, so nginx tries another replica instead of sending a POST
+# into a queue that is reset (stock sync and gthread both lost requests when a replica stopped
+# under load), and a body the app refused is read to its end so the client gets the answer.
+# gthread (WORKER_CLASS=gthread) is the stock alternative; the sync worker closes every
+# connection. nginx buffers requests and responses and keeps its upstream connections alive,
+# so slow clients never hold a worker.
 worker_class = os.getenv('WORKER_CLASS', 'lib.gunicorn_worker.DrainingKeepAliveWorker')
 threads = int(os.getenv('THREADS', '1'))  # gthread only; POOL_SIZE should be >= threads
 timeout = int(os.getenv('WORKER_TIMEOUT', '60'))  # above STATEMENT_TIMEOUT (30 s): the database gives up first

@@ -2,11 +2,15 @@
 
 Each candidate serves the app and the raw WSGI hello the same way, so its own ratio to the
 hello is fair; its read-by-key figure compares with the same run's pgbench.
-`--candidate gthread` needs nothing more; `--candidate granian` needs `pip install granian`.
+`--candidate gthread` and `--candidate sync` need nothing more; `--candidate granian` needs
+`pip install granian`. `--candidate worker` runs gunicorn with the worker class named by
+BENCH_WORKER_CLASS (a dotted path; PYTHONPATH may reach a copy outside the repository, such as
+the previous commit's worker): an A/B of two worker classes on the same app code in one run.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,4 +36,7 @@ CANDIDATES = {
     # gunicorn's threaded worker keeps connections alive (the sync worker closes each one).
     'gthread': Candidate('gthread', gunicorn_command, {'WORKER_CLASS': 'gthread', 'THREADS': '4'}),
     'granian': Candidate('granian', granian_command),
+    # gunicorn's default worker: one request per connection.
+    'sync': Candidate('sync', gunicorn_command, {'WORKER_CLASS': 'sync'}),
+    'worker': Candidate('worker', gunicorn_command, {'WORKER_CLASS': os.getenv('BENCH_WORKER_CLASS', 'sync')}),
 }

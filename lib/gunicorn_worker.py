@@ -1,17 +1,28 @@
-"""gunicorn's worker for this service: kept-alive connections, one thread, a drain that drops nothing.
+"""gunicorn's worker for this service: kept-alive connections, one thread, a stop that drops nothing.
 
-Measured under load through nginx (tests/test_topology.py, README "Deploy"): gunicorn's stock
-sync and gthread workers both reset requests when a replica stopped. On SIGTERM a worker
-finishes its request and exits while its copy of the listening socket stays open: connections
-arriving meanwhile wait in the kernel's queue and are reset when the last copy closes. nginx
-has already sent its POST on them and (rightly) never sends a POST twice, so the client gets a
-502. This worker, on SIGTERM, takes every queued connection and closes its copy of the
-listener at once, so new connections are refused and nginx tries another replica.
+This file is the adapter to gunicorn: the only place that uses gunicorn beyond its settings and
+server hooks. A custom worker is a subclass of gunicorn's `Worker` that implements `run()` (the
+`worker_class` setting); the worker below serves HTTP with gunicorn's own parser
+(`http.get_parser`), environ and response (`wsgi.create`, `Response` unchanged), and runs the
+same request cycle as gunicorn's gthread worker. gunicorn does not document those pieces as API;
+tests/test_worker.py checks each one this file relies on, and that the bytes this worker sends
+are the ones gunicorn's own gthread worker sends.
 
-Measured with /proc CPU counters under wrk (README "Speed"): the sync worker's TCP connect,
-accept and close per request, and gunicorn's two sends per answer (head, then body), were most
-of a small request's cost in the server. This worker keeps connections alive in one poller and
-sends each answer at once.
+Why not gthread itself, or a subclass of it: gthread serves each request in two turns of its
+event loop (the request, then putting the connection back), with its bookkeeping around both;
+a gthread subclass measured well below this loop on the read-by-key benchmark (figures in the
+commit message). What gunicorn does not do at all, and this worker adds:
+
+- On SIGTERM it takes every connection already queued on the listening socket and closes its
+  copy of the listener at once. gunicorn's master closes its copies first; a stock worker keeps
+  its copy open until it exits, so connections arriving meanwhile wait in the kernel's queue and
+  are reset when the last copy closes. nginx has already sent its POST on them and (rightly)
+  never sends a POST twice: the client would get a 502. Closed at once, new connections are
+  refused and nginx tries another replica.
+- A busy worker leaves a new connection to an idle one for a moment (`accept_delay`).
+- After an answer, a body the app left unread is read and thrown away, for a bounded time and
+  size (what nginx's lingering close does), so a client still sending it reads the answer (a 413,
+  say) instead of a reset.
 """
 
 from __future__ import annotations
@@ -26,130 +37,12 @@ import struct
 import time
 from datetime import datetime
 from types import FrameType
-from typing import Any, ClassVar
+from typing import Any
 
-from gunicorn import http, util
+from gunicorn import http
 from gunicorn.http import wsgi
-from gunicorn.http.wsgi import Response
+from gunicorn.http.errors import NoMoreData, ParseException
 from gunicorn.workers.base import Worker
-
-from lib.clock import SecondText
-
-# `util.http_date()`, formatted once a second: it has no finer unit.
-_http_date = SecondText(util.http_date)
-
-
-class CoalescingResponse(Response):
-    """Sends a small answer whole, head and body in one send, when the app is done with it.
-
-    gunicorn sends the head and the body with two `sendall` calls; on a loopback or LAN each
-    send costs the kernel's whole TCP path, and the pair was most of a small request's time in
-    the server. The bytes also wait for the end of the app's iteration (the access record is
-    written there): a send wakes the client, which on a busy machine takes the CPU from this
-    worker, and work left after the send then resumes later with cold caches. Up to
-    `hold_bytes` are held; a larger answer streams, its first piece sent with the head. Nothing
-    here serves files, so sendfile (which writes the head itself) is off.
-    """
-
-    hold_bytes = 64 * 1024
-    held: list[bytes] | None = None  # the head, then body pieces, not sent yet
-    held_size = 0
-    # Header lines gunicorn has checked and passed through unchanged, kept per process: most of
-    # an answer's headers are the same on every answer (Content-Type, Vary, Cache-Control...),
-    # and the check (two regexes, the hop-by-hop test) was ~0.7 µs a header. Bounded, so ever
-    # new values (request ids) stop being added; Content-Length is never kept: it sets a field.
-    passed_headers: ClassVar[set[tuple[str, str]]] = set()
-    passed_headers_max = 256
-
-    def process_headers(self, headers: list[tuple[str, str]]) -> None:
-        passed = self.passed_headers
-        for header in headers:
-            if type(header) is tuple and header in passed:
-                self.headers.append(header)
-                continue
-            count = len(self.headers)
-            super().process_headers((header,))
-            if (
-                len(self.headers) == count + 1
-                and self.headers[count] == header
-                and header[0].lower() != 'content-length'
-                and len(passed) < self.passed_headers_max
-            ):
-                passed.add(header)
-
-    def default_headers(self) -> list[str]:
-        """gunicorn's own first lines, the same text, with the Date line made once a second:
-        `util.http_date` (email.utils.formatdate) was five Python calls on every answer."""
-        if self.upgrade:
-            connection = 'upgrade'
-        elif self.should_close():
-            connection = 'close'
-        else:
-            connection = 'keep-alive'
-        headers = [
-            f'HTTP/{self.req.version[0]}.{self.req.version[1]} {self.status}\r\n',
-            f'Server: {self.version}\r\n',
-            f'Date: {_http_date.at(int(time.time()))}\r\n',
-            f'Connection: {connection}\r\n',
-        ]
-        if self.chunked:
-            headers.append('Transfer-Encoding: chunked\r\n')
-        return headers
-
-    def send_headers(self) -> None:
-        if self.headers_sent:
-            return
-        # A list, not a generator: a generator is resumed once per header (a Python call each).
-        lines = [*self.default_headers(), *[f'{name}: {value}\r\n' for name, value in self.headers], '\r\n']
-        head = ''.join(lines).encode('latin-1')
-        self.held, self.held_size = [head], len(head)
-        self.headers_sent = True
-
-    def _emit_body(self, data: bytes) -> None:
-        if self.chunked:
-            data = b'%X\r\n%s\r\n' % (len(data), data)
-        if self.held is None:  # streaming already: the rest goes as it comes
-            self.sock.sendall(data)
-            return
-        self.held.append(data)
-        self.held_size += len(data)
-        if self.held_size > self.hold_bytes:
-            self.flush()
-
-    def flush(self, tail: bytes = b'') -> None:
-        held, self.held, self.held_size = self.held or [], None, 0
-        if tail:
-            held.append(tail)
-        if held:
-            self.sock.sendall(b''.join(held))
-
-    def close(self) -> None:
-        if not self.headers_sent:
-            self.send_headers()
-        self.flush(b'0\r\n\r\n' if self.chunked else b'')
-
-    def can_sendfile(self) -> bool:
-        return False
-
-    def unsend(self) -> None:
-        """The app failed before any byte left: the worker may still answer 500 instead."""
-        if self.held:
-            self.held, self.held_size = None, 0
-            self.headers_sent = False
-
-
-class Receiver:
-    """What gunicorn's parser reads from: the socket's `recv` and nothing else.
-
-    Without `settimeout` to find, the parser's `finish_body` leaves the socket's mode alone;
-    it otherwise switched it twice a request (an ioctl each), and the kernel's receive timeout
-    (`open_client`) bounds every read anyway.
-    """
-
-    __slots__ = ('recv',)
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.recv = sock.recv
 
 
 class Connection:
@@ -162,22 +55,23 @@ class Connection:
         self.fd = sock.fileno()  # kept: an error answer may close the socket before we do
         self.addr = addr
         self.server = server
-        self.parser = http.get_parser(cfg, Receiver(sock), addr)
+        self.parser = http.get_parser(cfg, sock, addr)
         self.last_used = time.monotonic()
         self.answered = 0
 
     def buffered(self) -> bool:
-        """Whether a pipelined request is already read: the socket will not report it again."""
-        return self.parser.unreader.buf.getbuffer().nbytes > 0
+        """Whether a pipelined request is already read: the socket will not report it again.
+        (gunicorn's gthread worker asks its parser's read-ahead buffer the same question.)"""
+        held: int = self.parser.unreader.buf.getbuffer().nbytes
+        return held > 0
 
 
 class DrainingKeepAliveWorker(Worker):
     """One thread serving many kept-alive connections in turn, and draining on SIGTERM.
 
     The sync worker closes every connection after its answer, so each request also pays a TCP
-    connect, accept and close on both sides; gthread keeps connections alive but hands every
-    request to a thread pool. This worker keeps every connection in one poller and serves each
-    readable connection's request in the poller's own thread, with gunicorn's own parser.
+    connect, accept and close on both sides. This worker keeps every connection in one poller
+    and serves each readable connection's request in the poller's own thread.
 
     Like the sync worker it serves one request at a time. A client that sends part of a request
     holds it for at most `request_timeout` seconds; it belongs behind nginx, which sends whole
@@ -190,13 +84,16 @@ class DrainingKeepAliveWorker(Worker):
     # Longer than nginx's upstream keepalive_timeout (2 s): an idle connection is closed by
     # nginx, never by us while nginx may be sending a POST on it (nginx never resends a POST).
     stop_linger = 3.0
-    request_timeout = 5.0  # for the rest of a request once its first bytes arrived
-    drain_max_bytes = 64 * 1024  # unread body discarded to keep a connection; more closes it
+    request_timeout = 5.0  # seconds of silence allowed within a request, and within an answer's send
+    # Lingering close: after an answer, the unread rest of the body is discarded for at most
+    # `linger_seconds` (checked between reads, each also bounded by `request_timeout`) and at
+    # most `linger_bytes`; past either bound the connection is closed.
+    linger_seconds = 2.0
+    linger_bytes = 64 * 1024 * 1024  # three times MAX_CONTENT_LENGTH's default
     accept_delay = 0.01  # how long a busy worker leaves a new connection to an idle one
     # After this many answers a connection is closed ("Connection: close", so the client knows):
     # it reconnects, and an idle worker takes it: pinned connections do not stay piled on one.
-    # Not much lower: when every worker is busy the new connection waits `accept_delay`, and at
-    # 200 that wait cost reads by key 9% of their rate and raised their p99 (measured, README).
+    # nginx does the same with its upstream connections (keepalive_requests, 1000).
     requests_per_connection = 1000
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -211,7 +108,6 @@ class DrainingKeepAliveWorker(Worker):
         if self.cfg.is_ssl:
             raise RuntimeError('DrainingKeepAliveWorker serves plain HTTP/1.1 behind nginx; ssl is not supported')
         self.poller = selectors.DefaultSelector()
-        freeze_settings(self.cfg)
         # Before the app loads and SIGTERM can arrive: handle_exit's accept must never block.
         for listener in self.sockets:
             listener.setblocking(False)
@@ -308,8 +204,7 @@ class DrainingKeepAliveWorker(Worker):
     def may_accept(self, busy: bool) -> bool:
         """Whether to take a new connection now: a worker with requests of its own waiting leaves
         it to an idle one for `accept_delay`. A kept-alive connection stays with the worker that
-        accepted it, and the busiest worker, always awake, would otherwise take most of them
-        (measured: 5 of nginx's 8 connections on one of 5 workers, one worker with none)."""
+        accepted it, and the busiest worker, always awake, would otherwise take most of them."""
         now = time.monotonic()
         if not busy:
             self.accept_wanted_since = None
@@ -324,8 +219,7 @@ class DrainingKeepAliveWorker(Worker):
     def awaiting_first_request(self) -> bool:
         """Whether a connection taken here has not sent its first request yet. Clients connect,
         then send: such a worker is about to be busy, and a second new connection taken now
-        would wait behind the first while another worker sleeps (measured: half of the pairs of
-        connections opened 30 ms apart landed on one of two idle workers)."""
+        would wait behind the first while another worker sleeps."""
         return any(conn.answered == 0 for conn in self.connections.values())
 
     def accept(self, listener: socket.socket) -> None:
@@ -338,8 +232,7 @@ class DrainingKeepAliveWorker(Worker):
         self.open(client, addr, listener.getsockname())
 
     def open(self, client: socket.socket, addr: Any, server: Any) -> None:
-        util.close_on_exec(client)
-        open_client(client, self.request_timeout)
+        bound_socket_calls(client, self.request_timeout)
         conn = Connection(self.cfg, client, addr, server)
         self.connections[conn.fd] = conn
         self.poller.register(client, selectors.EVENT_READ, conn)
@@ -351,7 +244,7 @@ class DrainingKeepAliveWorker(Worker):
         if graceful:
             close_without_waiting(conn.sock)
         else:
-            util.close(conn.sock)
+            conn.sock.close()
 
     def close_idle(self, idle_seconds: float) -> None:
         """Close connections unused for `idle_seconds`, but not one with a request waiting: while
@@ -385,11 +278,12 @@ class DrainingKeepAliveWorker(Worker):
         try:
             req = next(conn.parser)
             keep = self.handle_request(req, conn)
-            # A body the app left unread would make the socket look readable: discard it.
-            return keep and conn.parser.finish_body(max_bytes=self.drain_max_bytes)
-        except (http.errors.NoMoreData, StopIteration):
+            # The body the app left unread: read to its end (bounded) so the client, which may
+            # still be sending it, reads the answer, and it is not taken for the next request.
+            return discard_body(req.body, self.linger_seconds, self.linger_bytes) and keep
+        except (NoMoreData, StopIteration):
             return False  # the client closed, or HTTP says this connection ends
-        except (TimeoutError, BlockingIOError):  # the kernel's timeout (open_client) ends as EAGAIN
+        except (TimeoutError, BlockingIOError):  # the kernel's timeout (bound_socket_calls) ends as EAGAIN
             self.log.debug('Closing a connection that stalled mid-request.')
             return False
         except OSError as error:
@@ -401,13 +295,13 @@ class DrainingKeepAliveWorker(Worker):
             return False
 
     def handle_request(self, req: Any, conn: Connection) -> bool:
-        """gunicorn's request cycle with the coalescing response; True to keep the connection."""
+        """gunicorn's request cycle (as its gthread worker runs it); True to keep the connection."""
         environ: dict[str, Any] = {}
         resp = None
         try:
             self.cfg.pre_request(self, req)
             request_start = datetime.now()
-            resp, environ = wsgi.create(req, conn.sock, conn.addr, conn.server, self.cfg, CoalescingResponse)
+            resp, environ = wsgi.create(req, conn.sock, conn.addr, conn.server, self.cfg)
             self.nr += 1
             if self.nr >= self.max_requests and self.alive:
                 self.log.info('Autorestarting worker after current request.')
@@ -433,8 +327,6 @@ class DrainingKeepAliveWorker(Worker):
         except OSError:
             raise  # the connection is gone: serve_one() logs it
         except (Exception, SystemExit):
-            if resp is not None:
-                resp.unsend()
             if resp is not None and resp.headers_sent:
                 # Part of the answer is out: a 500 now would corrupt it (SystemExit: the timeout).
                 self.log.exception('Error handling request')
@@ -447,21 +339,26 @@ class DrainingKeepAliveWorker(Worker):
                 self.log.exception('Exception in post_request hook')
 
 
-def freeze_settings(cfg: Any) -> None:
-    """Make every setting a plain attribute of this worker's copy of gunicorn's Config.
+def discard_body(body: Any, seconds: float, max_bytes: int) -> bool:
+    """Read and drop what is left of a request body; True when it ended within the bounds.
 
-    Each `cfg.name` otherwise goes through Config.__getattr__ and the setting's `get()`: the
-    parser, the environ and the response read about thirty of them per request, a quarter of
-    gunicorn's own cost of a request (measured in-process: parse, environ and answer of a small
-    POST, 165 -> 125 µs). A worker never changes its settings (a reload starts new workers), so
-    the values are read once. Properties (`is_ssl`, `worker_class`...) stay properties.
+    Each read is bounded by the socket's own timeout, the whole by `seconds` (checked between
+    reads) and `max_bytes`. A body already read costs no system call.
     """
-    for name, setting in cfg.settings.items():
-        if not isinstance(getattr(type(cfg), name, None), property):
-            object.__setattr__(cfg, name, setting.get())  # Config.__setattr__ refuses settings
+    deadline = time.monotonic() + seconds
+    discarded = 0
+    try:
+        while discarded <= max_bytes and time.monotonic() < deadline:
+            data = body.read(65536)
+            if not data:
+                return True
+            discarded += len(data)
+    except (OSError, ParseException):  # the peer stalled or left, or sent a malformed chunk
+        return False
+    return False
 
 
-def open_client(sock: socket.socket, timeout: float) -> None:
+def bound_socket_calls(sock: socket.socket, timeout: float) -> None:
     """Blocking mode with the kernel's send and receive timeouts: a ready socket is read at once,
     a stalled peer ends the call with EAGAIN after `timeout` seconds.
 
@@ -485,4 +382,4 @@ def close_without_waiting(sock: socket.socket) -> None:
             pass
     except OSError:  # BlockingIOError: nothing more sent; or the peer is gone already
         pass
-    util.close(sock)
+    sock.close()

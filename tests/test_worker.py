@@ -1,27 +1,36 @@
 """The production worker (lib/gunicorn_worker.DrainingKeepAliveWorker), over raw sockets.
 
 What it adds to gunicorn's parser and request cycle: kept-alive connections served by one
-thread from one poller, pipelined requests, an unread body discarded, a stalled request
-dropped, the answer's head and body sent together, and a SIGTERM that refuses new
-connections at once while requests still arriving on kept-alive ones are answered.
+thread from one poller, pipelined requests, an unread body discarded (a large one read to its
+end, so a client still sending it gets its answer), a stalled request dropped, and a SIGTERM
+that refuses new connections at once while queued ones and requests still arriving on
+kept-alive ones are answered. Last, what it relies on of gunicorn: the pieces it calls, and
+answers byte for byte the same as gunicorn's own gthread worker gives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import selectors
 import signal
 import socket
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
 import pytest
+from gunicorn import http
 from gunicorn.config import Config
-from gunicorn.http.wsgi import Response
+from gunicorn.http import wsgi
+from gunicorn.http.message import Request
 
-from lib.gunicorn_worker import CoalescingResponse, DrainingKeepAliveWorker, freeze_settings, open_client
+from lib.gunicorn_worker import Connection, DrainingKeepAliveWorker, bound_socket_calls, discard_body
 from scripts.topology import wait_until
 from tests.service import TOKEN, Service, running_service
 
@@ -165,6 +174,31 @@ def test_a_connection_is_closed_after_its_share_of_answers(service: Service) -> 
         assert reader.closed()
 
 
+def test_a_large_body_the_app_never_read_is_discarded_and_the_connection_kept(service: Service) -> None:
+    sock, reader = connect(service)
+    with sock:
+        sock.sendall(request('/probe/returns_none', body=b' ' * (4 * 1024 * 1024), token='wrong'))
+        assert reader.answer()[0] == 401
+        sock.sendall(request('/probe/returns_string'))
+        assert reader.answer()[0] == 200
+
+
+def test_a_client_that_sends_a_too_large_body_whole_before_reading_gets_its_413(service: Service) -> None:
+    """urllib sends the whole body before it reads: the 413 is answered before the body is read,
+    and the worker reads the rest (lingering close) instead of resetting the connection."""
+    body = b'{"x": "' + b'a' * (21 * 1024 * 1024) + b'"}'
+    call = urllib.request.Request(  # noqa: S310 (the test's own loopback URL)
+        f'{service.url}/probe/returns_none',
+        data=body,
+        headers={'Authorization': f'Bearer {TOKEN}', 'Content-Type': 'application/json'},
+        method='POST',
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(call, timeout=READ_TIMEOUT)  # noqa: S310 (the test's own loopback URL)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read())['status'] == 413
+
+
 def test_a_busy_worker_leaves_new_connections_to_idle_ones_for_a_moment() -> None:
     worker = DrainingKeepAliveWorker.__new__(DrainingKeepAliveWorker)  # no process: only the rule
     worker.accept_wanted_since = None
@@ -245,6 +279,28 @@ def test_sigterm_refuses_new_connections_and_still_answers_kept_alive_ones(
         service.terminate()
 
 
+def test_sigterm_answers_the_connections_already_queued(
+    database: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A connection waiting in the listen queue when SIGTERM arrives is served, not reset: nginx
+    has sent its POST on it and will not send it again."""
+    service = Service(database, str(tmp_path_factory.mktemp('worker-queued')), WEB_CONCURRENCY=1).start()
+    try:
+        busy, busy_reader = connect(service)
+        queued, queued_reader = connect(service)
+        with busy, queued:
+            busy.sendall(request('/probe/sleep', body=b'{"seconds": 1}'))
+            time.sleep(0.3)  # the only worker is busy: `queued` waits in the kernel's queue
+            queued.sendall(request('/probe/returns_string'))
+            service.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            assert busy_reader.answer()[0] == 200
+            assert queued_reader.answer()[0] == 200
+            wait_refused(service.port)
+        assert service.process.wait(DrainingKeepAliveWorker.stop_linger + 10) == 0  # type: ignore[union-attr]
+    finally:
+        service.terminate()
+
+
 def wait_refused(port: int, limit: float = 5.0) -> float:
     """Seconds until a new connection to `port` is refused."""
     started = time.monotonic()
@@ -257,163 +313,54 @@ def wait_refused(port: int, limit: float = 5.0) -> float:
     raise AssertionError(f'port {port} still accepted connections {limit} s after SIGTERM')
 
 
-# --- the answer's bytes ------------------------------------------------------------------------
+# --- the worker's parts ------------------------------------------------------------------------
 
 
-class FakeSocket:
-    def __init__(self) -> None:
-        self.sends: list[bytes] = []
+class SocketBody:
+    """A request body read straight off a socket, as gunicorn's reader does (`recv`)."""
 
-    def sendall(self, data: bytes) -> None:
-        self.sends.append(bytes(data))
-
-
-class FakeRequest:
-    version = (1, 1)
-    method = 'POST'
-
-    def should_close(self) -> bool:
-        return False
+    def __init__(self, sock: socket.socket) -> None:
+        self.read = sock.recv
 
 
-def response(sock: FakeSocket, method: str = 'POST') -> CoalescingResponse:
-    from gunicorn.config import Config
-
-    req = FakeRequest()
-    req.method = method
-    return CoalescingResponse(req, sock, Config())
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # the reader closed its end: the send is cut short
+        sock.sendall(data)
 
 
-def started(headers: list[tuple[str, str]], method: str = 'POST') -> tuple[FakeSocket, CoalescingResponse]:
-    """A response whose app has called start_response, and the socket it would send on."""
-    sock = FakeSocket()
-    resp = response(sock, method)
-    resp.start_response('200 OK', headers)
-    return sock, resp
+def test_discarding_a_body_stops_at_its_end() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        bound_socket_calls(ours, 0.3)
+        peer.sendall(b'x' * 100_000)
+        peer.shutdown(socket.SHUT_WR)
+        assert discard_body(SocketBody(ours), seconds=5, max_bytes=1_000_000)
 
 
-def test_head_and_body_leave_in_one_send() -> None:
-    sock, resp = started([('Content-Type', 'application/json'), ('Content-Length', '2')])
-    resp.write(b'{}')
-    resp.close()
-    assert len(sock.sends) == 1
-    head, _, body = sock.sends[0].partition(b'\r\n\r\n')
-    assert head.startswith(b'HTTP/1.1 200 OK\r\n') and b'Content-Length: 2' in head and body == b'{}'
+def test_discarding_a_body_stops_at_its_size_bound() -> None:
+    ours, peer = socket.socketpair()
+    with peer:
+        sender = threading.Thread(target=send_quietly, args=(peer, b'x' * 2_000_000))
+        sender.start()
+        with ours:
+            bound_socket_calls(ours, 0.3)
+            assert not discard_body(SocketBody(ours), seconds=5, max_bytes=1_000_000)
+        sender.join()
 
 
-def test_a_body_without_length_is_chunked_and_terminated() -> None:
-    sock, resp = started([('Content-Type', 'application/json')])
-    resp.write(b'[1,')
-    resp.write(b'2]')
-    resp.close()
-    wire = b''.join(sock.sends)
-    head, _, body = wire.partition(b'\r\n\r\n')
-    assert b'Transfer-Encoding: chunked' in head
-    assert body == b'3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n'
-
-
-def test_an_answer_without_body_still_sends_its_head_once() -> None:
-    sock, resp = started([('Content-Type', 'application/json'), ('Content-Length', '2')], method='HEAD')
-    resp.write(b'{}')  # a HEAD answer carries no body, whatever the app writes
-    resp.close()
-    assert len(sock.sends) == 1 and sock.sends[0].endswith(b'\r\n\r\n')
-
-
-def test_the_answer_leaves_only_when_the_app_is_done_and_a_large_one_streams() -> None:
-    sock, resp = started([('Content-Length', '4')])
-    resp.write(b'{}')
-    resp.write(b'[]')
-    assert sock.sends == []  # held: the app (its access record) finishes before the client wakes
-    resp.close()
-    assert len(sock.sends) == 1 and sock.sends[0].endswith(b'\r\n\r\n{}[]')
-    big = b'x' * (CoalescingResponse.hold_bytes + 1)
-    sock, resp = started([('Content-Length', str(len(big) + 1))])
-    resp.write(big)
-    assert len(sock.sends) == 1 and sock.sends[0].endswith(big)  # not held in memory: it streams
-    resp.write(b'y')
-    resp.close()
-    assert b''.join(sock.sends).endswith(big + b'y') and len(sock.sends) == 2
-
-
-ANSWER_HEADERS = [
-    ('Content-Type', 'application/json'),
-    ('Content-Length', '2'),
-    ('Connection', 'keep-alive'),  # hop-by-hop: gunicorn drops it
-    ('X-Padded', ' value\t'),  # stripped
-    ('Cache-Control', 'no-store'),
-]
-
-
-def plain_gunicorn_headers(headers: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int | None]:
-    resp = Response(FakeRequest(), FakeSocket(), Config())
-    resp.process_headers(headers)
-    return resp.headers, resp.response_length
-
-
-@pytest.mark.parametrize('round_', [1, 2, 3])  # the first checks and keeps; the later ones use what was kept
-def test_kept_header_checks_give_gunicorns_own_result(round_: int) -> None:
-    for answer in (ANSWER_HEADERS, [('Content-Length', '7'), ('Content-Type', 'application/json')]):
-        _, resp = started(answer)
-        assert (resp.headers, resp.response_length) == plain_gunicorn_headers(answer)
-    assert ('Content-Type', 'application/json') in CoalescingResponse.passed_headers
-    assert not any(name.lower() in ('content-length', 'connection') for name, _ in CoalescingResponse.passed_headers)
-
-
-@pytest.mark.parametrize(
-    ('version', 'method', 'headers', 'close'),
-    [
-        ((1, 1), 'POST', [('Content-Length', '2')], False),
-        ((1, 1), 'POST', [('Content-Length', '2')], True),
-        ((1, 1), 'POST', [], False),  # no length: chunked
-        ((1, 0), 'POST', [('Content-Length', '2')], False),
-        ((1, 1), 'GET', [('Connection', 'upgrade'), ('Upgrade', 'websocket')], False),
-    ],
-)
-def test_the_first_lines_are_gunicorns_own(monkeypatch: pytest.MonkeyPatch, version, method, headers, close) -> None:
-    for now in (1_700_000_000.25, 1_700_000_000.75, 1_700_000_001.5):  # the Date line follows the second
-        monkeypatch.setattr(time, 'time', lambda now=now: now)
-        lines = []
-        for kind in (Response, CoalescingResponse):
-            req = FakeRequest()
-            req.version, req.method = version, method
-            resp = kind(req, FakeSocket(), Config())
-            resp.start_response('200 OK', list(headers))
-            if close:
-                resp.force_close()
-            lines.append(resp.default_headers())
-        assert lines[0] == lines[1]
-
-
-@pytest.mark.parametrize('bad', [('Bad Name', 'x'), ('X-Ok', 'line\r\nbreak'), ('X-Ok', 3)])
-def test_a_bad_header_is_refused_even_next_to_kept_ones(bad: tuple[str, Any]) -> None:
-    answer = [('Cache-Control', 'no-store'), bad]
-    started(answer[:1])
-    with pytest.raises(Exception) as plain:  # whichever gunicorn raises: checked next
-        plain_gunicorn_headers(answer)
-    with pytest.raises(type(plain.value)):
-        started(answer)
-
-
-def test_kept_header_checks_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(CoalescingResponse, 'passed_headers', set())
-    monkeypatch.setattr(CoalescingResponse, 'passed_headers_max', 3)
-    for number in range(10):
-        started([('X-Request-ID', f'id-{number}')])
-    assert len(CoalescingResponse.passed_headers) == 3
-
-
-def test_a_failure_after_body_bytes_were_held_can_still_become_a_500() -> None:
-    sock, resp = started([('Content-Length', '4')])
-    resp.write(b'{}')  # held, not sent
-    resp.unsend()
-    assert sock.sends == [] and not resp.headers_sent
+def test_discarding_a_body_stops_when_the_client_stalls() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        bound_socket_calls(ours, 0.3)
+        peer.sendall(b'x' * 1000)  # then silence: the socket's timeout ends the read
+        assert not discard_body(SocketBody(ours), seconds=5, max_bytes=1_000_000)
 
 
 def test_a_client_socket_reads_without_a_python_timeout_and_a_stalled_peer_ends_in_eagain() -> None:
     """The kernel bounds each call (SO_RCVTIMEO), so Python polls nothing before a recv or send."""
     ours, peer = socket.socketpair()
     with ours, peer:
-        open_client(ours, 0.3)
+        bound_socket_calls(ours, 0.3)
         assert ours.gettimeout() is None  # blocking: no poll before each call
         started = time.monotonic()
         with pytest.raises(BlockingIOError):
@@ -423,20 +370,72 @@ def test_a_client_socket_reads_without_a_python_timeout_and_a_stalled_peer_ends_
         assert ours.recv(10) == b'ready'
 
 
-def test_a_failure_before_any_byte_left_can_still_become_a_500() -> None:
-    sock, resp = started([('Content-Length', '2')])
-    resp.send_headers()  # the head is ready, not sent
-    resp.unsend()
-    assert sock.sends == [] and not resp.headers_sent
+# --- what this worker relies on of gunicorn (the adapter's guard) --------------------------------
 
 
-def test_frozen_settings_read_as_gunicorn_config_does() -> None:
-    cfg = Config()
-    cfg.set('keepalive', 7)
-    cfg.set('limit_request_line', 8190)
-    cfg.set('worker_class', 'lib.gunicorn_worker.DrainingKeepAliveWorker')
-    before = {name: getattr(cfg, name) for name in cfg.settings}
-    freeze_settings(cfg)
-    assert {name: getattr(cfg, name) for name in cfg.settings} == before
-    assert vars(cfg)['keepalive'] == 7  # a plain attribute now: no __getattr__, no get()
-    assert cfg.worker_class is DrainingKeepAliveWorker  # properties still work
+def test_the_gunicorn_calls_this_worker_makes_keep_their_shape() -> None:
+    assert list(inspect.signature(http.get_parser).parameters)[:3] == ['cfg', 'source', 'source_addr']
+    assert list(inspect.signature(wsgi.create).parameters)[:5] == ['req', 'sock', 'client', 'server', 'cfg']
+    for name in ('start_response', 'write', 'close', 'force_close', 'should_close'):
+        assert callable(getattr(wsgi.Response, name)), name
+
+
+def test_the_parser_reports_a_pipelined_request_and_its_fields() -> None:
+    """gunicorn's parser on a real socket: a request read ahead shows in its buffer (the poller
+    will not report it again), a body reads to its end, and `req_number` counts requests."""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        peer.sendall(request('/a', body=b'{"a": 1}') + request('/b', body=b'{"b": 2}'))
+        conn = Connection(Config(), ours, ('127.0.0.1', 1), ('127.0.0.1', 2))
+        first = next(conn.parser)
+        assert (type(first), first.path, first.req_number) == (Request, '/a', 1)
+        assert discard_body(first.body, seconds=1, max_bytes=100)
+        assert conn.buffered()  # the second request came with the first
+        second = next(conn.parser)
+        assert (second.path, second.req_number, second.body.read()) == ('/b', 2, b'{"b": 2}')
+        assert not conn.buffered()
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    with socket.create_connection(('127.0.0.1', port), timeout=READ_TIMEOUT) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b''.join(chunks)
+
+
+VARYING = (b'date:', b'x-request-id:')  # per answer; everything else must match
+
+
+def comparable(answer: bytes) -> bytes:
+    head, _, body = answer.partition(b'\r\n\r\n')
+    lines = [line for line in head.split(b'\r\n') if not line.lower().startswith(VARYING)]
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return b'\r\n'.join(lines) + b'\r\n\r\n' + body
+    if isinstance(document, dict):
+        document.pop('request_id', None)
+    return b'\r\n'.join(lines) + b'\r\n\r\n' + json.dumps(document).encode()
+
+
+def test_answers_are_byte_for_byte_those_of_gunicorns_own_gthread_worker(
+    database: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, service: Service
+) -> None:
+    """The request cycle here is gthread's: a gunicorn upgrade that changes what gthread sends
+    (headers, framing, error pages) shows here as a difference."""
+    requests = [
+        request('/probe/returns_string', extra='Connection: close\r\n'),
+        request('/probe/nope', extra='Connection: close\r\n'),
+        request('/probe/returns_none', token='wrong', extra='Connection: close\r\n'),
+        b'GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+        b'POST /probe/returns_none HTTP/1.0\r\nContent-Length: 0\r\n\r\n',
+        b'BAD REQUEST LINE\r\n\r\n',  # gunicorn's own 400 page
+    ]
+    log_dir = str(tmp_path_factory.mktemp('gthread-parity'))
+    with running_service(database, log_dir, WEB_CONCURRENCY=1, WORKER_CLASS='gthread', THREADS=1) as gthread:
+        for data in requests:
+            ours, theirs = raw_exchange(service.port, data), raw_exchange(gthread.port, data)
+            assert ours.startswith(b'HTTP/1.'), ours
+            assert comparable(ours) == comparable(theirs)
