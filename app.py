@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask
 from flask_compress import Compress
 
-from lib import cli, db, errors, gateway, health
+from lib import api_docs, cli, db, errors, gateway, health
 from lib.config import ConfigError, build_config
 from lib.errors import PROBLEM_JSON
 from lib.json import JSON_MIMETYPE, ORJSONProvider
@@ -33,10 +33,12 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.extensions['compress'] = Compress(app)
     errors.init_app(app)
     db.init_app(app)
-    cli.init_app(app)  # flask --app app actions | new-module | apply-sql | new-token
+    cli.init_app(app)  # flask --app app actions | new-module | apply-sql | openapi | new-token
     app.register_blueprint(health.blueprint)
     for name in config['MODULES']:
         app.register_blueprint(import_module(name).blueprint)
+    # GET /openapi.json and /docs: the contract, built once from the modules registered above.
+    api_docs.init_app(app)
     # The WSGI entry: request scope and access record for every request, and the one path of
     # action requests; the rest goes to Flask (lib/gateway.py).
     gateway.init_app(app)

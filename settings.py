@@ -65,6 +65,10 @@ MAX_CONTENT_LENGTH = os.getenv('MAX_CONTENT_LENGTH', str(20 * 1024 * 1024))
 COMPRESS_MIN_SIZE = os.getenv('COMPRESS_MIN_SIZE', '500')
 # How many reverse proxies (nginx) stand in front of the app and append to X-Forwarded-For.
 PROXY_HOPS = os.getenv('PROXY_HOPS', '0')
+# The contract: GET /openapi.json and its page GET /docs (0 turns both off), and the document's
+# `servers`, comma-separated URLs (the relative `/` is the server that serves the document).
+API_DOCS = os.getenv('API_DOCS', '1')
+OPENAPI_SERVERS = os.getenv('OPENAPI_SERVERS', '/')
 
 # Database pools: one per named database per process.
 POOL_SIZE = os.getenv('POOL_SIZE', '4')

@@ -4,8 +4,8 @@ them in Flask's url map, and `serve()`, the one path that answers an action requ
 `serve()` reads straight through the steps of a request, each owned by its own file:
 the caller (lib.auth), the action and its method, the caller's scope for it (lib.auth), the
 body (lib.body), validation (lib.validation), the connection and its transaction (lib.db), the
-call, the JSON answer (lib.json). Any failure becomes one problem answer (lib.errors), in one
-place.
+call, the answer (dumped through the action's `@returns` schema when it declares one) and its
+JSON (lib.json). Any failure becomes one problem answer (lib.errors), in one place.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from marshmallow import Schema
 from lib.auth import authenticate, authorize
 from lib.body import read_body
 from lib.db import BorrowedConnection, give_back_borrowed
-from lib.decorators import CONN_ATTR, SCHEMA_ATTR, ConnSpec
+from lib.decorators import CONN_ATTR, RETURNS_ATTR, SCHEMA_ATTR, ConnSpec
 from lib.errors import PROBLEM_JSON, ApiError, problem_document, to_problem
 from lib.json import JSON_MIMETYPE, dumps
 from lib.scope import RequestScope
 from lib.validation import arguments
 
-RESERVED_MODULES = frozenset({'health'})
+RESERVED_MODULES = frozenset({'health', 'docs', 'openapi'})  # the names of Flask's own blueprints
 MAX_NAME_IN_MESSAGE = 80
 ALLOW_POST = {'Allow': 'POST'}
 ROOT_ENDPOINT = 'index'  # the endpoint name of a module's '' route (`POST /<module>/`)
@@ -40,6 +40,7 @@ class Action:
     function: Callable[..., Any]
     schema: Schema | None
     conn: ConnSpec | None
+    returns: Schema | None = None  # `@returns`: the result is dumped through it
 
     @property
     def name(self) -> str:
@@ -60,7 +61,8 @@ def build_actions(module: str, routes: Iterable[Mapping[str, Any]]) -> dict[str,
         spec = getattr(function, CONN_ATTR, None)
         if spec is not None and 'conn' not in inspect.signature(function).parameters:
             raise ValueError(f'module {module!r}: action {route!r} injects a connection but takes no `conn`')
-        actions[route] = Action(module, route, function, getattr(function, SCHEMA_ATTR, None), spec)
+        schema, returned = getattr(function, SCHEMA_ATTR, None), getattr(function, RETURNS_ATTR, None)
+        actions[route] = Action(module, route, function, schema, spec, returned)
     return actions
 
 
@@ -116,6 +118,8 @@ def serve(
         authorize(caller, action.module, action.name)
         body = read_body(environ, config['MAX_CONTENT_LENGTH'])
         result = call(action, arguments(action.schema, body))
+        if action.returns is not None:  # the answer step: only the declared fields, as declared
+            result = action.returns.dump(result)
         return Served(200, dumps(result))
     except Exception as error:  # noqa: BLE001 - every failure becomes a problem answer
         problem = scope.problem = to_problem(error)

@@ -3,6 +3,7 @@
     flask --app app actions [--json]          every action: its fields, database and autocommit
     flask --app app new-module NAME [--root]  scaffold modules/NAME/ with one action and its test
     flask --app app apply-sql [--database]    apply every registered module's schema.sql
+    flask --app app openapi                   the OpenAPI document, as GET /openapi.json serves it
     flask --app app new-token NAME            a new token for caller NAME, and its line for CALLERS_FILE
 
 Everything `actions` shows is read from the app's module blueprints (their `actions` tables),
@@ -30,6 +31,7 @@ import settings
 from lib.actions import RESERVED_MODULES, Action, ModuleBlueprint
 from lib.apply_sql import apply_sql
 from lib.callers import CallersError, check_caller_name, token_digest
+from lib.openapi import document
 
 TEMPLATES = Path(__file__).resolve().parent / 'templates' / 'module'
 MODULE_FILES = ('__init__.py', 'routes.py', 'actions.py', 'schemas.py', 'sql.py', 'schema.sql')
@@ -278,6 +280,21 @@ def apply_sql_command(database: str) -> None:
             click.echo(f'applied {shown(path)}')
 
 
+# --- openapi -------------------------------------------------------------------------------
+
+
+@click.command('openapi')
+@with_appcontext
+def openapi_command() -> None:
+    """Write the OpenAPI document to stdout.
+
+    The same bytes GET /openapi.json serves (whether or not API_DOCS is on): every action of every
+    registered module, from the modules' routes tables and schemas. Diff it in CI, or generate a
+    client from it.
+    """
+    click.echo(document(current_app), nl=False)
+
+
 # --- new-token -----------------------------------------------------------------------------
 
 
@@ -304,5 +321,5 @@ def new_token_command(name: str) -> None:
 
 
 def init_app(app: Flask) -> None:
-    for command in (actions_command, new_module_command, apply_sql_command, new_token_command):
+    for command in (actions_command, new_module_command, apply_sql_command, openapi_command, new_token_command):
         app.cli.add_command(command)

@@ -52,6 +52,20 @@ def parse_flag(value: Any) -> bool:
     return str(value).strip().lower() in {'1', 'true', 'yes', 'on'}
 
 
+def parse_servers(raw: Any) -> list[str]:
+    """OPENAPI_SERVERS: comma-separated (or a list); each an absolute path or an http(s) URL."""
+    urls = [u.strip() for u in (raw.split(',') if isinstance(raw, str) else raw)]
+    urls = [u for u in urls if u]
+    if not urls:
+        raise ConfigError('OPENAPI_SERVERS is empty: set it to / or to the URLs callers use')
+    for url in urls:
+        parts = urlsplit(url)
+        absolute = parts.scheme in {'http', 'https'} and bool(parts.netloc)
+        if not (absolute or (url.startswith('/') and not parts.netloc)) or any(c.isspace() for c in url):
+            raise ConfigError(f'OPENAPI_SERVERS has {url!r}: each must be a path (/) or an http(s):// URL')
+    return urls
+
+
 def parse_tokens(environment: str, raw: Any) -> list[bytes]:
     """BEARER's tokens (comma-separated); none is fine when callers come from elsewhere."""
     tokens = [raw] if isinstance(raw, bytes) else [t.strip() for t in str(raw or '').split(',')]
@@ -183,6 +197,8 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         'POOL_MAX_IDLE': settings.POOL_MAX_IDLE,
         'CONNECT_TIMEOUT': settings.CONNECT_TIMEOUT,
         'STATEMENT_TIMEOUT': settings.STATEMENT_TIMEOUT,
+        'API_DOCS': settings.API_DOCS,
+        'OPENAPI_SERVERS': settings.OPENAPI_SERVERS,
     }
     raw.update(overrides or {})
     environment = raw['ENVIRONMENT']
@@ -210,6 +226,8 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         POOL_MAX_IDLE=parse_float('POOL_MAX_IDLE', raw['POOL_MAX_IDLE']),
         CONNECT_TIMEOUT=parse_int('CONNECT_TIMEOUT', raw['CONNECT_TIMEOUT'], minimum=1),
         STATEMENT_TIMEOUT=parse_int('STATEMENT_TIMEOUT', raw['STATEMENT_TIMEOUT']),
+        API_DOCS=parse_flag(raw['API_DOCS']),
+        OPENAPI_SERVERS=parse_servers(raw['OPENAPI_SERVERS']),
     )
     del config['BEARER']  # only the parsed form stays, so the raw value cannot leak into a dump
     return config

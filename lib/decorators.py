@@ -18,6 +18,7 @@ F = TypeVar('F', bound=Callable[..., Any])
 
 SCHEMA_ATTR = '__dbapi_schema__'
 CONN_ATTR = '__dbapi_conn__'
+RETURNS_ATTR = '__dbapi_returns__'
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,23 @@ def use_schema(schema: type[Schema] | Schema) -> Callable[[F], F]:
 
     def record(action: F) -> F:
         setattr(action, SCHEMA_ATTR, instance)
+        return action
+
+    return record
+
+
+def returns(schema: type[Schema] | Schema, many: bool = False) -> Callable[[F], F]:
+    """Dump the action's result through `schema` (a list of them with `many=True`) before it is
+    encoded: the answer carries the schema's fields only, and the schema is the 200 answer of the
+    action in the OpenAPI document."""
+    instance = schema(many=many) if isinstance(schema, type) else schema
+    if not isinstance(instance, Schema):
+        raise TypeError(f'returns() needs a marshmallow Schema, got {schema!r}')
+    if instance.many != many:
+        raise TypeError(f'returns({schema!r}, many={many}): the instance was built with many={instance.many}')
+
+    def record(action: F) -> F:
+        setattr(action, RETURNS_ATTR, instance)
         return action
 
     return record

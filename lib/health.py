@@ -6,6 +6,8 @@ from typing import Any
 
 import psycopg2
 from flask import Blueprint, Response, current_app
+from marshmallow import Schema, fields
+from marshmallow.validate import OneOf
 
 from lib.db import pools
 from lib.errors import RETRY_AFTER_SECONDS
@@ -14,10 +16,21 @@ from lib.json import json_response
 READY_TIMEOUT_SECONDS = 2.0
 
 blueprint = Blueprint('health', __name__, url_prefix='/health')
+STATES = ('ok', 'unavailable')
+
+
+class LiveSchema(Schema):
+    status = fields.String(required=True, validate=OneOf(['ok']))
+
+
+class ReadySchema(Schema):
+    status = fields.String(required=True, validate=OneOf(STATES))
+    databases = fields.Dict(keys=fields.String(), values=fields.String(validate=OneOf(STATES)), required=True)
 
 
 @blueprint.get('/live')
 def live() -> Response:
+    """The process answers."""
     return json_response({'status': 'ok'})
 
 
@@ -35,6 +48,7 @@ def check_database(name: str) -> str:
 
 @blueprint.get('/ready')
 def ready() -> Response:
+    """Every configured database answers `SELECT 1`; 503 names those that do not."""
     checks: dict[str, Any] = {name: check_database(name) for name in current_app.config['DATABASES']}
     healthy = all(state == 'ok' for state in checks.values())
     body = {'status': 'ok' if healthy else 'unavailable', 'databases': checks}
@@ -42,3 +56,10 @@ def ready() -> Response:
     if not healthy:
         response.headers['Retry-After'] = RETRY_AFTER_SECONDS
     return response
+
+
+# What each route answers, by status: the OpenAPI document (lib.openapi) shows it.
+ANSWERS: dict[str, dict[int, type[Schema]]] = {
+    'health.live': {200: LiveSchema},
+    'health.ready': {200: ReadySchema, 503: ReadySchema},
+}

@@ -217,7 +217,8 @@ CASES = [
     Case('10 MiB string echoed', long_string('name', 10 * MIB, b'x'), expect={200}),
     Case('10 MiB string over the field limit', long_string('note', 10 * MIB, b'x'), path=NOTE, expect={422}),
     Case('9.5 MiB string into PostgreSQL', long_string('note', 19 * MIB // 2, b'x'), path=NOTE, expect={200}),
-    Case('10 MiB string in a varchar(256)', long_string('name', 10 * MIB, b'y'), path='/example/bar'),
+    # The schema holds the column's limit, so PostgreSQL never sees it (its 400: the int4 case above).
+    Case('10 MiB string in a varchar(256)', long_string('name', 10 * MIB, b'y'), path='/example/bar', expect={422}),
     Case('10 MiB string as a key', b'{"' + b'k' * (10 * MIB) + b'": 1}', expect={422}),
     Case('body over MAX_CONTENT_LENGTH', long_string('name', 21 * MIB, b'z'), expect={413}),
     Case('duplicate keys', b'{"name": "a", "name": "b"}', expect={200}),

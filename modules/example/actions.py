@@ -6,11 +6,11 @@ from typing import Any
 from psycopg2.extensions import connection as Connection
 
 from lib.db import Row, get_db_from_conn
-from lib.decorators import inject_conn, use_schema
+from lib.decorators import inject_conn, returns, use_schema
 from lib.errors import not_found
 from settings import DEFAULT
 
-from .schemas import FooSchema, NameSchema
+from .schemas import FooResultSchema, FooSchema, NameSchema, NewUserSchema, UserSchema
 from .sql import SQL_USER
 
 
@@ -20,12 +20,14 @@ def ping() -> bool:
 
 
 @use_schema(FooSchema)
+@returns(FooResultSchema)
 def foo(name: str, email: str | None = None) -> dict[str, Any]:
     """Echo the validated body with the server's time; no database."""
     return dict(name=name, email=email, time=datetime.now(UTC))
 
 
-@use_schema(FooSchema)
+@use_schema(NewUserSchema)
+@returns(UserSchema, many=True)
 @inject_conn(DEFAULT)  # one transaction: committed when the action returns, rolled back if it raises
 def bar(conn: Connection, name: str, email: str | None = None) -> list[Row]:
     """Create or update the user `name`, and answer the stored rows for that name."""
@@ -35,6 +37,7 @@ def bar(conn: Connection, name: str, email: str | None = None) -> list[Row]:
 
 
 @use_schema(NameSchema)
+@returns(UserSchema)
 @inject_conn(DEFAULT, autocommit=True)  # a single read needs no transaction
 def user(conn: Connection, name: str) -> Row:
     """One user by name; 404 when there is none."""

@@ -1,0 +1,262 @@
+"""The service's contract: an OpenAPI 3.1 document built from what the modules declare.
+
+Every action of every module blueprint (its checked routes table, `ModuleBlueprint.actions`)
+becomes one `POST /<module>/<route>` operation: the request body from `@use_schema`, the 200
+answer from `@returns`, the problem answers from what `serve()` can answer for it (`@inject_conn`
+adds the database's), summary and description from the docstring. apispec's MarshmallowPlugin
+converts the schemas, so nothing is written twice and the document cannot drift from the code.
+The health routes come from Flask's url map and `lib.health.ANSWERS`.
+
+The document is built once per app (`document()`); `GET /openapi.json` (lib.api_docs) and
+`flask --app app openapi` (lib.cli) hand out the same bytes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import tomllib
+from collections.abc import Callable, Iterator
+from functools import cache
+from typing import Any
+
+import orjson
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Flask
+from marshmallow import Schema, fields
+from werkzeug.http import HTTP_STATUS_CODES
+
+import settings
+from lib.actions import ROOT_ENDPOINT, Action, ModuleBlueprint
+from lib.body import INT64_MIN, UINT64_MAX
+from lib.errors import PROBLEM_JSON
+from lib.health import ANSWERS as HEALTH_ANSWERS
+from lib.json import JSON_MIMETYPE
+
+OPENAPI_VERSION = '3.1.0'
+DOCUMENT_KEY = 'dbapi.openapi'  # app.extensions: the document's bytes, built once
+SECURITY_SCHEME = 'bearerAuth'
+HEALTH_TAG = 'health'
+# What the body step (lib.body) refuses in any string: PostgreSQL text cannot hold U+0000.
+KEY_ORDER = ('openapi', 'info', 'servers', 'tags', 'paths', 'components')
+NO_NUL = '^[^\\u0000]*$'
+DECIMAL = '^[+-]?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][+-]?[0-9]+)?$'  # a finite Decimal's text
+
+# The problem answers `serve()` can give any action, and those an action with a database adds.
+# A method other than POST is 405 with `Allow: POST`: an answer to another operation than the
+# action's POST, so it is said in the document's description, not listed under the POST.
+PROBLEMS: dict[int, str] = {
+    400: 'The body is not a JSON object, has a NUL character or an integer beyond 64 bits; or '
+    'PostgreSQL refused a value (data exception, not-null or check violation).',
+    401: 'No `Authorization: Bearer <token>` header, or not a valid token.',
+    404: 'What the body names does not exist (the action answers `not_found`).',
+    409: 'The data clashes with what is stored: a unique, foreign-key or exclusion violation, a '
+    'serialization failure or a deadlock (safe to retry with the same body), or the action answers `conflict`.',
+    413: 'The body is larger than the service accepts (`MAX_CONTENT_LENGTH`).',
+    415: 'The body is not `application/json`.',
+    422: 'The body failed validation: `errors` names each refused field and why.',
+    503: 'The database is unreachable or no pooled connection was free in time; retry after `Retry-After` seconds.',
+    504: 'A statement ran longer than `STATEMENT_TIMEOUT`: the transaction was rolled back.',
+}
+ALWAYS = (400, 401, 404, 413, 415, 422)
+WITH_DATABASE = (409, 503, 504)
+PROBLEM_HEADERS: dict[int, dict[str, Any]] = {
+    401: {'WWW-Authenticate': {'description': 'The challenge', 'schema': {'type': 'string'}, 'required': True}},
+    503: {'Retry-After': {'description': 'Seconds to wait', 'schema': {'type': 'string'}, 'required': True}},
+}
+HEALTH_HEADERS: dict[int, dict[str, Any]] = {503: PROBLEM_HEADERS[503]}
+
+DESCRIPTION = f"""\
+Database actions for internal backends. Every action is `POST /<module>/<action>` with a JSON
+object body (an empty body counts as `{{}}`) and `Authorization: Bearer <token>`; any other
+method on an action's path answers 405 with `Allow: POST`.
+
+Answers are JSON: datetimes in ISO-8601, decimals and UUIDs as strings. Every error is an
+RFC 9457 problem document (`{PROBLEM_JSON}`: `type`, `title`, `status`, `detail`, `request_id`,
+and `errors` per field on a 422). Every answer carries `X-Request-ID` (the caller's, if it sent
+one), which finds the request in the service's logs. A status that no operation lists here is an
+error of the service: the request id finds it.
+"""
+
+
+# An RFC 9457 problem document as `lib.errors.problem_document` writes it; nginx's own errors
+# (nginx/nginx.conf) have the same shape. The service's own JSON, not a module's schema.
+PROBLEM = {
+    'type': 'object',
+    'properties': {
+        'type': {'type': 'string', 'pattern': '^urn:dbapi:problem:', 'description': '`urn:dbapi:problem:<slug>`'},
+        'title': {'type': 'string', 'description': 'The status phrase'},
+        'status': {'type': 'integer', 'minimum': 400, 'maximum': 599},
+        'detail': {'type': 'string', 'description': 'What was wrong, for a person'},
+        'request_id': {'type': 'string', 'description': 'The `X-Request-ID` of the request'},
+        'errors': {
+            'type': 'object',
+            'description': 'By field, what validation refused (422); the constraint that refused (409)',
+        },
+    },
+    'required': ['type', 'title', 'status', 'detail', 'request_id'],
+    'additionalProperties': False,
+}
+PROBLEM_REF = {'$ref': '#/components/schemas/Problem'}
+
+
+@cache
+def project_version() -> str:
+    """`version` of pyproject.toml: the project is not installed, so no package metadata has it."""
+    with (settings.BASE_DIR / 'pyproject.toml').open('rb') as file:
+        return str(tomllib.load(file)['project']['version'])
+
+
+def schema_name(schema: type[Schema] | Schema) -> str:
+    """`<package>.<Name>` (`example.User` for modules.example.schemas.UserSchema), so two
+    modules' schemas of the same class name never share a component."""
+    cls = schema if isinstance(schema, type) else type(schema)
+    package = cls.__module__.removesuffix('.schemas').rpartition('.')[2]
+    name = cls.__name__.removesuffix('Schema') or cls.__name__
+    return f'{package}.{name}'
+
+
+# Attribute functions of apispec's field converter (its documented extension point): each gets
+# the converter, the field and what is known so far (`ret`), and returns what to add.
+def service_limits(converter: Any, field: fields.Field[Any], ret: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """What the body step (lib.body) refuses before any schema runs, said on the fields it concerns
+    (no NUL in a free string, integers within 64 bits), and decimals as the strings lib.json writes."""
+    types = ret.get('type')
+    kinds = [types] if isinstance(types, str) else list(types or [])
+    if isinstance(field, fields.Decimal):  # read from a string or a number; lib.json writes a string
+        return {
+            'type': ['string', 'number', *(['null'] if 'null' in kinds else [])],
+            'format': 'decimal',
+            'pattern': DECIMAL,
+        }
+    if 'string' in kinds and 'format' not in ret and 'pattern' not in ret and 'enum' not in ret:
+        return {'pattern': NO_NUL}
+    if 'integer' in kinds:
+        return {'minimum': ret.get('minimum', INT64_MIN), 'maximum': ret.get('maximum', UINT64_MAX)}
+    return {}
+
+
+def docstring_parts(function: Callable[..., Any]) -> dict[str, str]:
+    """`summary`: the docstring's first paragraph, on one line; `description`: the rest."""
+    doc = inspect.getdoc(function)
+    if not doc:
+        return {}
+    first, _, rest = doc.partition('\n\n')
+    parts = {'summary': ' '.join(first.split())}
+    if rest.strip():
+        parts['description'] = rest.strip()
+    return parts
+
+
+def operation_id(action: Action) -> str:
+    return f'{action.module}.{action.route or ROOT_ENDPOINT}'
+
+
+def request_body(schema: Schema | None) -> dict[str, Any]:
+    """Required when the schema requires a field (an empty body counts as `{}`); without a schema,
+    only an empty object is accepted."""
+    if schema is None:
+        body: Any = {'type': 'object', 'properties': {}, 'additionalProperties': False}
+        required = False
+    else:
+        body = schema
+        required = any(field.required for field in schema.fields.values() if not field.dump_only)
+    return {'required': required, 'content': {JSON_MIMETYPE: {'schema': body}}}
+
+
+def problem_name(status: int) -> str:
+    """The response component of a status: `NotFound` for 404."""
+    return HTTP_STATUS_CODES[status].replace(' ', '').replace('-', '')
+
+
+def responses(action: Action) -> dict[str, Any]:
+    answer: dict[str, Any] = {'schema': action.returns if action.returns is not None else {}}
+    documented: dict[str, Any] = {'200': {'description': 'The result', 'content': {JSON_MIMETYPE: answer}}}
+    statuses = sorted((*ALWAYS, *(WITH_DATABASE if action.conn is not None else ())))
+    documented.update({str(status): problem_name(status) for status in statuses})
+    return documented
+
+
+def operation(action: Action) -> dict[str, Any]:
+    return {
+        'operationId': operation_id(action),
+        'tags': [action.module],
+        **docstring_parts(action.function),
+        'security': [{SECURITY_SCHEME: []}],
+        'requestBody': request_body(action.schema),
+        'responses': responses(action),
+    }
+
+
+def module_blueprints(app: Flask) -> Iterator[ModuleBlueprint]:
+    return (blueprint for blueprint in app.blueprints.values() if isinstance(blueprint, ModuleBlueprint))
+
+
+def health_paths(app: Flask) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each health route of Flask's url map, with what `lib.health.ANSWERS` says it answers; no security."""
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint not in HEALTH_ANSWERS:
+            continue
+        answers = {
+            str(status): {
+                'description': HTTP_STATUS_CODES[status],
+                'content': {JSON_MIMETYPE: {'schema': schema}},
+                **({'headers': HEALTH_HEADERS[status]} if status in HEALTH_HEADERS else {}),
+            }
+            for status, schema in HEALTH_ANSWERS[rule.endpoint].items()
+        }
+        view = app.view_functions[rule.endpoint]
+        get = {'operationId': rule.endpoint, 'tags': [HEALTH_TAG], **docstring_parts(view), 'responses': answers}
+        yield rule.rule, {'get': get}
+
+
+def tag_description(blueprint: ModuleBlueprint) -> dict[str, str]:
+    """The first paragraph of the module package's docstring, when it has one."""
+    package = sys.modules.get(blueprint.import_name)
+    doc = inspect.getdoc(package) if package is not None else None
+    return {'description': doc.partition('\n\n')[0]} if doc else {}
+
+
+def build_spec(app: Flask) -> APISpec:
+    """The document of `app`: its module blueprints, their actions in routes-table order, then health."""
+    plugin = MarshmallowPlugin(schema_name_resolver=schema_name)
+    spec = APISpec(
+        title=app.name,
+        version=project_version(),
+        openapi_version=OPENAPI_VERSION,
+        plugins=[plugin],
+        info={'description': DESCRIPTION},
+        servers=[{'url': url} for url in app.config['OPENAPI_SERVERS']],
+    )
+    if plugin.converter is None:  # APISpec(plugins=...) sets it
+        raise RuntimeError('apispec did not initialise the MarshmallowPlugin')
+    plugin.converter.add_attribute_function(service_limits)  # type: ignore[no-untyped-call]  # apispec: untyped
+    spec.components.security_scheme(
+        SECURITY_SCHEME,
+        {'type': 'http', 'scheme': 'bearer', 'description': 'One of the tokens the service is configured with.'},
+    )
+    spec.components.schema('Problem', PROBLEM)
+    for status, description in PROBLEMS.items():
+        content = {PROBLEM_JSON: {'schema': PROBLEM_REF}}
+        headers = {'headers': PROBLEM_HEADERS[status]} if status in PROBLEM_HEADERS else {}
+        spec.components.response(problem_name(status), {'description': description, 'content': content, **headers})
+    for blueprint in module_blueprints(app):
+        spec.tag({'name': blueprint.name, **tag_description(blueprint)})
+        for action in blueprint.actions.values():
+            spec.path(path=f'/{action.module}/{action.route}', operations={'post': operation(action)})
+    spec.tag({'name': HEALTH_TAG, 'description': 'For the infrastructure: no token, no data.'})
+    for path, operations in health_paths(app):
+        spec.path(path=path, operations=operations)
+    return spec
+
+
+def document(app: Flask) -> bytes:
+    """The document as JSON bytes (indented, ending with a newline), built on first use and kept."""
+    built: bytes | None = app.extensions.get(DOCUMENT_KEY)
+    if built is None:
+        unordered = build_spec(app).to_dict()
+        ordered = {key: unordered[key] for key in KEY_ORDER if key in unordered}
+        built = orjson.dumps({**ordered, **unordered}, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+        app.extensions[DOCUMENT_KEY] = built
+    return built
