@@ -50,6 +50,7 @@ PROBLEMS: dict[int, str] = {
     400: 'The body is not a JSON object, has a NUL character or an integer beyond 64 bits; or '
     'PostgreSQL refused a value (data exception, not-null or check violation).',
     401: 'No `Authorization: Bearer <token>` header, or not a valid token.',
+    403: 'The caller is known but has no scope for this action (`WWW-Authenticate` names the scope needed).',
     404: 'What the body names does not exist (the action answers `not_found`).',
     409: 'The data clashes with what is stored: a unique, foreign-key or exclusion violation, a '
     'serialization failure or a deadlock (safe to retry with the same body), or the action answers `conflict`.',
@@ -59,7 +60,7 @@ PROBLEMS: dict[int, str] = {
     503: 'The database is unreachable or no pooled connection was free in time; retry after `Retry-After` seconds.',
     504: 'A statement ran longer than `STATEMENT_TIMEOUT`: the transaction was rolled back.',
 }
-ALWAYS = (400, 401, 404, 413, 415, 422)
+ALWAYS = (400, 401, 403, 404, 413, 415, 422)
 WITH_DATABASE = (409, 503, 504)
 PROBLEM_HEADERS: dict[int, dict[str, Any]] = {
     401: {'WWW-Authenticate': {'description': 'The challenge', 'schema': {'type': 'string'}, 'required': True}},
@@ -178,11 +179,21 @@ def responses(action: Action) -> dict[str, Any]:
     return documented
 
 
+def needed_scopes(action: Action) -> list[str]:
+    """The caller scopes that grant `action` (lib/callers.py): its own name, its module, or `*`."""
+    return [action.name, action.module, '*']
+
+
 def operation(action: Action) -> dict[str, Any]:
+    parts = docstring_parts(action.function)
+    scopes = needed_scopes(action)
+    needs = f'Needs the scope `{scopes[0]}` (or `{scopes[1]}`, or `*`).'
+    parts['description'] = f'{parts["description"]}\n\n{needs}' if parts.get('description') else needs
     return {
         'operationId': operation_id(action),
         'tags': [action.module],
-        **docstring_parts(action.function),
+        **parts,
+        'x-dbapi-scopes': scopes,
         'security': [{SECURITY_SCHEME: []}],
         'requestBody': request_body(action.schema),
         'responses': responses(action),

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import psycopg2
 from psycopg2.extensions import (
@@ -26,6 +26,8 @@ from psycopg2.extensions import (
 from psycopg2.extensions import (
     connection as Connection,
 )
+
+from lib.scope import current_scope
 
 
 class PoolError(psycopg2.OperationalError):
@@ -38,6 +40,16 @@ class PoolTimeout(PoolError):
 
 class PoolClosed(PoolError):
     """The pool was closed (the process is shutting down)."""
+
+
+class PoolObserver(Protocol):
+    """What the pools of a process report as it happens (lib.metrics keeps the counts)."""
+
+    def waited(self, pool: str, seconds: float) -> None:
+        """A checkout found every connection in use and waited `seconds` (then got one, or timed out)."""
+
+    def timed_out(self, pool: str) -> None:
+        """A checkout gave up: no connection became free before its deadline."""
 
 
 # A connection lives between 90% and 100% of max_lifetime, so connections opened together
@@ -66,7 +78,8 @@ def is_broken(conn: Connection) -> bool:
 
 def jittered(lifetime: float) -> float:
     """`lifetime` shortened by a random 0 to LIFETIME_JITTER of itself."""
-    return lifetime * (1.0 - LIFETIME_JITTER * random.random())  # noqa: S311 - spreads reconnects, guards nothing
+    # Not a secret: the jitter only spreads reconnects over time.
+    return lifetime * (1.0 - LIFETIME_JITTER * random.random())  # noqa: S311  # nosec B311
 
 
 class ConnectionPool:
@@ -75,7 +88,12 @@ class ConnectionPool:
     A connection is retired (closed, its slot freed) once it has lived `max_lifetime` seconds
     (less a random 0-10%) or sat idle `max_idle` seconds, checked only when it is returned or
     about to be borrowed: never while a caller holds it.
+
+    Every pool of the process reports waits and timeouts to `observer` when one is set; a
+    checkout made during a request names its pool in the request's scope (`scope.database`).
     """
+
+    observer: ClassVar[PoolObserver | None] = None
 
     def __init__(
         self,
@@ -115,6 +133,11 @@ class ConnectionPool:
     def stats(self) -> dict[str, int]:
         return {'open': self._opened, 'idle': len(self._idle), 'max': self.max_size}
 
+    @property
+    def waiting(self) -> int:
+        """How many checkouts are waiting for a connection now."""
+        return self._waiting
+
     def lifetime(self, conn: Connection) -> float:
         """The seconds `conn` may live in this pool (max_lifetime, jittered)."""
         opened_at, retire_at = self._ages[id(conn)]
@@ -127,6 +150,9 @@ class ConnectionPool:
         `now` is read once: a connection that arrives while this call waits was returned
         after `now` and checked then, so it is at most the wake-up latency older than seen.
         """
+        scope = current_scope()
+        if scope is not None:
+            scope.database = self.name  # set first: whatever fails next is this database's
         now = time.monotonic()
         deadline = now + (self.timeout if timeout is None else timeout)
         idle_cutoff = now - self.max_idle
@@ -172,28 +198,41 @@ class ConnectionPool:
         LIFO, the warmest connection, so the others age out; but when the oldest return is
         before `idle_cutoff` that one comes first, for the caller to close: with LIFO alone
         the connections at the bottom would never be looked at while load is light.
+        The observer hears of a wait or a timeout after the lock is released.
         """
-        with self._lock:
-            while True:
-                if self._closed:
-                    raise PoolClosed(f'pool {self.name!r} is closed')
-                if self._idle:
-                    if self._idle[0][1] <= idle_cutoff:
-                        return self._idle.popleft()
-                    return self._idle.pop()
-                if self._opened < self.max_size:
-                    self._opened += 1
-                    return None
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise PoolTimeout(
-                        f'no free connection in pool {self.name!r} ({self.max_size} in use) within {self.timeout:g} s'
-                    )
-                self._waiting += 1
-                try:
-                    self._cond.wait(remaining)
-                finally:
-                    self._waiting -= 1
+        waiting_since = 0.0
+        try:
+            with self._lock:
+                while True:
+                    if self._closed:
+                        raise PoolClosed(f'pool {self.name!r} is closed')
+                    if self._idle:
+                        if self._idle[0][1] <= idle_cutoff:
+                            return self._idle.popleft()
+                        return self._idle.pop()
+                    if self._opened < self.max_size:
+                        self._opened += 1
+                        return None
+                    now = time.monotonic()
+                    remaining = deadline - now
+                    if remaining <= 0:
+                        raise PoolTimeout(
+                            f'no free connection in pool {self.name!r} ({self.max_size} in use)'
+                            f' within {self.timeout:g} s'
+                        )
+                    waiting_since = waiting_since or now
+                    self._waiting += 1
+                    try:
+                        self._cond.wait(remaining)
+                    finally:
+                        self._waiting -= 1
+        except PoolTimeout:
+            if self.observer is not None:
+                self.observer.timed_out(self.name)
+            raise
+        finally:
+            if waiting_since and self.observer is not None:
+                self.observer.waited(self.name, time.monotonic() - waiting_since)
 
     def _open(self) -> Connection:
         try:

@@ -364,3 +364,10 @@ def test_docs_and_the_document_are_outside_the_post_space(client: Any) -> None:
 def test_a_module_cannot_take_the_pages_name() -> None:
     with pytest.raises(ValueError, match="'docs' is reserved"):
         module_blueprint('modules.docs', [])
+
+
+def test_each_operation_states_the_scopes_that_grant_it_and_documents_the_403(app: Flask, client) -> None:
+    operation = get_document(app)['paths']['/example/foo']['post']
+    assert operation['x-dbapi-scopes'] == ['example/foo', 'example', '*']
+    assert '`example/foo`' in operation['description']
+    assert '403' in operation['responses']
