@@ -16,7 +16,7 @@ RUN pip install --no-compile -r requirements.txt
 # A user of its own; the code stays root-owned and read-only to it, only the logs are writable.
 RUN useradd --system --uid 10001 --no-create-home --home-dir /src --shell /usr/sbin/nologin dbapi \
  && mkdir -p /src/logs && chown dbapi:dbapi /src/logs
-COPY app.py settings.py gunicorn.conf.py start.sh ./
+COPY app.py settings.py gunicorn.conf.py start.sh pyproject.toml ./
 COPY lib ./lib
 COPY modules ./modules
 COPY env ./env

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask
 from flask_compress import Compress
 
-from lib import api_docs, cli, db, errors, gateway, health
+from lib import api_docs, cli, db, errors, gateway, health, metrics
 from lib.config import ConfigError, build_config
 from lib.errors import PROBLEM_JSON
 from lib.json import JSON_MIMETYPE, ORJSONProvider
@@ -39,6 +39,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         app.register_blueprint(import_module(name).blueprint)
     # GET /openapi.json and /docs: the contract, built once from the modules registered above.
     api_docs.init_app(app)
+    # GET /metrics (METRICS=1) and the metrics step the gateway runs after each access record.
+    metrics.init_app(app)
     # The WSGI entry: request scope and access record for every request, and the one path of
     # action requests; the rest goes to Flask (lib/gateway.py).
     gateway.init_app(app)

@@ -7,8 +7,19 @@ stops it with one line instead of every worker crash-looping.
 
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
+
+# Prometheus (lib/metrics.py): the workers of one replica write their values to files in one
+# directory, named here, before any worker imports prometheus_client. The default is a directory
+# of this master's own under the system temp dir (a container's own /tmp), never under LOG_DIR:
+# that volume is shared by every replica on a node, and each master empties its directory at start.
+METRICS_DIR_DEFAULT = os.path.join(tempfile.gettempdir(), f'dbapi-metrics-{os.getpid()}')
+if not os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
+    os.environ['PROMETHEUS_MULTIPROC_DIR'] = METRICS_DIR_DEFAULT
 
 bind = os.getenv('BIND', '0.0.0.0:8000')
 workers = int(os.getenv('WEB_CONCURRENCY', 2 * multiprocessing.cpu_count() + 1))
@@ -48,8 +59,17 @@ logger_class = 'lib.logger.GunicornLogger'  # no per-request work for gunicorn's
 proc_name = os.getenv('REPLICA_ID') or 'dbapi'
 
 
+def empty_metrics_dir() -> None:
+    """Start the replica's counts from zero: files left by an earlier run would be added in."""
+    directory = Path(os.environ['PROMETHEUS_MULTIPROC_DIR'])
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in directory.glob('*.db'):
+        path.unlink()
+
+
 def on_starting(server: Any) -> None:
-    """Check the settings and the database connection budget before binding or forking."""
+    """Check the settings and the database connection budget, and empty the metrics directory,
+    before binding or forking."""
     from lib.config import ConfigError  # imported here: gunicorn has put the app's dir on sys.path by now
     from lib.startup import check_master
 
@@ -66,6 +86,7 @@ def on_starting(server: Any) -> None:
             server.log.info(
                 'connection budget of %s: %d of %d connections', budget.server, budget.needed, budget.usable
             )
+    empty_metrics_dir()
 
 
 def post_worker_init(worker: Any) -> None:
@@ -75,9 +96,31 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """Close this worker's pools so PostgreSQL sees its sessions end instead of dropping."""
+    """Write this worker's last counts to its metric files; close its pools so PostgreSQL sees
+    its sessions end instead of dropping."""
+    extensions = getattr(getattr(worker, 'wsgi', None), 'extensions', None)
+    if not extensions:
+        return  # the app never loaded
     from lib.db import POOLS_KEY
+    from lib.metrics import METRICS_KEY
 
-    pools = getattr(getattr(worker, 'wsgi', None), 'extensions', {}).get(POOLS_KEY)
+    metrics = extensions.get(METRICS_KEY)
+    if metrics is not None:
+        metrics.flush()
+    pools = extensions.get(POOLS_KEY)
     if pools is not None:
         pools.close()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker is gone (recycled, killed): its pool gauges leave the replica's sums; its counts
+    stay in its files, so the replica's totals keep them."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+
+
+def on_exit(server: Any) -> None:
+    """Remove the default metrics directory: nothing reads it once the replica is gone."""
+    if os.environ.get('PROMETHEUS_MULTIPROC_DIR') == METRICS_DIR_DEFAULT:
+        shutil.rmtree(METRICS_DIR_DEFAULT, ignore_errors=True)

@@ -69,6 +69,9 @@ PROXY_HOPS = os.getenv('PROXY_HOPS', '0')
 # `servers`, comma-separated URLs (the relative `/` is the server that serves the document).
 API_DOCS = os.getenv('API_DOCS', '1')
 OPENAPI_SERVERS = os.getenv('OPENAPI_SERVERS', '/')
+# Prometheus series and GET /metrics on each replica (0 turns both off). Under gunicorn the
+# workers share PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py sets one of its own when unset).
+METRICS = os.getenv('METRICS', '1')
 
 # Database pools: one per named database per process.
 POOL_SIZE = os.getenv('POOL_SIZE', '4')

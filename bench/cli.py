@@ -34,7 +34,7 @@ from bench.plot import write_plot
 from bench.report import update_readme, write_json, write_markdown
 from bench.servers import REPO, VENV_BIN, Server, gunicorn_command, serve
 from bench.service import PATHS, callers_env, service_env
-from bench.targets import BARE, PGBOUNCER, ServerStats, Verdict, evaluate
+from bench.targets import BARE, NOMETRICS, PGBOUNCER, ServerStats, Verdict, evaluate
 from bench.wrk import run_wrk
 
 RESULTS = REPO / 'bench' / 'results'
@@ -231,6 +231,11 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         watch.watch(lambda: [worker.pid for worker in app.workers()])
         if plan.nginx:
             run.urls['app nginx'] = stack.enter_context(nginx_in_front(app, tmp))
+        if 'read' in plan.scenarios:
+            # The same app with METRICS=0, its reads alternated with the app's: the metrics' cost.
+            nometrics = serve(NOMETRICS, gunicorn_command('app:app'), dict(env, METRICS='0'), tmp, '/health/ready')
+            run.urls[NOMETRICS] = stack.enter_context(nometrics).url
+            run.scenarios[NOMETRICS] = ('read',)
         pooled = tuple(scenario for scenario in PGBOUNCER_SCENARIOS if scenario in plan.scenarios)
         if pooled:
             run.urls[PGBOUNCER] = stack.enter_context(app_through_pgbouncer(env, tmp)).url

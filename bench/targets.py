@@ -10,7 +10,8 @@ from bench.measure import Measurement, find
 
 AT = 8  # connections, unless a target says otherwise
 PGBOUNCER = 'app pgbouncer'  # the app with DEFAULT_DB_PGBOUNCER=transaction, through Debian's pgbouncer
-MAIN_SERIES = frozenset({'app direct', 'app nginx', PGBOUNCER})
+NOMETRICS = 'app direct nometrics'  # the same app and server with METRICS=0: the read only
+MAIN_SERIES = frozenset({'app direct', 'app nginx', PGBOUNCER, NOMETRICS})
 # The targets measured for more than the production server (candidates, the bare read): one number each.
 READ_RATIO = 0.15  # read by key, against pgbench -M simple
 UPSERT_RATIO = 0.4  # the upsert in a transaction, against pgbench -M simple running it in BEGIN/END
@@ -19,6 +20,7 @@ UPSERT_RATIO = 0.4  # the upsert in a transaction, against pgbench -M simple run
 FOO_RATIO = 0.6
 # Read by key and upsert through pgbouncer in transaction mode, against the same app direct.
 PGBOUNCER_RATIO = 0.7
+METRICS_RATIO = 0.95  # read by key with the metrics step, against the same read without it
 BARE = 'wsgi psycopg2'  # bench/bare.py: the read's floor, the same server and driver without the framework
 
 
@@ -170,6 +172,14 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
         ),
         lambda: ratio_target(
             results, 'upsert, pgbouncer', ('upsert', PGBOUNCER), ('upsert', 'app direct'), PGBOUNCER_RATIO, True
+        ),
+        lambda: ratio_target(
+            results,
+            'metrics cost: read with metrics vs without',
+            ('read', 'app direct'),
+            ('read', NOMETRICS),
+            METRICS_RATIO,
+            True,
         ),
         lambda: rows_target(results),
         lambda: p99_target(results),

@@ -27,7 +27,7 @@ from lib.json import JSON_MIMETYPE, dumps
 from lib.scope import RequestScope
 from lib.validation import arguments
 
-RESERVED_MODULES = frozenset({'health', 'docs', 'openapi'})  # the names of Flask's own blueprints
+RESERVED_MODULES = frozenset({'health', 'docs', 'openapi', 'metrics'})  # the names of Flask's own blueprints
 MAX_NAME_IN_MESSAGE = 80
 ALLOW_POST = {'Allow': 'POST'}
 ROOT_ENDPOINT = 'index'  # the endpoint name of a module's '' route (`POST /<module>/`)

@@ -199,6 +199,7 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         'STATEMENT_TIMEOUT': settings.STATEMENT_TIMEOUT,
         'API_DOCS': settings.API_DOCS,
         'OPENAPI_SERVERS': settings.OPENAPI_SERVERS,
+        'METRICS': settings.METRICS,
     }
     raw.update(overrides or {})
     environment = raw['ENVIRONMENT']
@@ -228,6 +229,7 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         STATEMENT_TIMEOUT=parse_int('STATEMENT_TIMEOUT', raw['STATEMENT_TIMEOUT']),
         API_DOCS=parse_flag(raw['API_DOCS']),
         OPENAPI_SERVERS=parse_servers(raw['OPENAPI_SERVERS']),
+        METRICS=parse_flag(raw['METRICS']),
     )
     del config['BEARER']  # only the parsed form stays, so the raw value cannot leak into a dump
     return config

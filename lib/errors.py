@@ -146,6 +146,9 @@ def cause(error: psycopg2.Error) -> str:
 
 
 def database_problem(error: psycopg2.Error) -> ApiError:
+    scope = current_scope()
+    if scope is not None:
+        scope.database_error = error  # lib.metrics counts it by database and SQLSTATE class
     status, slug = classify_database_error(error)
     headers = {'Retry-After': RETRY_AFTER_SECONDS} if status == 503 else None
     if status in CLIENT_STATUSES:

@@ -14,12 +14,13 @@ from typing import Any
 from flask import Flask
 from werkzeug.http import HTTP_STATUS_CODES
 
-from lib.access_log import AccessRecords, Exchange, LoggedBody
+from lib.access_log import Exchange, LoggedBody
 from lib.actions import Action, ModuleBlueprint, Served, serve
 from lib.compression import choose, compressors
 from lib.db import POOLS_KEY
 from lib.http import common_headers, settle_request_id
 from lib.json import JSON_MIMETYPE
+from lib.metrics import access_records
 from lib.scope import RequestScope, enter, leave
 
 WSGIEnviron = dict[str, Any]
@@ -38,7 +39,7 @@ class Gateway:
             for name, blueprint in app.blueprints.items()
             if isinstance(blueprint, ModuleBlueprint)
         }
-        self.records = AccessRecords(app.config['PROXY_HOPS'])
+        self.records = access_records(app)  # the last step: the access record, then the metrics
         self.compressors = compressors(app.config)
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:

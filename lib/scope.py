@@ -28,6 +28,8 @@ class RequestScope:
     caller: str | None = None  # the caller's name, once authenticated (never its token)
     problem: ApiError | None = None  # the failure answered, for the access record (never values)
     borrowed: list[tuple[Any, Any]] = field(default_factory=list)  # (pool, connection) to give back
+    database: str | None = None  # the pool the request last took a connection from (lib.pool)
+    database_error: Exception | None = None  # the psycopg2 error answered, for the metrics (lib.errors)
 
 
 _current: ContextVar[RequestScope | None] = ContextVar('dbapi_request_scope', default=None)

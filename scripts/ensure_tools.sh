@@ -11,6 +11,8 @@ command -v envsubst >/dev/null 2>&1 || missing+=(gettext-base)
 # chromium and its chromedriver: tests/test_docs_browser.py opens /docs in them.
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+# Prometheus and promtool: the metrics tests scrape with a real Prometheus and check the alert rules.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}'" >&2
@@ -23,4 +25,5 @@ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 if command -v service >/dev/null 2>&1; then
   service nginx stop >/dev/null 2>&1 || true
   service pgbouncer stop >/dev/null 2>&1 || true
+  service prometheus stop >/dev/null 2>&1 || true
 fi

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.measure import Measurement
-from bench.targets import BARE, evaluate, shown
+from bench.targets import BARE, NOMETRICS, evaluate, shown
 
 
 @pytest.mark.parametrize(
@@ -56,3 +56,11 @@ def test_upsert_is_judged_against_pgbench_and_foo_is_only_shown() -> None:
     assert (upsert.target, upsert.measured, upsert.status) == ('≥ 0.4x', '0.33x (2,000 / 6,000 /s)', 'FAIL')
     foo = verdicts['example/foo vs WSGI hello']
     assert (foo.measured, foo.status) == ('0.25x (5,000 / 20,000 /s)', 'INFO')
+
+
+def test_the_metrics_cost_is_the_read_with_them_against_the_same_read_without() -> None:
+    results = reads(**{'app direct': 4_700, NOMETRICS: 5_000})
+    verdicts = {v.what: v for v in evaluate(results, None)}
+    cost = verdicts['metrics cost: read with metrics vs without']
+    assert (cost.target, cost.measured, cost.status) == ('≥ 0.95x', '0.94x (4,700 / 5,000 /s)', 'FAIL')
+    assert not [v for v in verdicts.values() if 'nometrics' in v.what]  # not taken for a candidate server

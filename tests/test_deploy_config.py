@@ -297,3 +297,32 @@ def test_a_non_number_of_replicas_is_named() -> None:
     result = gunicorn_master({'API_REPLICAS': 'ten'})
     assert result.returncode == 3
     assert "dbapi: configuration error: API_REPLICAS='ten' is not a whole number" in result.stderr
+
+
+def test_the_stack_can_run_prometheus_beside_the_api_and_does_not_by_default() -> None:
+    prometheus = deployed_stack()['services']['prometheus']
+    assert prometheus['deploy']['replicas'] == 0
+    assert {config['target'] for config in prometheus['configs']} == {
+        '/etc/prometheus/prometheus.yml',
+        '/etc/prometheus/alerts.yml',
+    }
+    assert '--config.file=/etc/prometheus/prometheus.yml' in prometheus['command']
+    on = stack_config(required_values(PROMETHEUS_REPLICAS='1'))
+    assert on.returncode == 0, on.stderr
+    assert yaml.safe_load(on.stdout)['services']['prometheus']['deploy']['replicas'] == 1
+
+
+def test_prometheus_scrapes_every_api_task_on_the_port_gunicorn_binds() -> None:
+    scrape = yaml.safe_load((ROOT / 'deploy' / 'prometheus' / 'prometheus.yml').read_text())
+    (job,) = scrape['scrape_configs']
+    (discovery,) = job['dns_sd_configs']
+    assert discovery['names'] == ['tasks.api'] and discovery['type'] == 'A'
+    assert 'api' in deployed_stack()['services']
+    bind = re.search(r"BIND', '([^']+)'", (ROOT / 'gunicorn.conf.py').read_text())
+    assert bind is not None and bind.group(1).endswith(f':{discovery["port"]}')
+    assert job.get('metrics_path', '/metrics') == '/metrics'
+
+
+def test_the_image_carries_the_version_the_metrics_report() -> None:
+    copied = re.findall(r'^COPY (.*) \./$', (ROOT / 'Dockerfile').read_text(), re.MULTILINE)
+    assert any('pyproject.toml' in line.split() for line in copied), copied

@@ -195,6 +195,16 @@ def wait_for_access_records(log_dir: Path, ids: set[str], timeout: float = 5.0) 
         time.sleep(0.1)
 
 
+def test_metrics_are_a_json_404_from_nginx_and_each_replica_serves_its_own(top: Topology) -> None:
+    for path in ('/metrics', '//metrics', '/metrics?format=x', '/%6Detrics'):
+        response = requests.get(f'{top.url}{path}', timeout=10)
+        assert_problem(response, 404)
+        assert 'X-Served-By' not in response.headers, path  # nginx answered, no replica
+    direct = requests.get(f'{top.replicas[0].url}/metrics', timeout=10)
+    assert direct.status_code == 200
+    assert 'dbapi_build_info{' in direct.text
+
+
 def test_a_body_over_the_limit_is_a_json_413_from_nginx(top: Topology) -> None:
     too_big = b'{"note": "' + b'x' * (20 * 1024 * 1024) + b'"}'
     response = requests.post(

@@ -1,0 +1,303 @@
+"""The metrics step: Prometheus series of every request, of the pools and of the database errors,
+and `GET /metrics`, which serves them for the whole replica.
+
+Under gunicorn, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before anything imports
+prometheus_client: each worker then writes its values to files of its own in that directory,
+and a scrape of any worker reads every file, so it answers the replica's totals, the counts of
+workers since recycled included. Without that directory (`flask run`, the tests' in-process
+apps) the values live in this one process.
+
+Labels are bounded: `module` and `action` are a registered action's names or "" (an unknown
+path or action is never counted under the name a client sent), `status` is a status code,
+`caller` a configured caller's name, `database` a configured database's name.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import tomllib
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, request
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from lib import process
+from lib.access_log import AccessRecords, Exchange
+from lib.actions import Action, ModuleBlueprint
+from lib.db import POOLS_KEY, Pools
+from lib.pool import ConnectionPool, PoolError
+from lib.scope import RequestScope
+
+METRICS_KEY = 'dbapi.metrics'  # in app.extensions, when METRICS is on
+PYPROJECT = Path(__file__).resolve().parent.parent / 'pyproject.toml'
+# prometheus_client chose its storage when it was imported, from the same variable.
+MULTIPROCESS = bool(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))
+SAMPLE_SECONDS = 1.0  # how often each worker writes its pools' state (multiprocess mode)
+NO_SQLSTATE = 'none'  # the connection itself failed: libpq gives no SQLSTATE
+
+REQUESTS = Counter(
+    'dbapi_requests_total',
+    'Requests answered, by action, status and caller (module and action are "" for an unknown path)',
+    ['module', 'action', 'status', 'caller'],
+)
+DURATION = Histogram(
+    'dbapi_request_duration_seconds',
+    "Seconds from a request's arrival in the app to its answer handed to the server",
+    ['module', 'action'],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+POOL_CONNECTIONS = Gauge(
+    'dbapi_pool_connections',
+    "Open connections of the live workers' pools, idle or in use",
+    ['database', 'state'],
+    multiprocess_mode='livesum',
+)
+POOL_SIZE = Gauge(
+    'dbapi_pool_size', "Connections the live workers' pools may open in all", ['database'], multiprocess_mode='livesum'
+)
+POOL_WAIT = Histogram(
+    'dbapi_pool_wait_seconds',
+    'Seconds a checkout waited for a free connection; only checkouts that found every connection in use',
+    ['database'],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+POOL_TIMEOUTS = Counter(
+    'dbapi_pool_timeouts_total', 'Checkouts that got no connection within POOL_TIMEOUT (answered 503)', ['database']
+)
+DB_ERRORS = Counter(
+    'dbapi_db_errors_total',
+    'Database errors answered, by SQLSTATE class ("none": the connection failed, no SQLSTATE)',
+    ['database', 'sqlstate_class'],
+)
+BUILD_INFO = Gauge('dbapi_build_info', 'The running version (pyproject.toml)', ['version'], multiprocess_mode='livemax')
+
+RequestLabels = tuple[str, str, int, str]  # module, action, status, caller
+
+
+def version() -> str:
+    with PYPROJECT.open('rb') as file:
+        return str(tomllib.load(file)['project']['version'])
+
+
+class Metrics:
+    """One app's metrics step and the pools' reports; the series are the process's own."""
+
+    def __init__(self, app: Flask) -> None:
+        self.pools: Pools = app.extensions[POOLS_KEY]
+        self.modules: dict[str, Mapping[str, Action]] = {
+            name: blueprint.actions
+            for name, blueprint in app.blueprints.items()
+            if isinstance(blueprint, ModuleBlueprint)
+        }
+        self.durations: dict[tuple[str, str], Any] = {}  # (module, action) -> the histogram's child
+        # Requests counted since the last flush: a dict entry here costs a fraction of a write to
+        # the worker's file, and dbapi_requests_total is brought up to date every SAMPLE_SECONDS,
+        # before each scrape and when the worker exits (flush).
+        self.counted: dict[RequestLabels, int] = {}
+        self.counted_lock = threading.Lock()
+        self.sampled: dict[str, tuple[int, int, int]] = {}  # database -> (idle, in use, size) last written
+        self.sampler_pid = 0
+        self.lock = threading.Lock()
+        BUILD_INFO.labels(version()).set(1)
+        for database in app.config['DATABASES']:  # every series present from the start, at 0
+            POOL_TIMEOUTS.labels(database)
+            POOL_WAIT.labels(database)
+            POOL_SIZE.labels(database).set(app.config['POOL_SIZE'])
+            for state in ('idle', 'in_use'):
+                POOL_CONNECTIONS.labels(database, state).set(0)
+
+    def record(self, exchange: Exchange, duration_ns: int) -> None:
+        """The metrics of one finished request: called once per request, whatever answered it."""
+        scope = exchange.scope
+        if scope.database_error is not None:
+            self.database_error(scope.database or '', scope.database_error)
+        if MULTIPROCESS and self.sampler_pid != process.pid:
+            self.start_sampler()
+        labels = self.labels(scope, exchange.environ.get('PATH_INFO', ''), exchange.status or 500)
+        if labels is None:
+            return
+        with self.counted_lock:
+            self.counted[labels] = self.counted.get(labels, 0) + 1
+        duration = self.durations.get(labels[:2])
+        if duration is None:
+            duration = self.durations[labels[:2]] = DURATION.labels(labels[0], labels[1])
+        duration.observe(duration_ns / 1e9)
+
+    def flush(self) -> None:
+        """Add the requests counted since the last flush to dbapi_requests_total."""
+        with self.counted_lock:
+            counted, self.counted = self.counted, {}
+        for (module, action, status, caller), count in counted.items():
+            REQUESTS.labels(module, action, str(status), caller).inc(count)
+
+    def labels(self, scope: RequestScope, path: str, status: int) -> RequestLabels | None:
+        """The request's labels; None for what Flask answered other than a 404 (health, /metrics,
+        the docs): those are the infrastructure's requests, not the API's."""
+        caller = scope.caller or ''
+        module, action = scope.module, scope.action
+        if module is None:
+            return ('', '', status, caller) if status == 404 else None
+        if action is None:  # refused before the action was looked up (401), or not one (404)
+            route = path[len(module) + 2 :]
+            action = route if route in self.modules.get(module, {}) else None
+        if action is None:
+            return ('', '', status, caller)
+        return (module, action, status, caller)
+
+    def database_error(self, database: str, error: Exception) -> None:
+        if isinstance(error, PoolError):
+            return  # a pool timeout is dbapi_pool_timeouts_total; a closed pool, a shutdown
+        code = getattr(error, 'pgcode', None) or ''
+        DB_ERRORS.labels(database, code[:2] or NO_SQLSTATE).inc()
+
+    def waited(self, pool: str, seconds: float) -> None:
+        POOL_WAIT.labels(pool).observe(seconds)
+
+    def timed_out(self, pool: str) -> None:
+        POOL_TIMEOUTS.labels(pool).inc()
+
+    def sample_pools(self) -> None:
+        """Write this process's pools' state, where it changed since the last time."""
+        for name, stats in self.pools.stats().items():
+            sample = (stats['idle'], stats['open'] - stats['idle'], stats['max'])
+            if self.sampled.get(name) == sample:
+                continue
+            self.sampled[name] = sample
+            POOL_CONNECTIONS.labels(name, 'idle').set(sample[0])
+            POOL_CONNECTIONS.labels(name, 'in_use').set(sample[1])
+            POOL_SIZE.labels(name).set(sample[2])
+
+    def start_sampler(self) -> None:
+        """Each worker writes its pools' state every SAMPLE_SECONDS from a thread of its own:
+        a scrape is answered by one worker, which cannot read the others' pools."""
+        with self.lock:
+            if self.sampler_pid == process.pid:
+                return
+            self.sampler_pid = process.pid
+            self.sampled = {}  # a new process: its files start empty
+        thread = threading.Thread(target=sample_every, args=(weakref.ref(self),), name='dbapi-metrics', daemon=True)
+        thread.start()
+
+
+def sample_every(ref: weakref.ref[Metrics]) -> None:
+    """Flush and sample until the metrics are gone (their app dropped) or the process ends."""
+    while True:
+        time.sleep(SAMPLE_SECONDS)
+        metrics = ref()
+        if metrics is None:
+            return
+        metrics.flush()
+        metrics.sample_pools()
+        del metrics
+
+
+class MeteredRecords(AccessRecords):
+    """The last step of every request: its access record, then its metrics."""
+
+    def __init__(self, proxy_hops: int, metrics: Metrics) -> None:
+        super().__init__(proxy_hops)
+        self.metrics = metrics
+
+    def write(self, exchange: Exchange, duration_ns: int, error: BaseException | None) -> None:
+        try:
+            super().write(exchange, duration_ns, error)
+        finally:
+            self.metrics.record(exchange, duration_ns)
+
+
+def replica_pids() -> list[int]:
+    """The gunicorn master (this worker's parent) and every child of it: the replica's processes."""
+    master = os.getppid()
+    pids = [master]
+    for entry in os.scandir('/proc'):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry.name}/stat', 'rb') as stat:
+                parent = int(stat.read().rsplit(b')', 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if parent == master:
+            pids.append(int(entry.name))
+    return pids
+
+
+def constant(pid: int) -> Callable[[], int]:
+    return lambda: pid
+
+
+class ReplicaProcesses(Collector):
+    """`process_*` of each of the replica's processes, labelled `pid`. A worker's own process
+    collector would describe whichever worker answered the scrape, a different one each time."""
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for pid in replica_pids():
+            for family in ProcessCollector(pid=constant(pid), registry=None).collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, 'pid': str(pid)}, sample.value)
+        return families.values()
+
+
+def scrape_registry() -> Collector:
+    """What a scrape answers: in multiprocess mode, every worker's files, the replica's processes
+    and the Python version; otherwise this process's registry (with its process collector)."""
+    if not MULTIPROCESS:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
+    PlatformCollector(registry=registry)
+    registry.register(ReplicaProcesses())
+    return registry
+
+
+blueprint = Blueprint('metrics', __name__)
+
+
+@blueprint.get('/metrics')
+def scrape() -> Response:
+    """The replica's series, in Prometheus' text format or OpenMetrics, as the scraper asks."""
+    metrics: Metrics = current_app.extensions[METRICS_KEY]
+    metrics.flush()
+    metrics.sample_pools()
+    encoder, content_type = choose_encoder(request.headers.get('Accept', ''))
+    return Response(encoder(scrape_registry()), content_type=content_type)
+
+
+def init_app(app: Flask) -> None:
+    """With METRICS on: the metrics step `lib.gateway` runs, the pools' observer and GET /metrics.
+    Call after the module blueprints are registered."""
+    if not app.config['METRICS']:
+        return
+    metrics = Metrics(app)
+    app.extensions[METRICS_KEY] = metrics
+    ConnectionPool.observer = metrics  # every pool of the process: the series are the process's
+    app.register_blueprint(blueprint)
+
+
+def access_records(app: Flask) -> AccessRecords:
+    """The gateway's last step: the access record, and the metrics when they are on."""
+    metrics: Metrics | None = app.extensions.get(METRICS_KEY)
+    if metrics is None:
+        return AccessRecords(app.config['PROXY_HOPS'])
+    return MeteredRecords(app.config['PROXY_HOPS'], metrics)
