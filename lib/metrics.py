@@ -19,6 +19,7 @@ import threading
 import time
 import tomllib
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -57,11 +58,27 @@ REQUESTS = Counter(
     'Requests answered, by action, status and caller (module and action are "" for an unknown path)',
     ['module', 'action', 'status', 'caller'],
 )
-DURATION = Histogram(
-    'dbapi_request_duration_seconds',
-    "Seconds from a request's arrival in the app to its answer handed to the server",
+# dbapi_request_duration_seconds, a histogram at every scrape, is kept by each worker in plain
+# numbers and written every SAMPLE_SECONDS as two gauges of cumulative per-worker values ('sum'
+# across every worker that ever lived, as a counter is), which `Exposition` turns back into the
+# histogram: prometheus_client's Histogram writes two values to the worker's file per request.
+DURATION = 'dbapi_request_duration_seconds'
+DURATION_HELP = "Seconds from a request's arrival in the app to its answer handed to the server"
+DURATION_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DURATION_LE = (*(str(bound) for bound in DURATION_BOUNDS), '+Inf')
+DURATION_BUCKETS_NAME = 'dbapi_request_duration_worker_buckets'
+DURATION_SUM_NAME = 'dbapi_request_duration_worker_seconds'
+DURATION_BUCKETS = Gauge(
+    DURATION_BUCKETS_NAME,
+    f'Stored {DURATION}_bucket of each worker (lib.metrics.Exposition shows the histogram)',
+    ['module', 'action', 'le'],
+    multiprocess_mode='sum',
+)
+DURATION_SUM = Gauge(
+    DURATION_SUM_NAME,
+    f'Stored {DURATION}_sum of each worker (lib.metrics.Exposition shows the histogram)',
     ['module', 'action'],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    multiprocess_mode='sum',
 )
 POOL_CONNECTIONS = Gauge(
     'dbapi_pool_connections',
@@ -106,7 +123,11 @@ class Metrics:
             for name, blueprint in app.blueprints.items()
             if isinstance(blueprint, ModuleBlueprint)
         }
-        self.durations: dict[tuple[str, str], Any] = {}  # (module, action) -> the histogram's child
+        # (module, action) -> requests by bucket (the last one +Inf), then their seconds:
+        # since the last flush (`timed`), and in all for this worker (`durations`).
+        self.timed: dict[tuple[str, str], list[float]] = {}
+        self.durations: dict[tuple[str, str], list[float]] = {}
+        self.flush_lock = threading.Lock()
         # Requests counted since the last flush: a dict entry here costs a fraction of a write to
         # the worker's file, and dbapi_requests_total is brought up to date every SAMPLE_SECONDS,
         # before each scrape and when the worker exits (flush).
@@ -130,24 +151,38 @@ class Metrics:
             self.database_error(scope.database or '', scope.database_error)
         if MULTIPROCESS and self.sampler_pid != process.pid:
             self.start_sampler()
-        labels = self.labels(scope, exchange.environ.get('PATH_INFO', ''), exchange.status or 500)
+        labels = self.labels(scope, exchange.environ, exchange.status or 500)
         if labels is None:
             return
+        seconds = duration_ns / 1e9
+        bucket = bisect_left(DURATION_BOUNDS, seconds)  # the first bound >= seconds: `le` is inclusive
         with self.counted_lock:
             self.counted[labels] = self.counted.get(labels, 0) + 1
-        duration = self.durations.get(labels[:2])
-        if duration is None:
-            duration = self.durations[labels[:2]] = DURATION.labels(labels[0], labels[1])
-        duration.observe(duration_ns / 1e9)
+            timed = self.timed.get(labels[:2])
+            if timed is None:
+                timed = self.timed[labels[:2]] = [0.0] * (len(DURATION_LE) + 1)
+            timed[bucket] += 1
+            timed[-1] += seconds
 
     def flush(self) -> None:
-        """Add the requests counted since the last flush to dbapi_requests_total."""
-        with self.counted_lock:
-            counted, self.counted = self.counted, {}
-        for (module, action, status, caller), count in counted.items():
-            REQUESTS.labels(module, action, str(status), caller).inc(count)
+        """Write what was counted and timed since the last flush to this worker's series."""
+        with self.flush_lock:
+            with self.counted_lock:
+                counted, self.counted = self.counted, {}
+                timed, self.timed = self.timed, {}
+            for (module, action, status, caller), count in counted.items():
+                REQUESTS.labels(module, action, str(status), caller).inc(count)
+            for key, new in timed.items():
+                totals = self.durations.setdefault(key, [0.0] * len(new))
+                cumulative = 0.0
+                for index, le in enumerate(DURATION_LE):
+                    totals[index] += new[index]
+                    cumulative += totals[index]
+                    DURATION_BUCKETS.labels(*key, le).set(cumulative)
+                totals[-1] += new[-1]
+                DURATION_SUM.labels(*key).set(totals[-1])
 
-    def labels(self, scope: RequestScope, path: str, status: int) -> RequestLabels | None:
+    def labels(self, scope: RequestScope, environ: Mapping[str, Any], status: int) -> RequestLabels | None:
         """The request's labels; None for what Flask answered other than a 404 (health, /metrics,
         the docs): those are the infrastructure's requests, not the API's."""
         caller = scope.caller or ''
@@ -155,7 +190,7 @@ class Metrics:
         if module is None:
             return ('', '', status, caller) if status == 404 else None
         if action is None:  # refused before the action was looked up (401), or not one (404)
-            route = path[len(module) + 2 :]
+            route = environ.get('PATH_INFO', '')[len(module) + 2 :]
             action = route if route in self.modules.get(module, {}) else None
         if action is None:
             return ('', '', status, caller)
@@ -259,16 +294,42 @@ class ReplicaProcesses(Collector):
         return families.values()
 
 
+class Exposition(Collector):
+    """`source`'s families, with the stored duration gauges shown as the histogram they hold."""
+
+    def __init__(self, source: Collector) -> None:
+        self.source = source
+
+    def collect(self) -> Iterable[Metric]:
+        buckets: dict[tuple[str, str], list[tuple[str, float]]] = {}
+        sums: dict[tuple[str, str], float] = {}
+        for family in self.source.collect():
+            if family.name == DURATION_BUCKETS_NAME:
+                for sample in family.samples:
+                    key = (sample.labels['module'], sample.labels['action'])
+                    buckets.setdefault(key, []).append((sample.labels['le'], sample.value))
+            elif family.name == DURATION_SUM_NAME:
+                for sample in family.samples:
+                    sums[(sample.labels['module'], sample.labels['action'])] = sample.value
+            else:
+                yield family
+        histogram = HistogramMetricFamily(DURATION, DURATION_HELP, labels=['module', 'action'])
+        for key, by_le in buckets.items():
+            ordered = sorted(by_le, key=lambda bucket: float(bucket[0]))
+            histogram.add_metric(list(key), ordered, sums.get(key, 0.0))
+        yield histogram
+
+
 def scrape_registry() -> Collector:
     """What a scrape answers: in multiprocess mode, every worker's files, the replica's processes
     and the Python version; otherwise this process's registry (with its process collector)."""
     if not MULTIPROCESS:
-        return REGISTRY
+        return Exposition(REGISTRY)
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
     PlatformCollector(registry=registry)
     registry.register(ReplicaProcesses())
-    return registry
+    return Exposition(registry)
 
 
 blueprint = Blueprint('metrics', __name__)

@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from lib.db import POOLS_KEY
-from lib.metrics import METRICS_KEY, Metrics
+from lib.metrics import METRICS_KEY, Metrics, scrape_registry
 from tests.conftest import AUTH, make_app
 from tests.private_pg import free_port
 
@@ -42,7 +41,7 @@ def value(app: Flask, name: str, **labels: str) -> float:
     if metrics is not None:
         metrics.flush()
     total = 0.0
-    for family in REGISTRY.collect():
+    for family in scrape_registry().collect():
         for sample in family.samples:
             if sample.name == name and labels.items() <= sample.labels.items():
                 total += sample.value
@@ -83,7 +82,7 @@ def test_a_200_is_counted_once_with_its_duration_and_caller(client: FlaskClient)
     assert deltas() == [3, 3]
     callers = {
         sample.labels['caller']
-        for family in REGISTRY.collect()
+        for family in scrape_registry().collect()
         for sample in family.samples
         if sample.name == 'dbapi_requests_total' and sample.labels['action'] == 'returns_none'
     }
@@ -107,7 +106,7 @@ def test_client_errors_are_counted_under_the_real_action_or_none(client: FlaskCl
     assert client.get('/wp-login.php').status_code == 404
     assert deltas() == [1, 1, 1, 3, 0]
     sent_names = {'no_such_action', 'no-such-module', 'x', 'wp-login.php'}
-    labels = {value for family in REGISTRY.collect() for s in family.samples for value in s.labels.values()}
+    labels = {value for family in scrape_registry().collect() for s in family.samples for value in s.labels.values()}
     assert not labels & sent_names, 'a name a client made up became a label'
 
 
@@ -278,3 +277,21 @@ def test_metrics_off(database: dict[str, Any], log_dir: str) -> None:
         assert METRICS_KEY not in app.extensions
     finally:
         app.extensions[POOLS_KEY].close()
+
+
+def test_the_duration_histogram_puts_a_request_in_its_bucket(client: FlaskClient) -> None:
+    app = client.application
+    labels = {'module': 'probe', 'action': 'sleep'}
+    deltas = Deltas(
+        app,
+        ('dbapi_request_duration_seconds_bucket', {**labels, 'le': '0.25'}),
+        ('dbapi_request_duration_seconds_bucket', {**labels, 'le': '+Inf'}),
+        ('dbapi_request_duration_seconds_count', labels),
+    )
+    before = value(app, 'dbapi_request_duration_seconds_sum', **labels)
+    assert post(client, '/probe/sleep', {'seconds': 0.3}).status_code == 200
+    assert deltas() == [0, 1, 1]  # it took at least 0.3 s: above the 0.25 bucket
+    assert value(app, 'dbapi_request_duration_seconds_sum', **labels) - before >= 0.3
+    families = {family.name: family.type for family in text_string_to_metric_families(client.get('/metrics').text)}
+    assert families['dbapi_request_duration_seconds'] == 'histogram'
+    assert not [name for name in families if 'worker' in name]  # the stored gauges are never shown

@@ -114,6 +114,8 @@ def test_every_scrape_sums_every_worker_recycled_ones_included(
         for _ in range(5):  # each scrape is answered by any worker, and counts as a request of its own
             samples = scraped(service.url)
             assert by_status(samples) == statuses
+            timed = sum(value for (name, _), value in samples.items() if name == 'dbapi_request_duration_seconds_count')
+            assert timed == TOTAL
         assert_replica_series(service, samples)
 
 
