@@ -50,7 +50,7 @@ METRICS_KEY = 'dbapi.metrics'  # in app.extensions, when METRICS is on
 PYPROJECT = Path(__file__).resolve().parent.parent / 'pyproject.toml'
 # prometheus_client chose its storage when it was imported, from the same variable.
 MULTIPROCESS = bool(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))
-SAMPLE_SECONDS = 1.0  # how often each worker writes its pools' state (multiprocess mode)
+SAMPLE_SECONDS = 1.0  # how often each worker writes its counts, durations and pools' state (multiprocess mode)
 NO_SQLSTATE = 'none'  # the connection itself failed: libpq gives no SQLSTATE
 
 REQUESTS = Counter(
@@ -106,6 +106,11 @@ DB_ERRORS = Counter(
 BUILD_INFO = Gauge('dbapi_build_info', 'The running version (pyproject.toml)', ['version'], multiprocess_mode='livemax')
 
 RequestLabels = tuple[str, str, int, str]  # module, action, status, caller
+# (module, action) -> this process's requests by duration bucket (the last one +Inf), then their
+# seconds: what DURATION_BUCKETS and DURATION_SUM hold for it. The process's, like the gauges,
+# whichever of its apps flushes.
+WRITTEN_DURATIONS: dict[tuple[str, str], list[float]] = {}
+FLUSH_LOCK = threading.Lock()
 
 
 def version() -> str:
@@ -123,11 +128,8 @@ class Metrics:
             for name, blueprint in app.blueprints.items()
             if isinstance(blueprint, ModuleBlueprint)
         }
-        # (module, action) -> requests by bucket (the last one +Inf), then their seconds:
-        # since the last flush (`timed`), and in all for this worker (`durations`).
+        # (module, action) -> requests by duration bucket, then their seconds, since the last flush.
         self.timed: dict[tuple[str, str], list[float]] = {}
-        self.durations: dict[tuple[str, str], list[float]] = {}
-        self.flush_lock = threading.Lock()
         # Requests counted since the last flush: a dict entry here costs a fraction of a write to
         # the worker's file, and dbapi_requests_total is brought up to date every SAMPLE_SECONDS,
         # before each scrape and when the worker exits (flush).
@@ -166,14 +168,14 @@ class Metrics:
 
     def flush(self) -> None:
         """Write what was counted and timed since the last flush to this worker's series."""
-        with self.flush_lock:
+        with FLUSH_LOCK:
             with self.counted_lock:
                 counted, self.counted = self.counted, {}
                 timed, self.timed = self.timed, {}
             for (module, action, status, caller), count in counted.items():
                 REQUESTS.labels(module, action, str(status), caller).inc(count)
             for key, new in timed.items():
-                totals = self.durations.setdefault(key, [0.0] * len(new))
+                totals = WRITTEN_DURATIONS.setdefault(key, [0.0] * len(new))
                 cumulative = 0.0
                 for index, le in enumerate(DURATION_LE):
                     totals[index] += new[index]

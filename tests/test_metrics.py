@@ -295,3 +295,17 @@ def test_the_duration_histogram_puts_a_request_in_its_bucket(client: FlaskClient
     families = {family.name: family.type for family in text_string_to_metric_families(client.get('/metrics').text)}
     assert families['dbapi_request_duration_seconds'] == 'histogram'
     assert not [name for name in families if 'worker' in name]  # the stored gauges are never shown
+
+
+def test_two_apps_in_one_process_add_up(client: FlaskClient, database: dict[str, Any], log_dir: str) -> None:
+    other = make_app(database, log_dir)
+    try:
+        series = duration_of('probe', 'returns_none')
+        first, second = Deltas(client.application, series), Deltas(other, series)
+        assert post(client, '/probe/returns_none').status_code == 200
+        assert post(other.test_client(), '/probe/returns_none').status_code == 200
+        assert post(client, '/probe/returns_none').status_code == 200
+        second()  # the other app writes what it timed
+        assert first() == [3]  # the series are the process's: neither app's flush hides the other's
+    finally:
+        other.extensions[POOLS_KEY].close()
