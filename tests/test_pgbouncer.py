@@ -298,6 +298,12 @@ def test_300_client_connections_through_a_pool_of_20(pg: PrivatePostgres, log_di
     with running(bouncer_in_front(pg, tmp_path, **settings)) as pooler:
         database = dict(pooler.params(DBNAME), pgbouncer='transaction')
         with app_through(database, log_dir, POOL_SIZE=clients, POOL_TIMEOUT=30) as app:
+            # The module's other pgbouncer keeps its idle server sessions (server_idle_timeout): they
+            # go, and the two sessions the test needs are opened before the load, so pgbouncer's 20
+            # fit in max_connections with room to spare.
+            pg.query(TERMINATE_IDLE, [DBNAME])
+            wait_until(lambda: sessions_on(pg, DBNAME) == 0, 10, 'an earlier session is still open')
+            monitor = pg.connect()
             holder = pg.connect(DBNAME)
             holder.autocommit = False
             with holder.cursor() as cursor:
@@ -307,10 +313,11 @@ def test_300_client_connections_through_a_pool_of_20(pg: PrivatePostgres, log_di
                 try:
                     wait_until(lambda: queued(pooler) >= clients, 60, f'{clients} clients were not all connected')
                     (row,) = [r for r in pooler.show('POOLS') if r['database'] == DBNAME]
-                    sessions = waiting_for_the_lock(pg)
+                    sessions = waiting_for_the_lock(monitor)
                     servers = [r for r in pooler.show('SERVERS') if r['database'] == DBNAME]
                 finally:
                     holder.close()  # the lock goes: the queue drains
+                    monitor.close()
                 statuses = [future.result().status_code for future in futures]
             opened = app.extensions['dbapi.pools'].stats()['default']['open']
     assert statuses == [200] * clients, {status: statuses.count(status) for status in set(statuses)}
@@ -324,10 +331,25 @@ def queued(pooler: PgBouncer) -> int:
     return sum(r['cl_active'] + r['cl_waiting'] for r in pooler.show('POOLS') if r['database'] == DBNAME)
 
 
-def waiting_for_the_lock(pg: PrivatePostgres) -> int:
+WAITING_FOR_A_LOCK = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
+
+
+def waiting_for_the_lock(monitor: psycopg2.extensions.connection) -> int:
     """PostgreSQL's sessions on the test database whose statement waits for a lock."""
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
-    return pg.query(query, [DBNAME])[0][0]
+    with monitor.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'", [DBNAME]
+        )
+        return int(cursor.fetchone()[0])
+
+
+TERMINATE_IDLE = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND state = 'idle'"
+
+
+def sessions_on(pg: PrivatePostgres, dbname: str) -> int:
+    """PostgreSQL's client sessions on `dbname`."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend'"
+    return int(pg.query(query, [dbname])[0][0])
 
 
 @contextlib.contextmanager
