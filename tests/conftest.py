@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 os.environ.setdefault('ENVIRONMENT', 'testing')
@@ -57,14 +58,23 @@ def drop_database(name: str) -> None:
         conn.close()
 
 
+@contextmanager
+def schema_database(prefix: str = 'dbapi_test') -> Iterator[dict[str, Any]]:
+    """A new database with every module's schema applied, dropped when the block ends."""
+    name = create_database(prefix)
+    params = dict(PG, dbname=name)
+    apply_sql(params, MODULES)
+    try:
+        yield params
+    finally:
+        drop_database(name)
+
+
 @pytest.fixture(scope='session')
 def database() -> Iterator[dict[str, Any]]:
     """A database of this session's own, with every module's schema applied."""
-    name = create_database()
-    params = dict(PG, dbname=name)
-    apply_sql(params, MODULES)
-    yield params
-    drop_database(name)
+    with schema_database() as params:
+        yield params
 
 
 def make_app(database: dict[str, Any], log_dir: str, **overrides: Any) -> Flask:

@@ -162,6 +162,24 @@ class Load(LoadThreads):
             self.answers.append(answer)
 
 
+def check_recovery(answers: list[Answer], down_at: float, ready_at: float, limit: float) -> None:
+    """While the database was away, JSON 503s with Retry-After (none slower than `limit` s); from
+    RECOVERY_SECONDS after it came back, every request a 200. The outage must have been seen."""
+    assert len(answers) > 50, f'too little load to mean anything: {len(answers)} requests'
+    for answer in answers:
+        assert answer.status in (200, 503), answer
+        assert answer.is_json, answer
+        assert answer.ended - answer.started < limit, f'{answer} took longer than the waits allow ({limit} s)'
+        if answer.status == 503:
+            assert_unavailable(answer)
+    during = [a for a in answers if a.ended >= down_at and a.started <= ready_at]
+    after = [a for a in answers if a.started >= ready_at + RECOVERY_SECONDS]
+    assert any(a.status == 503 for a in during), 'the outage went unnoticed: the test proves nothing'
+    assert len(after) > 20, f'too few requests after recovery: {len(after)}'
+    failed = [a for a in after if a.status != 200]
+    assert not failed, f'{len(failed)} requests failed {RECOVERY_SECONDS} s after the recovery: {failed[:3]}'
+
+
 @pytest.mark.parametrize('mode', ['fast', 'immediate'])
 def test_pg_restart_under_load(mode: str, pg: PrivatePostgres, database: dict[str, Any], log_dir: str) -> None:
     """`fast` is an orderly restart (sessions told to end), `immediate` a crash and recovery."""
@@ -173,21 +191,7 @@ def test_pg_restart_under_load(mode: str, pg: PrivatePostgres, database: dict[st
         time.sleep(RECOVERY_SECONDS + 2.0)
         load.__exit__()
         watch.finish()
-    answers = load.answers
-    limit = CONNECT_TIMEOUT + POOL_TIMEOUT + 1.0
-    assert len(answers) > 50, f'too little load to mean anything: {len(answers)} requests'
-    for answer in answers:
-        assert answer.status in (200, 503), answer
-        assert answer.is_json, answer
-        assert answer.ended - answer.started < limit, f'{answer} took longer than the timeouts allow ({limit} s)'
-        if answer.status == 503:
-            assert_unavailable(answer)
-    during = [a for a in answers if a.ended >= down_at and a.started <= ready_at]
-    after = [a for a in answers if a.started >= ready_at + RECOVERY_SECONDS]
-    assert any(a.status == 503 for a in during), 'the restart went unnoticed: the test proves nothing'
-    assert len(after) > 20, f'too few requests after recovery: {len(after)}'
-    failed_after = [a for a in after if a.status != 200]
-    assert not failed_after, f'{len(failed_after)} requests failed {RECOVERY_SECONDS} s after the restart'
+    check_recovery(load.answers, down_at, ready_at, limit=CONNECT_TIMEOUT + POOL_TIMEOUT + 1.0)
     # No acknowledged write is lost: every 200 is in the database.
     acknowledged = [text for text, answer in load.written if answer.status == 200]
     assert notes_in_db(pg, *acknowledged) == len(acknowledged)

@@ -21,9 +21,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from lib.apply_sql import apply_sql
 from scripts.topology import Topology, find_nginx, free_port, topology
-from tests.conftest import AUTH, MODULES, PG, create_database, drop_database
+from tests.conftest import AUTH, MODULES, schema_database
 from tests.service import Service, running_service
 from tests.tools import require_tool
 
@@ -94,11 +93,8 @@ def by_status(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> C
 
 @pytest.fixture(scope='module')
 def metrics_database() -> Iterator[dict[str, Any]]:
-    name = create_database('dbapi_metrics')
-    params = dict(PG, dbname=name)
-    apply_sql(params, MODULES)
-    yield params
-    drop_database(name)
+    with schema_database('dbapi_metrics') as params:
+        yield params
 
 
 def test_every_scrape_sums_every_worker_recycled_ones_included(

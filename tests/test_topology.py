@@ -20,9 +20,8 @@ import psutil
 import pytest
 import requests
 
-from lib.apply_sql import apply_sql
 from scripts.topology import NGINX_DEFAULTS, Topology, find_nginx, free_port, topology
-from tests.conftest import AUTH, MODULES, PG, create_database, drop_database
+from tests.conftest import AUTH, MODULES, schema_database
 from tests.tools import LoadThreads, require_tool
 
 pytestmark = pytest.mark.slow
@@ -35,11 +34,8 @@ APP_TARGET = f'app:create_app({{"MODULES": {MODULES!r}}})'
 @pytest.fixture(scope='module')
 def topology_database() -> Iterator[dict[str, Any]]:
     """A database of this module's own, so the row counts see only these tests' writes."""
-    name = create_database('dbapi_topology')
-    params = dict(PG, dbname=name)
-    apply_sql(params, MODULES)
-    yield params
-    drop_database(name)
+    with schema_database('dbapi_topology') as params:
+        yield params
 
 
 @pytest.fixture(scope='module')
