@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, Flask
 from marshmallow import Schema
 
 from lib.auth import authenticate, authorize
@@ -134,6 +134,22 @@ class ModuleBlueprint(Blueprint):
     def __init__(self, module: str, import_name: str, actions: dict[str, Action]) -> None:
         super().__init__(module, import_name, url_prefix=f'/{module}')
         self.actions = actions
+
+
+def module_blueprints(app: Flask) -> list[ModuleBlueprint]:
+    """The app's module blueprints, in registration order: what every derived view of the
+    actions (the gateway, the CLI, the contract, the metrics) reads."""
+    return [blueprint for blueprint in app.blueprints.values() if isinstance(blueprint, ModuleBlueprint)]
+
+
+def module_tables(app: Flask) -> dict[str, Mapping[str, Action]]:
+    """Each module's name and its actions by route."""
+    return {blueprint.name: blueprint.actions for blueprint in module_blueprints(app)}
+
+
+def module_actions(app: Flask) -> list[Action]:
+    """Every action of every module, in registration order."""
+    return [action for blueprint in module_blueprints(app) for action in blueprint.actions.values()]
 
 
 def module_blueprint(import_name: str, routes: Iterable[Mapping[str, Any]]) -> ModuleBlueprint:

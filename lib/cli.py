@@ -28,7 +28,7 @@ from flask.cli import with_appcontext
 from marshmallow import Schema, fields
 
 import settings
-from lib.actions import RESERVED_MODULES, Action, ModuleBlueprint
+from lib.actions import RESERVED_MODULES, Action, module_actions
 from lib.apply_sql import apply_sql
 from lib.callers import CallersError, check_caller_name, token_digest
 from lib.openapi import document
@@ -44,16 +44,6 @@ NO_VALUE = '-'
 
 
 # --- actions -------------------------------------------------------------------------------
-
-
-def module_actions(app: Flask) -> list[Action]:
-    """Every action of the app's module blueprints, in registration order."""
-    return [
-        action
-        for blueprint in app.blueprints.values()
-        if isinstance(blueprint, ModuleBlueprint)
-        for action in blueprint.actions.values()
-    ]
 
 
 def field_type(field: fields.Field[Any]) -> str:

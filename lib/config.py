@@ -6,8 +6,10 @@ deployment fails at start instead of serving an open, closed or half-working API
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +24,14 @@ MIN_PRODUCTION_TOKEN_LENGTH = 24
 PGBOUNCER_MODES = ('transaction',)
 # A database's settings that describe how it is reached, not what libpq connects with.
 PGBOUNCER_KEYS = ('pgbouncer', 'pgbouncer_pool_size', 'pgbouncer_max_client_conn')
+
+
+@cache
+def project_version() -> str:
+    """`version` of pyproject.toml (the contract's info.version, dbapi_build_info): the project is
+    not installed, so no package metadata holds it."""
+    with (settings.BASE_DIR / 'pyproject.toml').open('rb') as file:
+        return str(tomllib.load(file)['project']['version'])
 
 
 class ConfigError(Exception):

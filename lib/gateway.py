@@ -8,14 +8,14 @@ routing, hooks, a response object) would add nothing an action uses, so action r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Flask
 from werkzeug.http import HTTP_STATUS_CODES
 
 from lib.access_log import Exchange, LoggedBody
-from lib.actions import Action, ModuleBlueprint, Served, serve
+from lib.actions import Served, module_tables, serve
 from lib.compression import choose, compressors
 from lib.db import POOLS_KEY
 from lib.http import common_headers, settle_request_id
@@ -34,11 +34,7 @@ class Gateway:
         self.config = app.config
         self.flask_wsgi = flask_wsgi
         self.pools = app.extensions[POOLS_KEY]
-        self.modules: dict[str, Mapping[str, Action]] = {
-            name: blueprint.actions
-            for name, blueprint in app.blueprints.items()
-            if isinstance(blueprint, ModuleBlueprint)
-        }
+        self.modules = module_tables(app)
         self.records = access_records(app)  # the last step: the access record, then the metrics
         self.compressors = compressors(app.config)
 

@@ -17,11 +17,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-import tomllib
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
@@ -41,13 +39,13 @@ from prometheus_client.registry import Collector
 
 from lib import process
 from lib.access_log import AccessRecords, Exchange
-from lib.actions import Action, ModuleBlueprint
+from lib.actions import module_tables
+from lib.config import project_version
 from lib.db import POOLS_KEY, Pools
 from lib.pool import ConnectionPool, PoolError
 from lib.scope import RequestScope
 
 METRICS_KEY = 'dbapi.metrics'  # in app.extensions, when METRICS is on
-PYPROJECT = Path(__file__).resolve().parent.parent / 'pyproject.toml'
 # prometheus_client chose its storage when it was imported, from the same variable.
 MULTIPROCESS = bool(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))
 SAMPLE_SECONDS = 1.0  # how often each worker writes its counts, durations and pools' state (multiprocess mode)
@@ -113,21 +111,12 @@ WRITTEN_DURATIONS: dict[tuple[str, str], list[float]] = {}
 FLUSH_LOCK = threading.Lock()
 
 
-def version() -> str:
-    with PYPROJECT.open('rb') as file:
-        return str(tomllib.load(file)['project']['version'])
-
-
 class Metrics:
     """One app's metrics step and the pools' reports; the series are the process's own."""
 
     def __init__(self, app: Flask) -> None:
         self.pools: Pools = app.extensions[POOLS_KEY]
-        self.modules: dict[str, Mapping[str, Action]] = {
-            name: blueprint.actions
-            for name, blueprint in app.blueprints.items()
-            if isinstance(blueprint, ModuleBlueprint)
-        }
+        self.modules = module_tables(app)
         # (module, action) -> requests by duration bucket, then their seconds, since the last flush.
         self.timed: dict[tuple[str, str], list[float]] = {}
         # Requests counted since the last flush: a dict entry here costs a fraction of a write to
@@ -138,7 +127,7 @@ class Metrics:
         self.sampled: dict[str, tuple[int, int, int]] = {}  # database -> (idle, in use, size) last written
         self.sampler_pid = 0
         self.lock = threading.Lock()
-        BUILD_INFO.labels(version()).set(1)
+        BUILD_INFO.labels(project_version()).set(1)
         for database in app.config['DATABASES']:  # every series present from the start, at 0
             POOL_TIMEOUTS.labels(database)
             POOL_WAIT.labels(database)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-import tomllib
 from collections.abc import Callable, Iterator
-from functools import cache
 from typing import Any
 
 import orjson
@@ -27,9 +25,9 @@ from flask import Flask
 from marshmallow import Schema, fields
 from werkzeug.http import HTTP_STATUS_CODES
 
-import settings
-from lib.actions import ROOT_ENDPOINT, Action, ModuleBlueprint
+from lib.actions import ROOT_ENDPOINT, Action, ModuleBlueprint, module_blueprints
 from lib.body import INT64_MIN, UINT64_MAX
+from lib.config import project_version
 from lib.errors import PROBLEM_JSON
 from lib.health import ANSWERS as HEALTH_ANSWERS
 from lib.json import JSON_MIMETYPE
@@ -100,13 +98,6 @@ PROBLEM = {
     'additionalProperties': False,
 }
 PROBLEM_REF = {'$ref': '#/components/schemas/Problem'}
-
-
-@cache
-def project_version() -> str:
-    """`version` of pyproject.toml: the project is not installed, so no package metadata has it."""
-    with (settings.BASE_DIR / 'pyproject.toml').open('rb') as file:
-        return str(tomllib.load(file)['project']['version'])
 
 
 def schema_name(schema: type[Schema] | Schema) -> str:
@@ -198,10 +189,6 @@ def operation(action: Action) -> dict[str, Any]:
         'requestBody': request_body(action.schema),
         'responses': responses(action),
     }
-
-
-def module_blueprints(app: Flask) -> Iterator[ModuleBlueprint]:
-    return (blueprint for blueprint in app.blueprints.values() if isinstance(blueprint, ModuleBlueprint))
 
 
 def health_paths(app: Flask) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from flask import Flask
 from marshmallow import Schema, fields
 
-from lib.actions import ModuleBlueprint, module_blueprint
+from lib.actions import module_actions, module_blueprint
 from lib.cli import RESERVED_NAMES, new_module_command
 from lib.db import POOLS_KEY
 from lib.decorators import inject_conn, use_schema
@@ -54,12 +54,7 @@ def columns(output: str) -> dict[str, list[str]]:
 
 
 def served_actions(app: Flask) -> set[str]:
-    return {
-        action.name
-        for blueprint in app.blueprints.values()
-        if isinstance(blueprint, ModuleBlueprint)
-        for action in blueprint.actions.values()
-    }
+    return {action.name for action in module_actions(app)}
 
 
 # --- actions -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from marshmallow import Schema, fields
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 
-from lib.actions import Action, ModuleBlueprint, module_blueprint
+from lib.actions import module_actions, module_blueprint
 from lib.config import ConfigError, build_config
 from lib.decorators import returns
 from lib.health import ANSWERS
@@ -39,15 +39,6 @@ def get_document(app: Flask) -> dict[str, Any]:
     assert answer.mimetype == 'application/json'
     document: dict[str, Any] = orjson.loads(answer.data)
     return document
-
-
-def actions_of(app: Flask) -> list[Action]:
-    return [
-        action
-        for blueprint in app.blueprints.values()
-        if isinstance(blueprint, ModuleBlueprint)
-        for action in blueprint.actions.values()
-    ]
 
 
 def resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +79,7 @@ def test_the_document_is_valid_openapi_3_1(bench_app: Flask) -> None:
 
 def test_every_action_of_every_module_is_one_post_operation_with_its_request_schema(bench_app: Flask) -> None:
     document = get_document(bench_app)
-    actions = actions_of(bench_app)
+    actions = module_actions(bench_app)
     assert {action.module for action in actions} == {'example', 'probe', 'bench'}
     posted = {path for path, item in document['paths'].items() if 'post' in item}
     assert posted == {f'/{action.module}/{action.route}' for action in actions}
@@ -125,7 +116,7 @@ def test_summary_and_description_come_from_the_docstring(document: dict[str, Any
 
 
 def test_each_action_lists_the_problems_serve_can_answer_for_it(app: Flask, document: dict[str, Any]) -> None:
-    for action in actions_of(app):
+    for action in module_actions(app):
         answers = document['paths'][f'/{action.module}/{action.route}']['post']['responses']
         expected = {200, *ALWAYS, *(WITH_DATABASE if action.conn is not None else ())}
         assert {int(status) for status in answers} == expected, action.name
