@@ -72,6 +72,10 @@ OPENAPI_SERVERS = os.getenv('OPENAPI_SERVERS', '/')
 # Prometheus series and GET /metrics on each replica (0 turns both off). Under gunicorn the
 # workers share PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py sets one of its own when unset).
 METRICS = os.getenv('METRICS', '1')
+# How long an Idempotency-Key's answer is kept (seconds; README "Retrying safely").
+IDEMPOTENCY_TTL = os.getenv('IDEMPOTENCY_TTL', '86400')
+# The most actions one POST /batch may hold (README "Batches").
+BATCH_MAX_ACTIONS = os.getenv('BATCH_MAX_ACTIONS', '100')
 
 # Database pools: one per named database per process.
 POOL_SIZE = os.getenv('POOL_SIZE', '4')

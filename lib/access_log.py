@@ -94,6 +94,8 @@ def problem_fields(problem: ApiError) -> dict[str, Any]:
     fields: dict[str, Any] = {'error.code': problem.slug}
     if problem.slug not in DATABASE_SLUGS:
         fields['error.message'] = problem.detail
+    if problem.members and 'step' in problem.members:
+        fields['dbapi.batch.step'] = problem.members['step']  # the batch step that failed
     if not isinstance(problem.errors, dict):
         return fields
     if problem.status == 422:
@@ -204,6 +206,11 @@ class AccessRecords:
             'client.ip': client_ip(environ, self.proxy_hops),
             'user_agent.original': environ.get('HTTP_USER_AGENT'),
         }
+        if scope.idempotency_key is not None:
+            fields['dbapi.idempotency.key'] = scope.idempotency_key
+            fields['dbapi.idempotency.replayed'] = scope.replayed
+        if scope.steps is not None:
+            fields['dbapi.batch.steps'] = len(scope.steps)
         if problem is not None:
             fields.update(problem_fields(problem))
         message = f'{method} {path} {status} {millis}.{fraction:03d}ms'

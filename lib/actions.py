@@ -3,31 +3,35 @@ them in Flask's url map, and `serve()`, the one path that answers an action requ
 
 `serve()` reads straight through the steps of a request, each owned by its own file:
 the caller (lib.auth), the action and its method, the caller's scope for it (lib.auth), the
-body (lib.body), validation (lib.validation), the connection and its transaction (lib.db), the
-call, the answer (dumped through the action's `@returns` schema when it declares one) and its
-JSON (lib.json). Any failure becomes one problem answer (lib.errors), in one place.
+body (lib.body), validation (lib.validation), the Idempotency-Key (lib.idempotency), the
+connection and its transaction (lib.transaction), the call and its answer (lib.answer: dumped
+through the action's `@returns` schema when it declares one). Any failure becomes one problem
+answer (lib.errors), in one place. `POST /batch` (lib.batch) runs the same steps per step.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Flask
 from marshmallow import Schema
+from psycopg2.extensions import connection as Connection
 
+from lib import idempotency, transaction
+from lib.answer import Served, answer, problem_answer
 from lib.auth import authenticate, authorize
 from lib.body import read_body
-from lib.db import BorrowedConnection, give_back_borrowed
+from lib.db import give_back_borrowed
 from lib.decorators import CONN_ATTR, RETURNS_ATTR, SCHEMA_ATTR, ConnSpec
-from lib.errors import PROBLEM_JSON, ApiError, problem_document, to_problem
-from lib.json import JSON_MIMETYPE, dumps
+from lib.errors import ApiError, to_problem
+from lib.idempotency import Claim, requested_key
 from lib.scope import RequestScope
 from lib.validation import arguments
 
-RESERVED_MODULES = frozenset({'health', 'docs', 'openapi', 'metrics'})  # the names of Flask's own blueprints
+RESERVED_MODULES = frozenset({'health', 'docs', 'openapi', 'metrics', 'batch'})  # Flask's blueprints, /batch
 MAX_NAME_IN_MESSAGE = 80
 ALLOW_POST = {'Allow': 'POST'}
 ROOT_ENDPOINT = 'index'  # the endpoint name of a module's '' route (`POST /<module>/`)
@@ -78,27 +82,16 @@ def find_action(actions: Mapping[str, Action], module: str, route: str, method: 
     return action
 
 
-def call(action: Action, kwargs: dict[str, Any]) -> Any:
-    """Call the action; one with a connection runs in its transaction, committed when it returns
-    (unless autocommit), rolled back when it raises, and the connection goes back clean."""
-    spec = action.conn
-    if spec is None:
-        return action.function(**kwargs)
-    with BorrowedConnection(spec.database, spec.named, spec.autocommit) as conn:
-        result = action.function(conn=conn, **kwargs)
-        if not conn.autocommit:
-            conn.commit()
-    return result
+def call(action: Action, kwargs: dict[str, Any], claim: Claim | None, scope: RequestScope) -> Served:
+    """The action's answer. One with a connection runs in its transaction (lib.transaction),
+    committed with its answer made (unless autocommit), rolled back when it raises."""
+    if action.conn is None:
+        return answer(action.returns, action.function(**kwargs))
 
+    def work(conn: Connection) -> Served:
+        return answer(action.returns, action.function(conn=conn, **kwargs))
 
-@dataclass(slots=True)
-class Served:
-    """An action request's answer, before compression and the common headers."""
-
-    status: int
-    body: bytes
-    content_type: str = JSON_MIMETYPE
-    headers: Mapping[str, str] = field(default_factory=dict)
+    return transaction.run(action.conn, work, claim, scope)
 
 
 def serve(
@@ -116,14 +109,15 @@ def serve(
         action = find_action(actions, scope.module or '', route, environ.get('REQUEST_METHOD', ''))
         scope.action = route
         authorize(caller, action.module, action.name)
-        body = read_body(environ, config['MAX_CONTENT_LENGTH'])
-        result = call(action, arguments(action.schema, body))
-        if action.returns is not None:  # the answer step: only the declared fields, as declared
-            result = action.returns.dump(result)
-        return Served(200, dumps(result))
+        data, body = read_body(environ, config['MAX_CONTENT_LENGTH'])
+        kwargs = arguments(action.schema, body)
+        key = scope.idempotency_key = requested_key(environ)
+        claim = None
+        if key is not None:
+            claim = idempotency.claim(key, caller.name, action.name, action.conn, data, config['IDEMPOTENCY_TTL'])
+        return call(action, kwargs, claim, scope)
     except Exception as error:  # noqa: BLE001 - every failure becomes a problem answer
-        problem = scope.problem = to_problem(error)
-        return Served(problem.status, dumps(problem_document(problem, scope.request_id)), PROBLEM_JSON, problem.headers)
+        return problem_answer(to_problem(error), scope)
     finally:
         give_back_borrowed(scope)
 

@@ -1,4 +1,5 @@
-"""Apply the `schema.sql` of every registered module to a configured database.
+"""Apply dbapi's own SQL (lib/idempotency.sql), then the `schema.sql` of every registered module,
+to a configured database.
 
     python -m lib.apply_sql [--database default]
 
@@ -21,6 +22,7 @@ import settings
 from lib.config import ConfigError, check_databases
 
 SCHEMA_FILE = 'schema.sql'
+PROJECT_SQL = Path(__file__).with_name('idempotency.sql')  # the table of Idempotency-Key answers
 
 
 def schema_files(modules: Iterable[str]) -> list[Path]:
@@ -35,11 +37,13 @@ def schema_files(modules: Iterable[str]) -> list[Path]:
     return files
 
 
-def apply_sql(params: Mapping[str, Any], modules: Iterable[str]) -> list[Path]:
+def apply_sql(params: Mapping[str, Any], modules: Iterable[str], project: bool = True) -> list[Path]:
+    """Run the files, each in its own transaction; the ones run. `project`: dbapi's own first."""
     applied = []
+    files = [PROJECT_SQL] if project else []
     conn = psycopg2.connect(**params)
     try:
-        for path in schema_files(modules):
+        for path in [*files, *schema_files(modules)]:
             with conn, conn.cursor() as cursor:
                 cursor.execute(path.read_text(encoding='utf-8'))
             applied.append(path)

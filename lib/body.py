@@ -80,13 +80,14 @@ def parse_body(data: bytes) -> dict[str, Any]:
     return body
 
 
-def read_body(environ: Mapping[str, Any], limit: int) -> dict[str, Any]:
-    """The request body as a JSON object; an empty body is an empty object."""
+def read_body(environ: Mapping[str, Any], limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The request body's bytes and the JSON object they hold; an empty body is an empty object.
+    The bytes are what an Idempotency-Key's fingerprint is taken of (lib.idempotency)."""
     length = content_length(environ)
     if length == 0:
-        return {}
+        return b'', {}
     mimetype = environ.get('CONTENT_TYPE', '').partition(';')[0].strip().lower()
     if mimetype != JSON_MIMETYPE and not mimetype.endswith('+json'):
         raise ApiError(415, 'unsupported-media-type', f'the body must be application/json, not {mimetype!r}')
     data = read_data(environ, length, limit)
-    return parse_body(data) if data else {}
+    return data, (parse_body(data) if data else {})

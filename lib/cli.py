@@ -2,7 +2,7 @@
 
     flask --app app actions [--json]          every action: its fields, database and autocommit
     flask --app app new-module NAME [--root]  scaffold modules/NAME/ with one action and its test
-    flask --app app apply-sql [--database]    apply every registered module's schema.sql
+    flask --app app apply-sql [--database]    apply dbapi's own SQL and every module's schema.sql
     flask --app app openapi                   the OpenAPI document, as GET /openapi.json serves it
     flask --app app new-token NAME            a new token for caller NAME, and its line for CALLERS_FILE
 
@@ -253,7 +253,7 @@ def first_line(error: Exception) -> str:
 @click.option('--database', default=settings.DEFAULT, show_default=True, help='A name from DATABASES.')
 @with_appcontext
 def apply_sql_command(database: str) -> None:
-    """Apply every module's schema.sql to a database.
+    """Apply dbapi's own SQL, then every module's schema.sql, to a database.
 
     The modules are those of MODULES, in order; each file runs in one transaction, and the
     files are written to be re-run (`CREATE ... IF NOT EXISTS`).
@@ -261,9 +261,14 @@ def apply_sql_command(database: str) -> None:
     databases = current_app.config['DATABASES']
     if database not in databases:
         raise click.ClickException(f'no database named {database!r} (known: {", ".join(databases)})')
+    try:
+        for path in apply_sql(databases[database], []):  # dbapi's own tables
+            click.echo(f'applied {shown(path)}')
+    except psycopg2.Error as error:
+        raise click.ClickException(f"dbapi's own SQL not applied: {first_line(error)}") from None
     for module in current_app.config['MODULES']:
         try:
-            applied = apply_sql(databases[database], [module])
+            applied = apply_sql(databases[database], [module], project=False)
         except psycopg2.Error as error:
             raise click.ClickException(f'{module}: schema.sql not applied: {first_line(error)}') from None
         for path in applied:

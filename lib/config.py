@@ -210,6 +210,8 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         'API_DOCS': settings.API_DOCS,
         'OPENAPI_SERVERS': settings.OPENAPI_SERVERS,
         'METRICS': settings.METRICS,
+        'IDEMPOTENCY_TTL': settings.IDEMPOTENCY_TTL,
+        'BATCH_MAX_ACTIONS': settings.BATCH_MAX_ACTIONS,
     }
     raw.update(overrides or {})
     environment = raw['ENVIRONMENT']
@@ -240,6 +242,8 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         API_DOCS=parse_flag(raw['API_DOCS']),
         OPENAPI_SERVERS=parse_servers(raw['OPENAPI_SERVERS']),
         METRICS=parse_flag(raw['METRICS']),
+        IDEMPOTENCY_TTL=parse_float('IDEMPOTENCY_TTL', raw['IDEMPOTENCY_TTL'], minimum=1.0, inclusive=True),
+        BATCH_MAX_ACTIONS=parse_int('BATCH_MAX_ACTIONS', raw['BATCH_MAX_ACTIONS'], minimum=1),
     )
     del config['BEARER']  # only the parsed form stays, so the raw value cannot leak into a dump
     return config

@@ -13,6 +13,7 @@ from functools import lru_cache
 from operator import attrgetter
 from typing import Any, cast
 
+import psycopg2
 from flask import Flask, current_app, has_app_context
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
@@ -38,6 +39,7 @@ class PooledConnection(Connection):
 
     named: bool = True
     session_state = True  # lib/prepared.py may keep statements on it (not so behind pgbouncer)
+    held: bool = False  # its transaction belongs to lib (lib.transaction): `transactional` nests in it
 
 
 class Pools:
@@ -128,10 +130,18 @@ def pools() -> Pools:
     return found
 
 
-def prepare(conn: Connection, named: bool, autocommit: bool) -> Connection:
+def prepare(conn: Connection, named: bool, autocommit: bool, held: bool = False) -> Connection:
+    """Set up a borrowed connection for its user; `held`: lib owns its transaction (commits it)."""
     conn.autocommit = autocommit  # client-side in psycopg2: no round trip
-    cast(PooledConnection, conn).named = named  # the pools open only PooledConnections
-    conn.cursor_factory = RealDictCursor if named else PlainCursor  # for actions that use conn.cursor()
+    cast(PooledConnection, conn).held = held  # the pools open only PooledConnections
+    return rows_as(conn, named)
+
+
+def rows_as(conn: Connection, named: bool) -> Connection:
+    """Rows as dicts (`named`) or tuples, for the Db helpers and `conn.cursor()`; can change
+    inside a transaction (a batch's steps each get rows as they declared)."""
+    cast(PooledConnection, conn).named = named
+    conn.cursor_factory = RealDictCursor if named else PlainCursor
     return conn
 
 
@@ -140,17 +150,18 @@ class BorrowedConnection:
     back clean (rolled back if the block left a transaction open) however the block ends.
     A plain class rather than a generator: every injected connection passes through it."""
 
-    __slots__ = ('autocommit', 'conn', 'named', 'pool')
+    __slots__ = ('autocommit', 'conn', 'held', 'named', 'pool')
 
-    def __init__(self, name: str, named: bool, autocommit: bool) -> None:
+    def __init__(self, name: str, named: bool, autocommit: bool, held: bool = False) -> None:
         self.pool = pools().get(name)
         self.named = named
         self.autocommit = autocommit
+        self.held = held
 
     def __enter__(self) -> Connection:
         self.conn = self.pool.getconn()
         try:
-            return prepare(self.conn, self.named, self.autocommit)
+            return prepare(self.conn, self.named, self.autocommit, self.held)
         except BaseException:
             self.pool.putconn(self.conn)
             raise
@@ -188,7 +199,16 @@ def give_back_borrowed(scope: RequestScope) -> None:
 
 @contextmanager
 def transactional(conn: Connection) -> Iterator[Db]:
-    """A `Db` over `conn` inside one transaction: committed at the end, rolled back on error."""
+    """A `Db` over `conn` inside one transaction: committed at the end, rolled back on error.
+
+    On a connection whose transaction lib holds (an injected, non-autocommit one: its action's,
+    a batch's, a keyed request's), the block is a savepoint instead: rolled back alone on error,
+    and committed only with the whole request, never by the block.
+    """
+    if getattr(conn, 'held', False):
+        with savepoint(conn) as db:
+            yield db
+        return
     autocommit = conn.autocommit
     conn.autocommit = False
     try:
@@ -199,6 +219,23 @@ def transactional(conn: Connection) -> Iterator[Db]:
         raise
     finally:
         conn.autocommit = autocommit
+
+
+@contextmanager
+def savepoint(conn: Connection) -> Iterator[Db]:
+    """The block as a savepoint: released at its end, rolled back to on error. Nested blocks
+    reuse one name: SQL's ROLLBACK TO and RELEASE name the newest savepoint of that name."""
+    with conn.cursor() as cursor:
+        cursor.execute('SAVEPOINT dbapi_transactional')
+    try:
+        yield Db(conn)
+    except BaseException:
+        # On a broken connection this fails too; the error the block raised is the one to tell.
+        with suppress(psycopg2.Error), conn.cursor() as cursor:
+            cursor.execute('ROLLBACK TO SAVEPOINT dbapi_transactional; RELEASE SAVEPOINT dbapi_transactional')
+        raise
+    with conn.cursor() as cursor:
+        cursor.execute('RELEASE SAVEPOINT dbapi_transactional')
 
 
 def get_db_from_conn(conn: Connection) -> Db:

@@ -94,6 +94,7 @@ class ApiError(Exception):
         detail: str,
         errors: Any = None,
         headers: dict[str, str] | None = None,
+        members: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -101,6 +102,7 @@ class ApiError(Exception):
         self.detail = detail
         self.errors = errors
         self.headers = headers or {}
+        self.members = members  # RFC 9457 extension members of the document (a batch's `step`, `action`)
 
 
 def bad_request(detail: str) -> ApiError:
@@ -191,6 +193,8 @@ def problem_document(error: ApiError, request_id: str) -> dict[str, Any]:
     }
     if error.errors is not None:
         body['errors'] = error.errors
+    if error.members:
+        body.update(error.members)
     return body
 
 

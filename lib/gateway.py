@@ -1,5 +1,6 @@
 """The app's WSGI entry: every request gets its scope and its access record here, and an action
-request (`/<module>/...` of a registered module) is answered here by `lib.actions.serve()`.
+request (`/<module>/...` of a registered module) is answered here by `lib.actions.serve()`,
+`POST /batch` by `lib.batch.serve_batch()`.
 
 Everything else goes to Flask (health, unknown paths); the module blueprints put every action in
 Flask's url map, but Flask never dispatches one. Flask's per-request machinery (request context,
@@ -15,7 +16,11 @@ from flask import Flask
 from werkzeug.http import HTTP_STATUS_CODES
 
 from lib.access_log import Exchange, LoggedBody
-from lib.actions import Served, module_tables, serve
+from lib.actions import module_tables, serve
+from lib.answer import Served
+from lib.batch import NAME as BATCH
+from lib.batch import PATH as BATCH_PATH
+from lib.batch import serve_batch
 from lib.compression import choose, compressors
 from lib.db import POOLS_KEY
 from lib.http import common_headers, settle_request_id
@@ -43,12 +48,17 @@ class Gateway:
         exchange = Exchange(self.records, environ, scope, start_response)
         token = enter(scope)
         try:
-            module, _, route = environ.get('PATH_INFO', '')[1:].partition('/')
+            path = environ.get('PATH_INFO', '')
+            module, _, route = path[1:].partition('/')
             actions = self.modules.get(module)
-            if actions is None:
+            if actions is not None:
+                scope.module = module
+                served = serve(scope, environ, actions, route, self.config)
+            elif path == BATCH_PATH:
+                scope.module = BATCH
+                served = serve_batch(scope, environ, self.modules, self.config)
+            else:
                 return self.via_flask(environ, exchange)
-            scope.module = module
-            served = serve(scope, environ, actions, route, self.config)
             body, headers = self.encode(environ, served)
             headers.extend(common_headers(scope.request_id, self.config['REPLICA_ID']))
             exchange.start_response(STATUS_LINES.get(served.status, str(served.status)), headers)

@@ -30,6 +30,9 @@ class RequestScope:
     borrowed: list[tuple[Any, Any]] = field(default_factory=list)  # (pool, connection) to give back
     database: str | None = None  # the pool the request last took a connection from (lib.pool)
     database_error: Exception | None = None  # the psycopg2 error answered, for the metrics (lib.errors)
+    idempotency_key: str | None = None  # the request's Idempotency-Key, once checked (lib.idempotency)
+    replayed: bool = False  # the answer is the key's stored one: the action did not run
+    steps: list[str] | None = None  # a batch's actions (`module/route`), in order, once all are checked
 
 
 _current: ContextVar[RequestScope | None] = ContextVar('dbapi_request_scope', default=None)

@@ -30,6 +30,7 @@ PG = {
 TOKEN = 'testing-token'
 AUTH = {'Authorization': f'Bearer {TOKEN}'}
 MODULES = ['modules.example', 'tests.modules.probe']
+LEDGER = 'tests.modules.ledger'  # appends that are not idempotent by themselves: tests/ledger.py
 
 
 def admin_connection() -> psycopg2.extensions.connection:
@@ -59,15 +60,22 @@ def drop_database(name: str) -> None:
 
 
 @contextmanager
-def schema_database(prefix: str = 'dbapi_test') -> Iterator[dict[str, Any]]:
+def schema_database(prefix: str = 'dbapi_test', modules: list[str] = MODULES) -> Iterator[dict[str, Any]]:
     """A new database with every module's schema applied, dropped when the block ends."""
     name = create_database(prefix)
     params = dict(PG, dbname=name)
-    apply_sql(params, MODULES)
+    apply_sql(params, modules)
     try:
         yield params
     finally:
         drop_database(name)
+
+
+@pytest.fixture(scope='module')
+def ledger_database() -> Iterator[dict[str, Any]]:
+    """A database with tests/modules/ledger's table too (the Idempotency-Key and batch tests)."""
+    with schema_database('dbapi_ledger', [*MODULES, LEDGER]) as params:
+        yield params
 
 
 @pytest.fixture(scope='session')

@@ -1,0 +1,15 @@
+-- dbapi's own table: the stored answers of requests sent with an Idempotency-Key (lib/idempotency.py).
+-- Applied before the modules' schema.sql by `flask --app app apply-sql`; safe to re-run.
+CREATE TABLE IF NOT EXISTS dbapi_idempotency (
+    caller       text        NOT NULL,  -- the caller's name: keys belong to the caller that sent them
+    key          text        NOT NULL,
+    action       text        NOT NULL,  -- module/route, or batch
+    body_sha256  bytea       NOT NULL,  -- of the request body's bytes
+    status       smallint    NOT NULL,
+    content_type text        NOT NULL,
+    answer       bytea       NOT NULL,  -- the body answered, uncompressed
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (caller, key)
+);
+-- The expiry sweep reads the oldest rows first.
+CREATE INDEX IF NOT EXISTS dbapi_idempotency_created_at ON dbapi_idempotency (created_at);
