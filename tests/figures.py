@@ -22,6 +22,7 @@ FAULTS = (
 survived: set[str] = set()
 bad_inputs = {'cases': 0, '5xx': 0}
 soak: dict[str, Any] = {}
+exactly_once: dict[str, int] = {}
 
 
 def fault_survived(name: str) -> None:
@@ -40,9 +41,23 @@ def record_soak(seconds: float, requests: int, errors: int, lost: int, rss_growt
     soak.update(seconds=seconds, requests=requests, errors=errors, lost=lost, rss_growth=rss_growth)
 
 
+def record_exactly_once(writes: int, keyed_doubled: int, keyed_lost: int, doubled: int, lost: int) -> None:
+    """tests/test_exactly_once.py: `writes` appends sent at least once through faults, with keys
+    (`keyed_*`) and without; how many ran twice or more (doubled) and not at all (lost)."""
+    exactly_once.update(writes=writes, keyed_doubled=keyed_doubled, keyed_lost=keyed_lost, doubled=doubled, lost=lost)
+
+
+def exactly_once_part() -> str:
+    return (
+        f'retried writes {exactly_once["writes"]:,} with Idempotency-Key (doubled: {exactly_once["keyed_doubled"]},'
+        f' lost: {exactly_once["keyed_lost"]}), without (doubled: {exactly_once["doubled"]},'
+        f' lost: {exactly_once["lost"]})'
+    )
+
+
 def summary_line() -> str | None:
     """The one line, or None when no part of the reliability suite ran."""
-    if not survived and not bad_inputs['cases'] and not soak:
+    if not survived and not bad_inputs['cases'] and not soak and not exactly_once:
         return None
     parts = [
         f'faults survived {len(survived)}/{len(FAULTS)}',
@@ -56,4 +71,6 @@ def summary_line() -> str | None:
         parts.append(f'rss growth {soak["rss_growth"]:.0%}')
     else:
         parts.append('soak not run')
+    if exactly_once:
+        parts.append(exactly_once_part())
     return ', '.join(parts)
