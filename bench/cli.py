@@ -27,25 +27,33 @@ from types import ModuleType
 import psycopg2
 
 from bench.candidates import CANDIDATES, Candidate
-from bench.database import PG, ConnectionWatch, bench_database
+from bench.database import PG, ConnectionWatch, bench_database, stored_keys
 from bench.measure import Measurement, combine
 from bench.pgbench import run_pgbench
 from bench.plot import write_plot
 from bench.report import update_readme, write_json, write_markdown
 from bench.servers import REPO, VENV_BIN, Server, gunicorn_command, serve
 from bench.service import PATHS, callers_env, service_env
-from bench.targets import BARE, NOMETRICS, PGBOUNCER, ServerStats, Verdict, evaluate
+from bench.targets import BARE, NOKEY, NOMETRICS, PGBOUNCER, ServerStats, Verdict, evaluate
 from bench.wrk import run_wrk
 
 RESULTS = REPO / 'bench' / 'results'
-SCENARIOS = ('foo', 'read', 'upsert', 'rows')
-# (series, pgbench -M mode) measured beside each scenario; foo's reference is the WSGI hello.
+NGINX_SCENARIOS = ('foo', 'read', 'upsert', 'rows')  # measured through nginx too, beside direct
+# Issue 20: 100 actions in one POST /batch, and an upsert with an Idempotency-Key; direct only.
+SCENARIOS = (*NGINX_SCENARIOS, 'batch_read', 'batch_upsert', 'upsert_keyed')
+KEYED = ('upsert_keyed',)  # each measurement also counts the answers it stored for its keys
 PGBOUNCER_SCENARIOS = ('read', 'upsert')  # measured through pgbouncer too, beside direct
+# (series, pgbench -M mode) measured beside each scenario; foo's reference is the WSGI hello.
 PG_REFERENCES = {
     'read': [('pgbench simple', 'simple'), ('pgbench prepared', 'prepared')],
     'upsert': [('pgbench simple', 'simple'), ('pgbench prepared', 'prepared')],
     'rows': [('pgbench json_agg', 'simple')],
+    'batch_read': [('pgbench simple', 'simple')],  # one read a transaction
+    'batch_upsert': [('pgbench simple', 'simple')],  # the batch's upserts in one transaction
 }
+# (series, the server it is sent to, the body it sends) measured beside a scenario: the app's own
+# requests as reference, such as the same upsert without an Idempotency-Key.
+APP_REFERENCES = {'upsert_keyed': [(NOKEY, 'app direct', 'upsert')]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +129,21 @@ class Run:
     def log(self, text: str) -> None:
         print(text, flush=True)
 
-    def wrk(self, scenario: str, series: str, connections: int, seconds: float) -> Measurement:
+    def wrk(
+        self, scenario: str, series: str, connections: int, seconds: float, server: str = '', body: str = ''
+    ) -> Measurement:
+        """`series` of `scenario`: `body`'s requests (default the scenario's) sent to `server`
+        (default the series' own)."""
+        server, body = server or series, body or scenario
         # The hello gets the very requests the app gets (same body, same headers): only the app differs.
-        path = '/' if series.startswith('wsgi hello') else PATHS[scenario]
-        return run_wrk(self.urls[series] + path, scenario, self.token, connections, seconds, scenario, series)
+        path = '/' if server.startswith('wsgi hello') else PATHS[body]
+        url = self.urls[server] + path
+        if scenario not in KEYED:
+            return run_wrk(url, body, self.token, connections, seconds, scenario, series)
+        before = stored_keys(self.dbname)
+        result = run_wrk(url, body, self.token, connections, seconds, scenario, series)
+        result.detail['keys_stored'] = stored_keys(self.dbname) - before  # the keys reached the table
+        return result
 
     def warm_up(self, series: str) -> None:
         for scenario in self.plan.scenarios:
@@ -143,6 +162,8 @@ class Run:
                 for series, mode in PG_REFERENCES.get(scenario, []):
                     result = run_pgbench(self.dbname, PG, scenario, mode, connections, seconds, series)
                     rounds.setdefault(series, []).append(result)
+                for series, server, body in APP_REFERENCES.get(scenario, []):
+                    rounds.setdefault(series, []).append(self.wrk(scenario, series, connections, seconds, server, body))
                 for series in self.urls:
                     if scenario in self.scenarios.get(series, SCENARIOS):
                         rounds.setdefault(series, []).append(self.wrk(scenario, series, connections, seconds))
@@ -152,8 +173,10 @@ class Run:
     def record(self, result: Measurement) -> None:
         self.results.append(result)
         self.log(
-            f'  {result.scenario:<7} {result.series:<17} c={result.connections:<3} {result.rps:>9,.0f}/s '
+            f'  {result.scenario:<12} {result.series:<18} c={result.connections:<3} {result.rps:>9,.0f}/s '
             f'p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.errors} non-2xx {result.non2xx}'
+            + (f'  ({result.action_rate:,.0f} actions/s)' if result.actions > 1 else '')
+            + (f'  keys stored {result.detail["keys_stored"]}' if 'keys_stored' in result.detail else '')
         )
 
 
@@ -231,6 +254,7 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         watch.watch(lambda: [worker.pid for worker in app.workers()])
         if plan.nginx:
             run.urls['app nginx'] = stack.enter_context(nginx_in_front(app, tmp))
+            run.scenarios['app nginx'] = NGINX_SCENARIOS
         if 'read' in plan.scenarios:
             # The same app with METRICS=0, its reads alternated with the app's: the metrics' cost.
             nometrics = serve(NOMETRICS, gunicorn_command('app:app'), dict(env, METRICS='0'), tmp, '/health/ready')

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import psycopg2
 from psycopg2 import sql
 
+from bench.servers import REPO, VENV_BIN
+
 PG = {
     'host': os.getenv('BENCH_PG_HOST', '127.0.0.1'),
     'port': int(os.getenv('BENCH_PG_PORT', '5432')),
@@ -62,6 +64,37 @@ def initialise(name: str) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
         raise RuntimeError(f'pgbench -i -s {SCALE} {name} exited {done.returncode}: {done.stderr.strip()}')
+    apply_dbapi_sql(name)
+
+
+def apply_dbapi_sql(name: str) -> None:
+    """dbapi's own SQL (dbapi_idempotency, for Idempotency-Key) and the served modules' schema.sql,
+    applied by `python -m lib.apply_sql` as a deployment applies them. A process of its own:
+    settings are read once per process, and bench.micro sets them for its app after this runs."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith(('_DB_NAME', '_DB_HOST', '_DB_PORT', '_DB_USER'))}
+    env.update(
+        DEFAULT_DB_NAME=name,
+        DEFAULT_DB_HOST=PG['host'],
+        DEFAULT_DB_PORT=str(PG['port']),
+        DEFAULT_DB_USER=PG['user'],
+        EXTRA_MODULES='modules.bench',
+    )
+    command = [str(VENV_BIN / 'python'), '-m', 'lib.apply_sql']
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f'python -m lib.apply_sql on {name} exited {done.returncode}: {done.stderr.strip()}')
+
+
+def stored_keys(name: str) -> int:
+    """How many Idempotency-Key answers the database holds."""
+    conn = psycopg2.connect(dbname=name, connect_timeout=5, **PG)
+    try:
+        with conn, conn.cursor() as cursor:
+            cursor.execute('SELECT count(*) FROM dbapi_idempotency')
+            (count,) = cursor.fetchone()
+            return int(count)
+    finally:
+        conn.close()
 
 
 class ConnectionWatch:

@@ -8,8 +8,8 @@ from typing import Any
 
 @dataclass(slots=True)
 class Measurement:
-    scenario: str  # foo, read, upsert, rows
-    series: str  # app direct, app nginx, wsgi hello, wsgi psycopg2, pgbench simple, pgbench prepared, pgbench json_agg
+    scenario: str  # foo, read, upsert, rows, batch_read, batch_upsert, upsert_keyed
+    series: str  # app direct, app nginx, wsgi hello, wsgi psycopg2, pgbench simple, pgbench prepared... (bench.cli)
     connections: int
     rps: float
     p50_ms: float
@@ -19,6 +19,12 @@ class Measurement:
     errors: int  # socket errors, timeouts, failed transactions
     non2xx: int
     detail: dict[str, Any] = field(default_factory=dict)
+    actions: int = 1  # actions per request (a batch's steps) or per pgbench transaction
+
+    @property
+    def action_rate(self) -> float:
+        """Actions per second: what a batch's ratio compares, the throughput for one action a request."""
+        return self.rps * self.actions
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -29,6 +35,9 @@ def find(results: list[Measurement], scenario: str, series: str, connections: in
         if (result.scenario, result.series, result.connections) == (scenario, series, connections):
             return result
     return None
+
+
+SUMMED = ('keys_stored', 'replayed')  # counts in `detail` that add up over rounds
 
 
 def combine(rounds: list[Measurement]) -> Measurement:
@@ -49,5 +58,9 @@ def combine(rounds: list[Measurement]) -> Measurement:
         requests=requests,
         errors=sum(r.errors for r in rounds),
         non2xx=sum(r.non2xx for r in rounds),
-        detail={'rounds': [round(r.rps, 1) for r in rounds]},
+        detail={
+            'rounds': [round(r.rps, 1) for r in rounds],
+            **{name: sum(r.detail[name] for r in rounds) for name in SUMMED if all(name in r.detail for r in rounds)},
+        },
+        actions=first.actions,
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
+import json
 import os
 import secrets
 import shutil
@@ -21,18 +23,32 @@ from pathlib import Path
 from typing import Any
 
 from bench.database import bench_database
-from bench.service import PATHS, service_env
+from bench.service import BATCH, PATHS, service_env
+
+
+def batch(action: str, bodies: list[dict[str, int]]) -> bytes:
+    return json.dumps({'actions': [{'action': action, 'body': body} for body in bodies]}).encode()
+
 
 BODIES = {
     'foo': b'{"name":"user1","email":"user1@example.com"}',
     'read': b'{"aid":4242}',
     'upsert': b'{"aid":4242,"bid":1,"abalance":7}',
     'rows': b'{"first":4242}',
+    'batch_read': batch('bench/read_tx', [{'aid': 4242 + 9973 * step} for step in range(BATCH)]),
+    'batch_upsert': batch(
+        'bench/upsert', [{'aid': 4242 + 9973 * step, 'bid': 1, 'abalance': 7} for step in range(BATCH)]
+    ),
+    'upsert_keyed': b'{"aid":4242,"bid":1,"abalance":7}',  # with a new Idempotency-Key on every call
 }
+KEYS = itertools.count()
+KEY_PREFIX = secrets.token_hex(8)
 
 
-def environ(path: str, body: bytes, token: str) -> dict[str, Any]:
+def environ(path: str, body: bytes, token: str, key: bool = False) -> dict[str, Any]:
+    extra = {'HTTP_IDEMPOTENCY_KEY': f'{KEY_PREFIX}-{next(KEYS)}'} if key else {}
     return {
+        **extra,
         'REQUEST_METHOD': 'POST',
         'PATH_INFO': path,
         'SCRIPT_NAME': '',
@@ -56,9 +72,9 @@ def environ(path: str, body: bytes, token: str) -> dict[str, Any]:
     }
 
 
-def call(app: Callable[..., Any], path: str, body: bytes, token: str) -> None:
+def call(app: Callable[..., Any], path: str, body: bytes, token: str, key: bool = False) -> None:
     statuses: list[str] = []
-    chunks = app(environ(path, body, token), lambda status, headers, exc_info=None: statuses.append(status))
+    chunks = app(environ(path, body, token, key), lambda status, headers, exc_info=None: statuses.append(status))
     for _ in chunks:
         pass
     if hasattr(chunks, 'close'):
@@ -70,10 +86,10 @@ def call(app: Callable[..., Any], path: str, body: bytes, token: str) -> None:
 def per_request_us(app: Callable[..., Any], scenario: str, token: str, count: int) -> float:
     path, body = PATHS[scenario], BODIES[scenario]
     for _ in range(min(count, 200)):
-        call(app, path, body, token)
+        call(app, path, body, token, scenario == 'upsert_keyed')
     started = time.process_time()
     for _ in range(count):
-        call(app, path, body, token)
+        call(app, path, body, token, scenario == 'upsert_keyed')
     return (time.process_time() - started) / count * 1e6
 
 
@@ -100,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with bench_database() as dbname, production_app(dbname, token, log_dir) as app:
             for scenario in args.scenarios:
-                count = max(20, args.count // 100) if scenario == 'rows' else args.count
+                count = max(20, args.count // 100) if scenario in ('rows', 'batch_read', 'batch_upsert') else args.count
                 print(
                     f'{scenario:<7} {per_request_us(app, scenario, token, count):9.1f} µs CPU per request', flush=True
                 )
@@ -119,7 +135,7 @@ def profile(app: Callable[..., Any], scenario: str, token: str, count: int) -> N
     profiler = Profiler(interval=0.0002)
     profiler.start()
     for _ in range(count):
-        call(app, path, body, token)
+        call(app, path, body, token, scenario == 'upsert_keyed')
     profiler.stop()
     print(profiler.output_text(show_all=bool(os.getenv('SHOW_ALL')), short_mode=False, time='percent_of_total'))
 

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from bench.measure import Measurement
+from bench.service import BATCH
 from modules.bench.sql import MAX_ROWS, SQL_READ, SQL_ROWS, SQL_UPSERT
 
 PGBENCH = os.getenv('PGBENCH', 'pgbench')
@@ -25,6 +26,18 @@ def statement(text: str) -> str:
     return PLACEHOLDER.sub(r':\1', ' '.join(text.split())) + ';'
 
 
+def upsert(aid: str) -> str:
+    """The module's upsert of the row `aid` (a pgbench expression), with wrk.lua's bid and balance."""
+    return (
+        f'\\set aid {aid}\n\\set bid (:aid - 1) / 100000 + 1\n\\set abalance random(-5000, 5000)\n'
+        f'{statement(SQL_UPSERT)}\n'
+    )
+
+
+# A batch's upserts as wrk.lua sends them: one key from each of BATCH slices, ascending, so that
+# concurrent transactions lock rows in one order and never deadlock.
+SLICE = ROWS // BATCH
+BATCH_UPSERT = ''.join(upsert(f'{step * SLICE} + random(1, {SLICE})') for step in range(BATCH))
 SCRIPTS = {
     'read': f'\\set aid random(1, {ROWS})\n{statement(SQL_READ)}\n',
     'upsert': (
@@ -35,7 +48,10 @@ SCRIPTS = {
         f'\\set first random(1, {ROWS - MAX_ROWS + 1})\n\\set last :first + {MAX_ROWS - 1}\n'
         f'SELECT json_agg(r) FROM ({statement(SQL_ROWS).rstrip(";")}) r;\n'
     ),
+    'batch_upsert': f'BEGIN;\n{BATCH_UPSERT}END;\n',  # the batch's 100 upserts in one transaction
 }
+SCRIPTS['batch_read'] = SCRIPTS['read']  # a batch's reads against the same read, one a transaction
+TRANSACTION_ACTIONS = {'batch_upsert': BATCH}  # actions per pgbench transaction; 1 if not named
 
 
 def run_pgbench(
@@ -91,4 +107,5 @@ def measurement(output: str, latencies: list[int], scenario: str, series: str, c
         requests=int(number(r'number of transactions actually processed: (\d+)', output)),
         errors=int(failed.group(1)) if failed else 0,
         non2xx=0,
+        actions=TRANSACTION_ACTIONS.get(scenario, 1),
     )

@@ -14,6 +14,9 @@ SCENARIO_NAMES = {
     'read': 'read by key',
     'upsert': 'upsert in a transaction',
     'rows': '10,000-row read',
+    'batch_read': '100 reads by key in one batch',
+    'batch_upsert': '100 upserts in one batch',
+    'upsert_keyed': 'upsert with an Idempotency-Key',
 }
 
 
@@ -34,14 +37,14 @@ def targets_table(verdicts: list[Verdict]) -> list[str]:
 
 def results_table(results: list[Measurement]) -> list[str]:
     lines = [
-        '| scenario | series | conns | req/s | p50 ms | p99 ms | errors | non-2xx |',
-        '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+        '| scenario | series | conns | req/s | actions/s | p50 ms | p99 ms | errors | non-2xx |',
+        '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ]
     for r in results:
         name = SCENARIO_NAMES.get(r.scenario, r.scenario)
         lines.append(
-            f'| {name} | {r.series} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} '
-            f'| {r.errors} | {r.non2xx} |'
+            f'| {name} | {r.series} | {r.connections} | {r.rps:,.0f} | {r.action_rate:,.0f} | {r.p50_ms:.2f} '
+            f'| {r.p99_ms:.2f} | {r.errors} | {r.non2xx} |'
         )
     return lines
 

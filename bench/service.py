@@ -8,7 +8,17 @@ from pathlib import Path
 
 from bench.database import PG
 
-PATHS = {'foo': '/example/foo', 'read': '/bench/read', 'upsert': '/bench/upsert', 'rows': '/bench/rows'}
+PATHS = {
+    'foo': '/example/foo',
+    'read': '/bench/read',
+    'upsert': '/bench/upsert',
+    'rows': '/bench/rows',
+    'batch_read': '/batch',
+    'batch_upsert': '/batch',
+    'upsert_keyed': '/bench/upsert',  # with an Idempotency-Key of its own on every request
+}
+BATCH = 100  # actions per batch request (BATCH_MAX_ACTIONS's default), and per pgbench batch transaction
+ACTIONS = {'batch_read': BATCH, 'batch_upsert': BATCH}  # actions per request of a scenario; 1 if not named
 
 
 def service_env(dbname: str, token: str, log_dir: Path, recycle: bool) -> dict[str, str]:

@@ -11,7 +11,8 @@ from bench.measure import Measurement, find
 AT = 8  # connections, unless a target says otherwise
 PGBOUNCER = 'app pgbouncer'  # the app with DEFAULT_DB_PGBOUNCER=transaction, through Debian's pgbouncer
 NOMETRICS = 'app direct nometrics'  # the same app and server with METRICS=0: the read only
-MAIN_SERIES = frozenset({'app direct', 'app nginx', PGBOUNCER, NOMETRICS})
+NOKEY = 'app direct, no key'  # the upsert sent without an Idempotency-Key, alternated with the keyed one
+MAIN_SERIES = frozenset({'app direct', 'app nginx', PGBOUNCER, NOMETRICS, NOKEY})
 # The targets measured for more than the production server (candidates, the bare read): one number each.
 READ_RATIO = 0.15  # read by key, against pgbench -M simple
 UPSERT_RATIO = 0.4  # the upsert in a transaction, against pgbench -M simple running it in BEGIN/END
@@ -22,6 +23,13 @@ FOO_RATIO = 0.6
 PGBOUNCER_RATIO = 0.7
 METRICS_RATIO = 0.95  # read by key with the metrics step, against the same read without it
 BARE = 'wsgi psycopg2'  # bench/bare.py: the read's floor, the same server and driver without the framework
+# Issue 20, in actions per second. A batch of 100 reads by key, against pgbench -M simple running
+# the read alone (one a transaction); a batch of 100 upserts, against pgbench running the same 100
+# in one transaction; an upsert with an Idempotency-Key of its own, against the same upsert without.
+BATCH_READ_RATIO = 0.5
+BATCH_READ_MOONSHOT = 0.8
+BATCH_UPSERT_RATIO = 0.5
+KEYED_RATIO = 0.7
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,17 +57,25 @@ class ServerStats:
 
 
 def ratio_target(
-    results: list[Measurement], what: str, top: tuple[str, str], bottom: tuple[str, str], limit: float, at_least: bool
+    results: list[Measurement],
+    what: str,
+    top: tuple[str, str],
+    bottom: tuple[str, str],
+    limit: float,
+    at_least: bool,
+    note: str = '',
 ) -> Verdict:
-    """`top` / `bottom` throughput at AT connections against `limit`."""
+    """`top` / `bottom` throughput in actions (one per request, but a batch's) at AT connections
+    against `limit`; `note` follows the target."""
     mine, reference = find(results, *top, AT), find(results, *bottom, AT)
     sign = '≥' if at_least else '≤'
-    target = f'{sign} {limit:g}x'
+    target = f'{sign} {limit:g}x' + (f' ({note})' if note else '')
     if mine is None or reference is None or not reference.rps or not mine.rps:
         return Verdict(what, target, 'not measured', 'SKIP')
-    ratio = mine.rps / reference.rps
+    ratio = mine.action_rate / reference.action_rate
     ok = ratio >= limit if at_least else ratio <= limit
-    return Verdict(what, target, f'{shown(ratio, limit)}x ({mine.rps:,.0f} / {reference.rps:,.0f} /s)', passed(ok))
+    measured = f'{shown(ratio, limit)}x ({mine.action_rate:,.0f} / {reference.action_rate:,.0f} /s)'
+    return Verdict(what, target, measured, passed(ok))
 
 
 def shown(ratio: float, limit: float) -> str:
@@ -179,6 +195,31 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
             ('read', 'app direct'),
             ('read', NOMETRICS),
             METRICS_RATIO,
+            True,
+        ),
+        lambda: ratio_target(
+            results,
+            '100 reads by key in one batch (actions/s)',
+            ('batch_read', 'app direct'),
+            ('batch_read', 'pgbench simple'),
+            BATCH_READ_RATIO,
+            True,
+            f'moonshot {BATCH_READ_MOONSHOT:g}x',
+        ),
+        lambda: ratio_target(
+            results,
+            '100 upserts in one batch (actions/s)',
+            ('batch_upsert', 'app direct'),
+            ('batch_upsert', 'pgbench simple'),
+            BATCH_UPSERT_RATIO,
+            True,
+        ),
+        lambda: ratio_target(
+            results,
+            'upsert with an Idempotency-Key vs without',
+            ('upsert_keyed', 'app direct'),
+            ('upsert_keyed', NOKEY),
+            KEYED_RATIO,
             True,
         ),
         lambda: rows_target(results),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.measure import Measurement
-from bench.targets import BARE, NOMETRICS, evaluate, shown
+from bench.measure import Measurement, combine
+from bench.targets import BARE, NOKEY, NOMETRICS, evaluate, shown
 
 
 @pytest.mark.parametrize(
@@ -64,3 +64,40 @@ def test_the_metrics_cost_is_the_read_with_them_against_the_same_read_without() 
     cost = verdicts['metrics cost: read with metrics vs without']
     assert (cost.target, cost.measured, cost.status) == ('≥ 0.95x', '0.94x (4,700 / 5,000 /s)', 'FAIL')
     assert not [v for v in verdicts.values() if 'nometrics' in v.what]  # not taken for a candidate server
+
+
+def test_a_batch_is_judged_in_actions_per_second_against_pgbench() -> None:
+    results = [
+        # 100 reads a request against pgbench's one read a transaction
+        Measurement('batch_read', 'app direct', 8, 82, 80.0, 200.0, 90.0, 82, 0, 0, actions=100),
+        Measurement('batch_read', 'pgbench simple', 8, 13_000, 0.2, 7.0, 0.6, 13_000, 0, 0),
+        # 100 upserts a request against pgbench's 100 a transaction
+        Measurement('batch_upsert', 'app direct', 8, 30, 250.0, 500.0, 260.0, 30, 0, 0, actions=100),
+        Measurement('batch_upsert', 'pgbench simple', 8, 140, 50.0, 100.0, 55.0, 140, 0, 0, actions=100),
+    ]
+    verdicts = {v.what: v for v in evaluate(results, None)}
+    read = verdicts['100 reads by key in one batch (actions/s)']
+    assert (read.target, read.measured, read.status) == ('≥ 0.5x (moonshot 0.8x)', '0.63x (8,200 / 13,000 /s)', 'PASS')
+    upsert = verdicts['100 upserts in one batch (actions/s)']
+    assert (upsert.target, upsert.measured, upsert.status) == ('≥ 0.5x', '0.21x (3,000 / 14,000 /s)', 'FAIL')
+
+
+def test_a_keyed_upsert_is_judged_against_the_same_upsert_without_a_key() -> None:
+    results = [
+        Measurement('upsert_keyed', 'app direct', 8, 1_200, 5.0, 12.0, 6.0, 1_200, 0, 0),
+        Measurement('upsert_keyed', NOKEY, 8, 1_500, 4.0, 10.0, 5.0, 1_500, 0, 0),
+        Measurement('upsert', 'app direct', 8, 3_000, 2.0, 6.0, 2.5, 3_000, 0, 0),  # another run's: not compared
+    ]
+    verdicts = evaluate(results, None)
+    keyed = next(v for v in verdicts if v.what == 'upsert with an Idempotency-Key vs without')
+    assert (keyed.target, keyed.measured, keyed.status) == ('≥ 0.7x', '0.80x (1,200 / 1,500 /s)', 'PASS')
+    assert not [v for v in verdicts if 'no key' in v.what]  # not taken for a candidate server
+
+
+def test_rounds_add_up_the_keys_they_stored() -> None:
+    rounds = [
+        Measurement('upsert_keyed', 'app direct', 8, rate, 5.0, 12.0, 6.0, int(rate), 0, 0, {'keys_stored': stored})
+        for rate, stored in ((1_000, 1_004), (500, 503))
+    ]
+    combined = combine(rounds)
+    assert (combined.requests, combined.detail['keys_stored']) == (1_500, 1_507)

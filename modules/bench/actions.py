@@ -15,6 +15,13 @@ def read(conn: Connection, aid: int) -> Row | None:
     return get_db_from_conn(conn).fetch_row(READ, dict(aid=aid))
 
 
+# The same read as a batch step: a batch refuses actions in autocommit, its steps share its transaction.
+@use_schema(KeySchema)
+@inject_conn(DEFAULT, named=True, autocommit=False)
+def read_tx(conn: Connection, aid: int) -> Row | None:
+    return get_db_from_conn(conn).fetch_row(READ, dict(aid=aid))
+
+
 @use_schema(UpsertSchema)
 @inject_conn(DEFAULT, named=True, autocommit=False)
 def upsert(conn: Connection, aid: int, bid: int, abalance: int) -> Row | None:
