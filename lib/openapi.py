@@ -3,7 +3,8 @@
 Every action of every module blueprint (its checked routes table, `ModuleBlueprint.actions`)
 becomes one `POST /<module>/<route>` operation: the request body from `@use_schema`, the 200
 answer from `@returns`, the problem answers from what `serve()` can answer for it (`@inject_conn`
-adds the database's), summary and description from the docstring. apispec's MarshmallowPlugin
+adds the database's, and the Idempotency-Key header), summary and description from the
+docstring. `POST /batch` lists every action a batch accepts, each with its body's schema. apispec's MarshmallowPlugin
 converts the schemas, so nothing is written twice and the document cannot drift from the code.
 The health routes come from Flask's url map and `lib.health.ANSWERS`.
 
@@ -26,6 +27,8 @@ from marshmallow import Schema, fields
 from werkzeug.http import HTTP_STATUS_CODES
 
 from lib.actions import ROOT_ENDPOINT, Action, ModuleBlueprint, module_blueprints
+from lib.batch import NAME as BATCH
+from lib.batch import PATH as BATCH_PATH
 from lib.body import INT64_MIN, UINT64_MAX
 from lib.config import project_version
 from lib.errors import PROBLEM_JSON
@@ -51,10 +54,14 @@ PROBLEMS: dict[int, str] = {
     403: 'The caller is known but has no scope for this action (`WWW-Authenticate` names the scope needed).',
     404: 'What the body names does not exist (the action answers `not_found`).',
     409: 'The data clashes with what is stored: a unique, foreign-key or exclusion violation, a '
-    'serialization failure or a deadlock (safe to retry with the same body), or the action answers `conflict`.',
+    'serialization failure or a deadlock (safe to retry with the same body), or the action answers `conflict`; '
+    'or a request with the same `Idempotency-Key` is still running (`idempotency-key-in-use`: retry after '
+    '`Retry-After` seconds).',
     413: 'The body is larger than the service accepts (`MAX_CONTENT_LENGTH`).',
     415: 'The body is not `application/json`.',
-    422: 'The body failed validation: `errors` names each refused field and why.',
+    422: 'The body failed validation: `errors` names each refused field and why; or the `Idempotency-Key` '
+    'was used before with another body or action (`idempotency-key-reused`), or the action runs in autocommit '
+    'and takes no key (`idempotency-key-not-supported`).',
     503: 'The database is unreachable or no pooled connection was free in time; retry after `Retry-After` seconds.',
     504: 'A statement ran longer than `STATEMENT_TIMEOUT`: the transaction was rolled back.',
 }
@@ -76,6 +83,11 @@ RFC 9457 problem document (`{PROBLEM_JSON}`: `type`, `title`, `status`, `detail`
 and `errors` per field on a 422). Every answer carries `X-Request-ID` (the caller's, if it sent
 one), which finds the request in the service's logs. A status that no operation lists here is an
 error of the service: the request id finds it.
+
+A write is safe to retry with an `Idempotency-Key` header (1 to 255 printable ASCII characters):
+the same key and body answer what the first request answered, without writing twice; the same
+key with another body is a 422, and a repeat while the first still runs a 409 with `Retry-After`.
+`POST /batch` runs several actions in one transaction.
 """
 
 
@@ -93,11 +105,28 @@ PROBLEM = {
             'type': 'object',
             'description': 'By field, what validation refused (422); the constraint that refused (409)',
         },
+        'step': {'type': 'integer', 'minimum': 0, 'description': 'POST /batch: the index of the step that failed'},
+        'action': {'type': 'string', 'description': 'POST /batch: the action of the step that failed'},
     },
     'required': ['type', 'title', 'status', 'detail', 'request_id'],
     'additionalProperties': False,
 }
 PROBLEM_REF = {'$ref': '#/components/schemas/Problem'}
+# The Idempotency-Key of lib.idempotency is said in the descriptions, not as a header parameter:
+# a key's validity depends on what was sent with it before (a new request needs a new key), which
+# no schema states, and a contract-driven client (schemathesis) would send one key with many bodies.
+KEY_NOTE = (
+    'Safe to retry with an `Idempotency-Key` header (1 to 255 printable ASCII characters; a new key, a '
+    'UUID say, per new request): the same key with the same body answers the first answer again, with '
+    '`Idempotent-Replayed: true`, without running again.'
+)
+REPLAYED_HEADER = {
+    'Idempotent-Replayed': {
+        'description': '`true` when the answer is the stored one of an earlier request with the same key',
+        'schema': {'type': 'string', 'enum': ['true']},
+    }
+}
+BATCH_PROBLEMS = (400, 401, 403, 404, 409, 413, 415, 422, 503, 504)
 
 
 def schema_name(schema: type[Schema] | Schema) -> str:
@@ -162,9 +191,16 @@ def problem_name(status: int) -> str:
     return HTTP_STATUS_CODES[status].replace(' ', '').replace('-', '')
 
 
+def takes_key(action: Action) -> bool:
+    """Whether an Idempotency-Key protects the action: one that runs in a transaction."""
+    return action.conn is not None and not action.conn.autocommit
+
+
 def responses(action: Action) -> dict[str, Any]:
     answer: dict[str, Any] = {'schema': action.returns if action.returns is not None else {}}
     documented: dict[str, Any] = {'200': {'description': 'The result', 'content': {JSON_MIMETYPE: answer}}}
+    if takes_key(action):
+        documented['200']['headers'] = REPLAYED_HEADER
     statuses = sorted((*ALWAYS, *(WITH_DATABASE if action.conn is not None else ())))
     documented.update({str(status): problem_name(status) for status in statuses})
     return documented
@@ -179,6 +215,8 @@ def operation(action: Action) -> dict[str, Any]:
     parts = docstring_parts(action.function)
     scopes = needed_scopes(action)
     needs = f'Needs the scope `{scopes[0]}` (or `{scopes[1]}`, or `*`).'
+    if takes_key(action):
+        needs = f'{needs} {KEY_NOTE}'
     parts['description'] = f'{parts["description"]}\n\n{needs}' if parts.get('description') else needs
     return {
         'operationId': operation_id(action),
@@ -188,6 +226,57 @@ def operation(action: Action) -> dict[str, Any]:
         'security': [{SECURITY_SCHEME: []}],
         'requestBody': request_body(action.schema),
         'responses': responses(action),
+    }
+
+
+def batch_step(action: Action, converter: Any) -> dict[str, Any]:
+    """One step a batch accepts: the action's name and its body's schema (an absent body is `{}`)."""
+    described = request_body(action.schema)
+    body = described['content'][JSON_MIMETYPE]['schema']
+    if isinstance(body, Schema):
+        body = converter.resolve_nested_schema(body)  # a $ref to the component the operation uses
+    return {
+        'type': 'object',
+        'properties': {'action': {'const': action.name}, 'body': body},
+        'required': ['action', 'body'] if described['required'] else ['action'],
+        'additionalProperties': False,
+    }
+
+
+def batch_operation(actions: list[Action], most: int, converter: Any) -> dict[str, Any]:
+    """`POST /batch` with the steps it accepts: every action but those in autocommit."""
+    steps = [batch_step(action, converter) for action in actions if action.conn is None or takes_key(action)]
+    body = {
+        'type': 'object',
+        'properties': {'actions': {'type': 'array', 'minItems': 1, 'maxItems': most, 'items': {'oneOf': steps}}},
+        'required': ['actions'],
+        'additionalProperties': False,
+    }
+    results = {
+        'type': 'object',
+        'properties': {'results': {'type': 'array', 'description': "Each step's result, in order"}},
+        'required': ['results'],
+    }
+    return {
+        'operationId': BATCH,
+        'tags': [BATCH],
+        'summary': 'Several actions in one transaction',
+        'description': 'Every step is authorized and validated before any runs (a bad step answers its '
+        'problem with `step` and `action`, and nothing runs); then the steps run in order in one '
+        'transaction on one database (steps on two databases are a 422). The first step that fails rolls '
+        'back every step and answers its '
+        'own problem, with `step` and `action` added. Each step needs the scope of its action. An '
+        f'`Idempotency-Key` covers the batch as a whole. {KEY_NOTE}',
+        'security': [{SECURITY_SCHEME: []}],
+        'requestBody': {'required': True, 'content': {JSON_MIMETYPE: {'schema': body}}},
+        'responses': {
+            '200': {
+                'description': 'Every step ran and the transaction committed',
+                'headers': REPLAYED_HEADER,
+                'content': {JSON_MIMETYPE: {'schema': results}},
+            },
+            **{str(status): problem_name(status) for status in BATCH_PROBLEMS},
+        },
     }
 
 
@@ -239,10 +328,15 @@ def build_spec(app: Flask) -> APISpec:
         content = {PROBLEM_JSON: {'schema': PROBLEM_REF}}
         headers = {'headers': PROBLEM_HEADERS[status]} if status in PROBLEM_HEADERS else {}
         spec.components.response(problem_name(status), {'description': description, 'content': content, **headers})
+    actions = []
     for blueprint in module_blueprints(app):
         spec.tag({'name': blueprint.name, **tag_description(blueprint)})
         for action in blueprint.actions.values():
             spec.path(path=f'/{action.module}/{action.route}', operations={'post': operation(action)})
+            actions.append(action)
+    spec.tag({'name': BATCH, 'description': 'Several actions in one transaction.'})
+    batch = batch_operation(actions, app.config['BATCH_MAX_ACTIONS'], plugin.converter)
+    spec.path(path=BATCH_PATH, operations={'post': batch})
     spec.tag({'name': HEALTH_TAG, 'description': 'For the infrastructure: no token, no data.'})
     for path, operations in health_paths(app):
         spec.path(path=path, operations=operations)

@@ -82,7 +82,7 @@ def test_every_action_of_every_module_is_one_post_operation_with_its_request_sch
     actions = module_actions(bench_app)
     assert {action.module for action in actions} == {'example', 'probe', 'bench'}
     posted = {path for path, item in document['paths'].items() if 'post' in item}
-    assert posted == {f'/{action.module}/{action.route}' for action in actions}
+    assert posted == {f'/{action.module}/{action.route}' for action in actions} | {'/batch'}
     for action in actions:
         item = document['paths'][f'/{action.module}/{action.route}']
         assert list(item) == ['post'], f'{action.name}: only POST is an operation'
@@ -97,6 +97,34 @@ def test_every_action_of_every_module_is_one_post_operation_with_its_request_sch
         required = sorted(field.data_key or name for name, field in loaded.items() if field.required)
         assert sorted(body.get('required', [])) == required, action.name
         assert post['requestBody']['required'] is bool(required), action.name
+        takes_key = action.conn is not None and not action.conn.autocommit
+        assert ('Idempotency-Key' in post['description']) is takes_key
+        assert ('Idempotent-Replayed' in post['responses']['200'].get('headers', {})) is takes_key
+
+
+def test_batch_lists_every_action_it_accepts_with_its_body(bench_app: Flask) -> None:
+    document = get_document(bench_app)
+    post = document['paths']['/batch']['post']
+    body = post['requestBody']['content']['application/json']['schema']
+    actions = body['properties']['actions']
+    assert (actions['minItems'], actions['maxItems']) == (1, bench_app.config['BATCH_MAX_ACTIONS'])
+    steps = {step['properties']['action']['const']: step for step in actions['items']['oneOf']}
+    accepted = [a for a in module_actions(bench_app) if a.conn is None or not a.conn.autocommit]
+    assert set(steps) == {action.name for action in accepted}
+    for action in accepted:
+        step_body = resolve(document, steps[action.name]['properties']['body'])
+        fields = action.schema.fields if action.schema else {}
+        assert set(step_body['properties']) == {field.data_key or name for name, field in fields.items()}, action.name
+        needs_body = any(field.required for field in fields.values() if not field.dump_only)
+        assert ('body' in steps[action.name]['required']) is needs_body, action.name
+    assert {int(status) for status in post['responses']} == {200, 400, 401, 403, 404, 409, 413, 415, 422, 503, 504}
+    assert 'Idempotency-Key' in post['description']
+    problem = document['components']['schemas']['Problem']['properties']
+    assert problem['step'] == {
+        'type': 'integer',
+        'minimum': 0,
+        'description': 'POST /batch: the index of the step that failed',
+    }
 
 
 def test_operation_ids_are_unique(bench_app: Flask) -> None:
