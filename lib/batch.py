@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from marshmallow import Schema, fields
 from psycopg2.extensions import connection as Connection
 
 from lib import idempotency, transaction
@@ -39,16 +38,7 @@ PATH = '/batch'
 NAME = 'batch'  # the module name it reserves, and its Idempotency-Key's action
 
 
-class StepSchema(Schema):
-    action = fields.String(required=True, metadata={'description': 'The action, as `<module>/<route>`'})
-    body = fields.Dict(keys=fields.String(), load_default=dict, metadata={'description': "The action's body"})
-
-
-class BatchSchema(Schema):
-    actions = fields.List(fields.Nested(StepSchema), required=True)
-
-
-BATCH_SCHEMA = BatchSchema()
+STEP_MEMBERS = frozenset({'action', 'body'})
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,15 +85,49 @@ def check_step(index: int, raw: Mapping[str, Any], modules: Modules, caller: Cal
     return Step(index, action, kwargs)
 
 
+def invalid(errors: dict[str, Any]) -> ApiError:
+    return ApiError(422, 'validation-error', 'the batch failed validation', errors=errors)
+
+
+def step_errors(item: Any) -> dict[str, list[str]]:
+    """What is wrong with one entry of `actions`, by member, in marshmallow's words."""
+    if not isinstance(item, dict):
+        return {'_schema': ['Invalid input type.']}
+    errors = {key: ['Unknown field.'] for key in item if key not in STEP_MEMBERS}
+    if 'action' not in item:
+        errors['action'] = ['Missing data for required field.']
+    elif not isinstance(item['action'], str):
+        errors['action'] = ['Not a valid string.']
+    if not isinstance(item.get('body', {}), dict):
+        errors['body'] = ['Not a valid mapping type.']
+    return errors
+
+
+def envelope(body: Mapping[str, Any], most: int) -> list[Mapping[str, Any]]:
+    """The batch body's steps, each `{"action": str, "body": object}` (an absent body is `{}`);
+    checked by hand, member by member, where a marshmallow schema would walk every step's body
+    once more before the step's own schema does."""
+    unknown = {key: ['Unknown field.'] for key in body if key != 'actions'}
+    if unknown:
+        raise invalid(unknown)
+    raw_steps = body.get('actions')
+    if raw_steps is None:
+        raise invalid({'actions': ['Missing data for required field.']})
+    if not isinstance(raw_steps, list):
+        raise invalid({'actions': ['Not a valid list.']})
+    if not raw_steps:
+        raise ApiError(422, 'validation-error', 'a batch needs at least one action', errors={'actions': ['Empty.']})
+    if len(raw_steps) > most:
+        raise ApiError(422, 'validation-error', f'a batch holds at most {most} actions, not {len(raw_steps)}')
+    errors = {str(index): found for index, item in enumerate(raw_steps) if (found := step_errors(item))}
+    if errors:
+        raise invalid({'actions': errors})
+    return [{'action': item['action'], 'body': item.get('body', {})} for item in raw_steps]
+
+
 def check_steps(body: Mapping[str, Any], modules: Modules, caller: Caller, most: int) -> list[Step]:
     """Every step checked, in order; the first bad one is the answer."""
-    raw_steps = body.get('actions')
-    if isinstance(raw_steps, list) and len(raw_steps) > most:  # refused before loading them all
-        raise ApiError(422, 'validation-error', f'a batch holds at most {most} actions, not {len(raw_steps)}')
-    loaded: list[Mapping[str, Any]] = BATCH_SCHEMA.load(body)['actions']
-    if not loaded:
-        raise ApiError(422, 'validation-error', 'a batch needs at least one action', errors={'actions': ['Empty.']})
-    return [check_step(index, raw, modules, caller) for index, raw in enumerate(loaded)]
+    return [check_step(index, raw, modules, caller) for index, raw in enumerate(envelope(body, most))]
 
 
 def batch_database(steps: list[Step]) -> str | None:

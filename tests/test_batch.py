@@ -217,3 +217,32 @@ def test_the_access_record_names_the_batch_its_steps_and_the_failing_one(api: Ap
         ('batch', 3, None),
         ('batch', 2, 1),
     ]
+
+
+@pytest.mark.parametrize(
+    ('body', 'errors'),
+    [
+        ({}, {'actions': ['Missing data for required field.']}),
+        ({'actions': {}}, {'actions': ['Not a valid list.']}),
+        ({'actions': [step('ledger/echo', note='x')], 'extra': 1}, {'extra': ['Unknown field.']}),
+        (
+            {'actions': [{'body': {}}, 'x', {'action': 1, 'body': [], 'more': 2}, step('ledger/echo', note='x')]},
+            {
+                'actions': {
+                    '0': {'action': ['Missing data for required field.']},
+                    '1': {'_schema': ['Invalid input type.']},
+                    '2': {
+                        'action': ['Not a valid string.'],
+                        'body': ['Not a valid mapping type.'],
+                        'more': ['Unknown field.'],
+                    },
+                }
+            },
+        ),
+    ],
+    ids=['no-actions', 'not-a-list', 'unknown-member', 'every-bad-step'],
+)
+def test_the_envelopes_errors_name_each_bad_member(api: Api, ledger, body: dict[str, Any], errors: dict) -> None:
+    response = api.post('/batch', body)
+    assert response.status_code == 422
+    assert response.get_json()['errors'] == errors
