@@ -33,6 +33,7 @@ from lib.answer import Served
 from lib.decorators import ConnSpec
 from lib.errors import ApiError, bad_request
 from lib.pool import ConnectionPool
+from lib.prepared import Prepared, execute_prepared
 
 log = logging.getLogger('dbapi.idempotency')
 
@@ -45,27 +46,44 @@ TRANSIENT_SLUGS = frozenset({'serialization-failure', 'deadlock-detected', 'idem
 SWEEP_BATCH = 1000  # rows deleted per statement: each is short, whatever the backlog
 SWEEP_INTERVAL = 60.0  # seconds between a worker's sweeps of one database, plus up to 10%
 
-LOOKUP = """
+# Prepared once per connection (lib/prepared.py): a keyed request runs two of them.
+KEY_TYPES = {'caller': 'text', 'key': 'text', 'ttl': 'double precision'}
+LOOKUP = Prepared(
+    """
 SELECT pg_try_advisory_xact_lock(%(lock)s), stored.action, stored.body_sha256, stored.status,
        stored.content_type, stored.answer
 FROM (SELECT 1) AS one
 LEFT JOIN dbapi_idempotency AS stored
   ON stored.caller = %(caller)s AND stored.key = %(key)s
  AND stored.created_at > now() - make_interval(secs => %(ttl)s)
-"""
-STORED = """
+""",
+    **KEY_TYPES,
+    lock='bigint',
+)
+STORED = Prepared(
+    """
 SELECT NULL, action, body_sha256, status, content_type, answer FROM dbapi_idempotency
 WHERE caller = %(caller)s AND key = %(key)s AND created_at > now() - make_interval(secs => %(ttl)s)
-"""
+""",
+    **KEY_TYPES,
+)
 # An expired row is taken over; a live one is left alone (no row changed: another request stored it).
-STORE = """
+STORE = Prepared(
+    """
 INSERT INTO dbapi_idempotency AS stored (caller, key, action, body_sha256, status, content_type, answer)
 VALUES (%(caller)s, %(key)s, %(action)s, %(digest)s, %(status)s, %(content_type)s, %(answer)s)
 ON CONFLICT (caller, key) DO UPDATE SET
     action = EXCLUDED.action, body_sha256 = EXCLUDED.body_sha256, status = EXCLUDED.status,
     content_type = EXCLUDED.content_type, answer = EXCLUDED.answer, created_at = EXCLUDED.created_at
 WHERE stored.created_at <= now() - make_interval(secs => %(ttl)s)
-"""
+""",
+    **KEY_TYPES,
+    action='text',
+    digest='bytea',
+    status='smallint',
+    content_type='text',
+    answer='bytea',
+)
 SWEEP = """
 DELETE FROM dbapi_idempotency WHERE (caller, key) IN (
     SELECT caller, key FROM dbapi_idempotency
@@ -86,13 +104,13 @@ class Claim:
 
     @property
     def params(self) -> dict[str, Any]:
-        lock = hashlib.blake2b(f'{self.caller}\0{self.key}'.encode(), digest_size=8).digest()
-        return {
-            'caller': self.caller,
-            'key': self.key,
-            'ttl': self.ttl,
-            'lock': int.from_bytes(lock, 'big', signed=True),  # advisory locks take a bigint
-        }
+        return {'caller': self.caller, 'key': self.key, 'ttl': self.ttl}
+
+    @property
+    def lock(self) -> int:
+        """The advisory lock of (caller, key): a 64-bit hash, as pg_try_advisory_xact_lock takes."""
+        digest = hashlib.blake2b(f'{self.caller}\0{self.key}'.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, 'big', signed=True)
 
 
 def requested_key(environ: Mapping[str, Any]) -> str | None:
@@ -169,7 +187,7 @@ def begin(conn: Connection, claim: Claim) -> Served | None:
     once the key's lock is held, for the action to run. 409 when another request holds it."""
     try:
         with conn.cursor(cursor_factory=Cursor) as cursor:
-            cursor.execute(LOOKUP, claim.params)
+            execute_prepared(cursor, LOOKUP, {**claim.params, 'lock': claim.lock})
             row = cast(tuple[Any, ...], cursor.fetchone())  # LOOKUP always answers one row
     except psycopg2.errors.UndefinedTable:
         raise not_set_up(conn) from None
@@ -184,7 +202,8 @@ def store(conn: Connection, claim: Claim, served: Served) -> bool:
     """Store `served` in `conn`'s transaction; False when a live answer is there already (stored
     by a request that committed after `begin` read): this transaction must then roll back."""
     with conn.cursor(cursor_factory=Cursor) as cursor:
-        cursor.execute(
+        execute_prepared(
+            cursor,
             STORE,
             {
                 **claim.params,
@@ -203,7 +222,7 @@ def stored_answer(conn: Connection, claim: Claim) -> Served:
     yet (the request that holds the key has not committed)."""
     try:
         with conn.cursor(cursor_factory=Cursor) as cursor:
-            cursor.execute(STORED, claim.params)
+            execute_prepared(cursor, STORED, claim.params)
             row = cursor.fetchone()
     finally:
         conn.rollback()

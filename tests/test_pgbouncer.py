@@ -176,6 +176,29 @@ def test_transactions_commit_and_roll_back(app: Flask, pg: PrivatePostgres) -> N
     assert notes == [(kept_note,)]
 
 
+def test_an_idempotency_key_and_a_batch_through_pgbouncer(app: Flask, pg: PrivatePostgres) -> None:
+    """The key's lock and statements live in the request's transaction: nothing on the session."""
+    client = app.test_client()
+    key_note = note()
+    keyed = {**AUTH, 'Idempotency-Key': key_note}
+    first = client.post('/probe/write_note', json={'note': key_note}, headers=keyed)
+    again = client.post('/probe/write_note', json={'note': key_note}, headers=keyed)
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.headers['Idempotent-Replayed'] == 'true' and again.data == first.data
+    batch_notes = sorted([note(), note()])
+    steps = [{'action': 'probe/write_note', 'body': {'note': text}} for text in batch_notes]
+    failing = {'action': 'probe/write_then_fail', 'body': {'note': note()}}
+    assert client.post('/batch', json={'actions': [*steps, failing]}, headers=AUTH).status_code == 500
+    assert client.post('/batch', json={'actions': steps}, headers=AUTH).status_code == 200
+    rows = pg.query(
+        'SELECT note, count(*) FROM probe_log WHERE note = ANY(%s) GROUP BY note ORDER BY note',
+        [[key_note, *batch_notes]],
+        dbname=DBNAME,
+    )
+    assert rows == sorted([(key_note, 1), *[(text, 1) for text in batch_notes]])
+    assert sessions_idle_in_transaction(pg) == []
+
+
 def test_concurrent_upserts_of_one_key_leave_one_row(
     through: dict[str, Any], log_dir: str, pg: PrivatePostgres
 ) -> None:
