@@ -14,11 +14,12 @@ path or action is never counted under the name a client sent), `status` is a sta
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
 import weakref
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -48,7 +49,7 @@ from lib.scope import RequestScope
 METRICS_KEY = 'dbapi.metrics'  # in app.extensions, when METRICS is on
 # prometheus_client chose its storage when it was imported, from the same variable.
 MULTIPROCESS = bool(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))
-SAMPLE_SECONDS = 1.0  # how often each worker writes its counts, durations and pools' state (multiprocess mode)
+SAMPLE_SECONDS = 1.0  # how often each process writes its counts, durations and pools' state
 NO_SQLSTATE = 'none'  # the connection itself failed: libpq gives no SQLSTATE
 
 REQUESTS = Counter(
@@ -104,11 +105,64 @@ DB_ERRORS = Counter(
 BUILD_INFO = Gauge('dbapi_build_info', 'The running version (pyproject.toml)', ['version'], multiprocess_mode='livemax')
 
 RequestLabels = tuple[str, str, int, str]  # module, action, status, caller
-# (module, action) -> this process's requests by duration bucket (the last one +Inf), then their
-# seconds: what DURATION_BUCKETS and DURATION_SUM hold for it. The process's, like the gauges,
-# whichever of its apps flushes.
-WRITTEN_DURATIONS: dict[tuple[str, str], list[float]] = {}
+# The duration buckets' bounds in integer nanoseconds: the number of durations <= a bound is the
+# count of its bucket (`le` is inclusive), found without converting a duration to seconds.
+DURATION_BOUNDS_NS = tuple(round(bound * 1e9) for bound in DURATION_BOUNDS)
+
+
+class Tally:
+    """One (module, action)'s requests in this process.
+
+    A request only appends to `durations` and `keys` (list.append is atomic: no lock on the
+    request's path); flush() takes what was appended, counts it, and adds it to the totals.
+    """
+
+    __slots__ = ('action', 'buckets', 'durations', 'keys', 'module', 'nanoseconds')
+
+    def __init__(self, module: str, action: str) -> None:
+        self.module = module
+        self.action = action
+        self.durations: list[int] = []  # nanoseconds of each request not yet flushed
+        self.keys: list[tuple[int, str | None]] = []  # (status, caller) of each, 0 and None as given
+        # Since the process started, what DURATION_BUCKETS and DURATION_SUM hold once flushed:
+        # requests at or under each bound (cumulative, the last one +Inf) and their nanoseconds.
+        self.buckets = [0] * len(DURATION_LE)
+        self.nanoseconds = 0
+
+
+# The process's tallies, whichever of its apps counted or flushes them (the series are the
+# process's too): (module, action) -> Tally, bounded as the labels are. FLUSH_LOCK makes one
+# flush at a time: a flush takes its items from the front of the lists, requests append at the end.
+TALLIES: dict[tuple[str, str], Tally] = {}
 FLUSH_LOCK = threading.Lock()
+LIVE_METRICS: weakref.WeakSet[Metrics] = weakref.WeakSet()
+
+
+def tally_of(module: str, action: str) -> Tally:
+    return TALLIES.setdefault((module, action), Tally(module, action))
+
+
+def taken(items: list[Any]) -> list[Any]:
+    """The items appended so far, removed from `items`; appends made meanwhile stay."""
+    count = len(items)
+    first = items[:count]
+    del items[:count]
+    return first
+
+
+def forget_after_fork() -> None:
+    """In a forked child: its files start empty, so do its totals; its parent's unflushed
+    requests are the parent's. Each app finds its tallies again, and its first request starts
+    the child's sampler (Metrics.record)."""
+    global FLUSH_LOCK
+    FLUSH_LOCK = threading.Lock()  # a parent's thread may have held it
+    TALLIES.clear()
+    for metrics in LIVE_METRICS:
+        metrics.tallies.clear()  # in place: MeteredRecords holds it
+        metrics.sample_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=forget_after_fork)
 
 
 class Metrics:
@@ -117,16 +171,14 @@ class Metrics:
     def __init__(self, app: Flask) -> None:
         self.pools: Pools = app.extensions[POOLS_KEY]
         self.modules = module_tables(app)
-        # (module, action) -> requests by duration bucket, then their seconds, since the last flush.
-        self.timed: dict[tuple[str, str], list[float]] = {}
-        # Requests counted since the last flush: a dict entry here costs a fraction of a write to
-        # the worker's file, and dbapi_requests_total is brought up to date every SAMPLE_SECONDS,
-        # before each scrape and when the worker exits (flush).
-        self.counted: dict[RequestLabels, int] = {}
-        self.counted_lock = threading.Lock()
+        # module -> action -> its tally, for the registered actions requested in this process:
+        # what labels() gives a request whose scope names both, found without building labels.
+        self.tallies: dict[str | None, dict[str | None, Tally]] = {}
         self.sampled: dict[str, tuple[int, int, int]] = {}  # database -> (idle, in use, size) last written
+        self.sample_lock = threading.Lock()
         self.sampler_pid = 0
         self.lock = threading.Lock()
+        LIVE_METRICS.add(self)
         BUILD_INFO.labels(project_version()).set(1)
         for database in app.config['DATABASES']:  # every series present from the start, at 0
             POOL_TIMEOUTS.labels(database)
@@ -136,42 +188,46 @@ class Metrics:
                 POOL_CONNECTIONS.labels(database, state).set(0)
 
     def record(self, exchange: Exchange, duration_ns: int) -> None:
-        """The metrics of one finished request: called once per request, whatever answered it."""
+        """The metrics of one finished request, whatever answered it. MeteredRecords.write
+        calls it for the requests it does not count itself: a database error, the first
+        request of an action in this process, or one without a registered action. It caches
+        a registered action's tally for MeteredRecords, and the first request of a process
+        starts its sampler."""
+        if self.sampler_pid != process.pid:
+            self.start_sampler()
         scope = exchange.scope
         if scope.database_error is not None:
             self.database_error(scope.database or '', scope.database_error)
-        if MULTIPROCESS and self.sampler_pid != process.pid:
-            self.start_sampler()
-        labels = self.labels(scope, exchange.environ, exchange.status or 500)
+        status = exchange.status or 500
+        labels = self.labels(scope, exchange.environ, status)
         if labels is None:
             return
-        seconds = duration_ns / 1e9
-        bucket = bisect_left(DURATION_BOUNDS, seconds)  # the first bound >= seconds: `le` is inclusive
-        with self.counted_lock:
-            self.counted[labels] = self.counted.get(labels, 0) + 1
-            timed = self.timed.get(labels[:2])
-            if timed is None:
-                timed = self.timed[labels[:2]] = [0.0] * (len(DURATION_LE) + 1)
-            timed[bucket] += 1
-            timed[-1] += seconds
+        module, action, _, caller = labels
+        tally = tally_of(module, action)
+        if scope.module is not None and action == scope.action and action in self.modules.get(module, {}):
+            self.tallies.setdefault(module, {})[action] = tally
+        tally.durations.append(duration_ns)
+        tally.keys.append((status, caller))
 
     def flush(self) -> None:
-        """Write what was counted and timed since the last flush to this worker's series."""
+        """Write what this process counted since the last flush to its series: every app's,
+        whichever flushes (every SAMPLE_SECONDS from the sampler, before a scrape, at exit)."""
         with FLUSH_LOCK:
-            with self.counted_lock:
-                counted, self.counted = self.counted, {}
-                timed, self.timed = self.timed, {}
-            for (module, action, status, caller), count in counted.items():
-                REQUESTS.labels(module, action, str(status), caller).inc(count)
-            for key, new in timed.items():
-                totals = WRITTEN_DURATIONS.setdefault(key, [0.0] * len(new))
-                cumulative = 0.0
-                for index, le in enumerate(DURATION_LE):
-                    totals[index] += new[index]
-                    cumulative += totals[index]
-                    DURATION_BUCKETS.labels(*key, le).set(cumulative)
-                totals[-1] += new[-1]
-                DURATION_SUM.labels(*key).set(totals[-1])
+            for tally in list(TALLIES.values()):
+                if not tally.keys:
+                    continue
+                keys, durations = taken(tally.keys), taken(tally.durations)
+                module, action = tally.module, tally.action
+                for (status, caller), count in collections.Counter(keys).items():
+                    REQUESTS.labels(module, action, str(status or 500), caller or '').inc(count)
+                durations.sort()
+                for index, bound in enumerate(DURATION_BOUNDS_NS):
+                    tally.buckets[index] += bisect_right(durations, bound)  # durations <= bound
+                tally.buckets[-1] += len(durations)
+                tally.nanoseconds += sum(durations)
+                for le, cumulative in zip(DURATION_LE, tally.buckets, strict=True):
+                    DURATION_BUCKETS.labels(module, action, le).set(cumulative)
+                DURATION_SUM.labels(module, action).set(tally.nanoseconds / 1e9)
 
     def labels(self, scope: RequestScope, environ: Mapping[str, Any], status: int) -> RequestLabels | None:
         """The request's labels; None for what Flask answered other than a 404 (health, /metrics,
@@ -200,19 +256,22 @@ class Metrics:
         POOL_TIMEOUTS.labels(pool).inc()
 
     def sample_pools(self) -> None:
-        """Write this process's pools' state, where it changed since the last time."""
-        for name, stats in self.pools.stats().items():
-            sample = (stats['idle'], stats['open'] - stats['idle'], stats['max'])
-            if self.sampled.get(name) == sample:
-                continue
-            self.sampled[name] = sample
-            POOL_CONNECTIONS.labels(name, 'idle').set(sample[0])
-            POOL_CONNECTIONS.labels(name, 'in_use').set(sample[1])
-            POOL_SIZE.labels(name).set(sample[2])
+        """Write this process's pools' state, where it changed since the last time (one sample
+        at a time: the sampler's cannot overwrite a scrape's newer one)."""
+        with self.sample_lock:
+            for name, stats in self.pools.stats().items():
+                sample = (stats['idle'], stats['open'] - stats['idle'], stats['max'])
+                if self.sampled.get(name) == sample:
+                    continue
+                self.sampled[name] = sample
+                POOL_CONNECTIONS.labels(name, 'idle').set(sample[0])
+                POOL_CONNECTIONS.labels(name, 'in_use').set(sample[1])
+                POOL_SIZE.labels(name).set(sample[2])
 
     def start_sampler(self) -> None:
-        """Each worker writes its pools' state every SAMPLE_SECONDS from a thread of its own:
-        a scrape is answered by one worker, which cannot read the others' pools."""
+        """Each process flushes its requests and writes its pools' state every SAMPLE_SECONDS
+        from a thread of its own: a scrape is answered by one worker, which cannot read the
+        others' pools, and what requests append waits for a flush."""
         with self.lock:
             if self.sampler_pid == process.pid:
                 return
@@ -240,12 +299,23 @@ class MeteredRecords(AccessRecords):
     def __init__(self, proxy_hops: int, metrics: Metrics) -> None:
         super().__init__(proxy_hops)
         self.metrics = metrics
+        self.tallies = metrics.tallies
 
     def write(self, exchange: Exchange, duration_ns: int, error: BaseException | None) -> None:
+        """The record, then the request's metrics: for a registered action's request without a
+        database error, two appends to its tally, here rather than in Metrics.record (a call
+        less per request); Metrics.record for any other."""
         try:
-            super().write(exchange, duration_ns, error)
+            AccessRecords.write(self, exchange, duration_ns, error)  # not super(): a lookup less
         finally:
-            self.metrics.record(exchange, duration_ns)
+            scope = exchange.scope
+            by_action = self.tallies.get(scope.module)
+            tally = None if by_action is None else by_action.get(scope.action)
+            if tally is None or scope.database_error is not None:
+                self.metrics.record(exchange, duration_ns)
+            else:
+                tally.durations.append(duration_ns)
+                tally.keys.append((exchange.status, scope.caller))
 
 
 def replica_pids() -> list[int]:

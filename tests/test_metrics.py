@@ -7,6 +7,7 @@ series are the process's, shared by every app the tests make: each test reads di
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import tomllib
@@ -19,8 +20,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from lib import metrics as metrics_module
+from lib.access_log import AccessRecords, Exchange
 from lib.db import POOLS_KEY
 from lib.metrics import METRICS_KEY, Metrics, scrape_registry
+from lib.scope import RequestScope
 from tests.conftest import AUTH, make_app
 from tests.private_pg import free_port
 
@@ -309,3 +313,67 @@ def test_two_apps_in_one_process_add_up(client: FlaskClient, database: dict[str,
         assert first() == [3]  # the series are the process's: neither app's flush hides the other's
     finally:
         other.extensions[POOLS_KEY].close()
+
+
+def test_requests_from_many_threads_during_flushes_are_each_counted_once(client: FlaskClient) -> None:
+    """Requests only append to their action's tally, with no lock; flushes take from the front
+    of the same lists meanwhile. None is lost or counted twice."""
+    app = client.application
+    series = requests_of('probe', 'returns_none', '200'), duration_of('probe', 'returns_none')
+    deltas = Deltas(app, *series)
+    metrics: Metrics = app.extensions[METRICS_KEY]
+    threads, each = 4, 100
+    done = threading.Event()
+
+    def send() -> None:
+        own = app.test_client()
+        for _ in range(each):
+            assert post(own, '/probe/returns_none').status_code == 200
+
+    def flush_until_done() -> None:
+        while not done.is_set():
+            metrics.flush()
+
+    flusher = threading.Thread(target=flush_until_done)
+    flusher.start()
+    senders = [threading.Thread(target=send) for _ in range(threads)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(60)
+    done.set()
+    flusher.join(10)
+    assert deltas() == [threads * each, threads * each]
+
+
+def test_a_duration_on_a_bound_is_in_that_bound_s_bucket(app: Flask) -> None:
+    """`le` is inclusive: exactly 1 ms is in le=0.001, a nanosecond more is not."""
+    metrics: Metrics = app.extensions[METRICS_KEY]
+    labels = {'module': 'probe', 'action': 'returns_none'}
+    deltas = Deltas(
+        app,
+        ('dbapi_request_duration_seconds_bucket', {**labels, 'le': '0.001'}),
+        ('dbapi_request_duration_seconds_bucket', {**labels, 'le': '0.0025'}),
+        ('dbapi_request_duration_seconds_count', labels),
+    )
+    before = value(app, 'dbapi_request_duration_seconds_sum', **labels)
+    for duration_ns in (1_000_000, 1_000_001):
+        scope = RequestScope('bound', app.extensions[POOLS_KEY], module='probe', action='returns_none', caller='x')
+        exchange = Exchange(AccessRecords(0), {'PATH_INFO': '/probe/returns_none'}, scope, lambda *_: None)
+        exchange.status = 200
+        metrics.record(exchange, duration_ns)
+    assert deltas() == [1, 2, 2]
+    assert value(app, 'dbapi_request_duration_seconds_sum', **labels) - before == pytest.approx(0.002000001)
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork on this platform')
+def test_a_forked_child_starts_from_no_requests(client: FlaskClient) -> None:
+    """A child's files start empty: what its parent counted and had not flushed is not the
+    child's to write, and its totals start at 0."""
+    assert post(client, '/probe/returns_none').status_code == 200
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only
+        empty = all(not tally.keys and tally.buckets[-1] == 0 for tally in metrics_module.TALLIES.values())
+        os._exit(0 if empty and not client.application.extensions[METRICS_KEY].tallies else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
