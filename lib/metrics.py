@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from lib import process
 from lib.access_log import AccessRecords, Exchange
 from lib.actions import module_tables
+from lib.batch import NAME as BATCH
 from lib.config import project_version
 from lib.db import POOLS_KEY, Pools
 from lib.pool import ConnectionPool, PoolError
@@ -101,6 +102,21 @@ DB_ERRORS = Counter(
     'dbapi_db_errors_total',
     'Database errors answered, by SQLSTATE class ("none": the connection failed, no SQLSTATE)',
     ['database', 'sqlstate_class'],
+)
+REPLAYS = Counter(
+    'dbapi_idempotent_replays_total',
+    'Answers replayed for a repeated Idempotency-Key, the action not run again (batch: module "batch")',
+    ['module', 'action'],
+)
+BATCH_STEPS = Histogram(
+    'dbapi_batch_steps',
+    'Steps per POST /batch, for the batches whose steps were all checked',
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+BATCH_ACTIONS = Counter(
+    'dbapi_batch_actions_total',
+    "Steps of batches, by action and the batch's status (every step, run or rolled back, shares it)",
+    ['module', 'action', 'status'],
 )
 BUILD_INFO = Gauge('dbapi_build_info', 'The running version (pyproject.toml)', ['version'], multiprocess_mode='livemax')
 
@@ -199,6 +215,10 @@ class Metrics:
         if scope.database_error is not None:
             self.database_error(scope.database or '', scope.database_error)
         status = exchange.status or 500
+        if scope.replayed:
+            REPLAYS.labels(scope.module or '', scope.action or '').inc()
+        if scope.module == BATCH:
+            self.batch(scope, status)
         labels = self.labels(scope, exchange.environ, status)
         if labels is None:
             return
@@ -229,13 +249,26 @@ class Metrics:
                     DURATION_BUCKETS.labels(module, action, le).set(cumulative)
                 DURATION_SUM.labels(module, action).set(tally.nanoseconds / 1e9)
 
+    def batch(self, scope: RequestScope, status: int) -> None:
+        """A batch's size and its steps' actions, once all its steps were checked (a replayed
+        batch ran none)."""
+        if scope.steps is None or scope.replayed:
+            return
+        BATCH_STEPS.observe(len(scope.steps))
+        for name in scope.steps:
+            module, _, action = name.partition('/')
+            BATCH_ACTIONS.labels(module, action, str(status)).inc()
+
     def labels(self, scope: RequestScope, environ: Mapping[str, Any], status: int) -> RequestLabels | None:
         """The request's labels; None for what Flask answered other than a 404 (health, /metrics,
-        the docs): those are the infrastructure's requests, not the API's."""
+        the docs): those are the infrastructure's requests, not the API's. A batch is module
+        `batch`, action `""`."""
         caller = scope.caller or ''
         module, action = scope.module, scope.action
         if module is None:
             return ('', '', status, caller) if status == 404 else None
+        if module == BATCH:
+            return (BATCH, '', status, caller)
         if action is None:  # refused before the action was looked up (401), or not one (404)
             route = environ.get('PATH_INFO', '')[len(module) + 2 :]
             action = route if route in self.modules.get(module, {}) else None
@@ -303,7 +336,7 @@ class MeteredRecords(AccessRecords):
 
     def write(self, exchange: Exchange, duration_ns: int, error: BaseException | None) -> None:
         """The record, then the request's metrics: for a registered action's request without a
-        database error, two appends to its tally, here rather than in Metrics.record (a call
+        database error or a replay, two appends to its tally, here rather than in Metrics.record (a call
         less per request); Metrics.record for any other."""
         try:
             AccessRecords.write(self, exchange, duration_ns, error)  # not super(): a lookup less
@@ -311,7 +344,7 @@ class MeteredRecords(AccessRecords):
             scope = exchange.scope
             by_action = self.tallies.get(scope.module)
             tally = None if by_action is None else by_action.get(scope.action)
-            if tally is None or scope.database_error is not None:
+            if tally is None or scope.database_error is not None or scope.replayed:
                 self.metrics.record(exchange, duration_ns)
             else:
                 tally.durations.append(duration_ns)

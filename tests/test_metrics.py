@@ -377,3 +377,28 @@ def test_a_forked_child_starts_from_no_requests(client: FlaskClient) -> None:
         os._exit(0 if empty and not client.application.extensions[METRICS_KEY].tallies else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_idempotent_replays_and_batches(client: FlaskClient) -> None:
+    app = client.application
+    deltas = Deltas(
+        app,
+        requests_of('probe', 'write_note', '200'),
+        ('dbapi_idempotent_replays_total', {'module': 'probe', 'action': 'write_note'}),
+        requests_of('batch', '', '200'),
+        requests_of('batch', '', '422'),
+        ('dbapi_batch_steps_count', {}),
+        ('dbapi_batch_steps_sum', {}),
+        ('dbapi_batch_actions_total', {'module': 'probe', 'action': 'write_note', 'status': '200'}),
+        ('dbapi_batch_actions_total', {'module': 'probe', 'action': 'returns_none', 'status': '200'}),
+        ('dbapi_idempotent_replays_total', {'module': 'batch', 'action': ''}),
+    )
+    key = {**AUTH, 'Idempotency-Key': f'metrics-{os.getpid()}-{time.monotonic_ns()}'}
+    for _ in range(3):
+        assert post(client, '/probe/write_note', {'note': 'counted'}, headers=key).status_code == 200
+    steps = [{'action': 'probe/write_note', 'body': {'note': 'step'}}] * 2 + [{'action': 'probe/returns_none'}]
+    batch_key = {**AUTH, 'Idempotency-Key': f'metrics-batch-{os.getpid()}-{time.monotonic_ns()}'}
+    for _ in range(2):
+        assert post(client, '/batch', {'actions': steps}, headers=batch_key).status_code == 200
+    assert post(client, '/batch', {'actions': []}).status_code == 422  # no step checked: no size
+    assert deltas() == [3, 2, 2, 1, 1, 3, 2, 1, 1]  # the replayed batch ran no step
