@@ -2,17 +2,20 @@
 
 A client that retries every failed or timed-out request writes 2,000 appends that are not
 idempotent by themselves (tests/modules/ledger's `append`, one row per call) through real nginx
-and three gunicorn replicas, while one replica is SIGKILLed and, later, its private PostgreSQL is
-restarted. With a key per append, every append's row exists exactly once and every answer the
-client kept is the one stored for its key. The same run without keys counts the appends written
-twice or not at all (tests/figures.py: the README quotes it).
+and three gunicorn replicas, while one replica is SIGKILLed, its private PostgreSQL restarted,
+and another replica frozen longer than the client waits. With a key per append, every append's
+row exists exactly once and every answer the client kept is the one stored for its key. The same
+run without keys counts the appends written twice or not at all (tests/figures.py: the README
+quotes it).
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -45,6 +48,8 @@ RUN_DEADLINE = 120.0  # seconds: a run that cannot finish fails instead of hangi
 # The faults, by the share of the appends answered when they strike: mid-run, whatever the speed.
 KILL_AT = 0.2
 PG_RESTART_AT = 0.55
+STALL_AT = 0.8
+STALL_SECONDS = 1.5  # a replica frozen (a long GC pause, a stalled VM) longer than the client waits
 IN_USE = 'urn:dbapi:problem:idempotency-key-in-use'
 
 
@@ -178,7 +183,9 @@ def failed(response: requests.Response) -> bool:
 @dataclass
 class Faults:
     """Mid-run: SIGKILL of one replica's master and workers (started again at once: nginx sends
-    elsewhere until it listens), then PostgreSQL restarted (fast mode: sessions ended)."""
+    elsewhere until it listens), then PostgreSQL restarted (fast mode: sessions ended), then
+    another replica frozen (SIGSTOP) for longer than the client waits, and thawed: the requests it
+    held time out at the client, are sent again elsewhere, and then run as well."""
 
     top: Topology
     pg: PrivatePostgres
@@ -192,6 +199,14 @@ class Faults:
         replica.start(wait=False)
         self.struck['pg-restart'] = client.wait_answered(PG_RESTART_AT)
         self.pg.restart('fast')
+        frozen = self.top.replicas[(self.victim + 1) % REPLICAS]
+        assert frozen.process is not None
+        self.struck['stall'] = client.wait_answered(STALL_AT)
+        os.killpg(frozen.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(STALL_SECONDS)
+        finally:
+            os.killpg(frozen.process.pid, signal.SIGCONT)
 
 
 def run_with_faults(top: Topology, pg: PrivatePostgres, keyed: bool, victim: int) -> AtLeastOnce:
@@ -207,7 +222,7 @@ def run_with_faults(top: Topology, pg: PrivatePostgres, keyed: bool, victim: int
     striker.join(60)
     assert not striker.is_alive(), 'the faults did not finish'
     assert len(client.answers) == WRITES, f'{WRITES - len(client.answers)} appends unanswered after {RUN_DEADLINE} s'
-    assert set(faults.struck) == {'kill', 'pg-restart'}, faults.struck
+    assert set(faults.struck) == {'kill', 'pg-restart', 'stall'}, faults.struck
     assert all(answered < WRITES for answered in faults.struck.values()), (
         f'a fault struck after the run: {faults.struck}'
     )
