@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         'rounds': plan.rounds,
         'connections': list(plan.connections),
         'server': server,
+        'callers': plan.callers,
         'elapsed_s': time.monotonic() - started,
         'quick': args.quick,
     }

@@ -20,6 +20,12 @@ SCENARIO_NAMES = {
 }
 
 
+def callers_note(meta: dict[str, Any]) -> str:
+    """How the app authenticated, when through a CALLERS_FILE (`--callers N`)."""
+    callers = meta.get('callers', 0)
+    return f', a CALLERS_FILE of {callers:,} callers loaded' if callers else ''
+
+
 def write_json(path: Path, meta: dict[str, Any], results: list[Measurement], verdicts: list[Verdict]) -> None:
     document = {
         'meta': meta,
@@ -74,7 +80,7 @@ def readme_block(meta: dict[str, Any], verdicts: list[Verdict]) -> str:
     lines = [
         README_START,
         f'Latest full run: {meta["started"]}, {meta["server"]}, {meta["seconds_per_run"]:g} s per measurement '
-        f'in {meta.get("rounds", 1)} alternating rounds, on a shared 2-core machine.',
+        f'in {meta.get("rounds", 1)} alternating rounds{callers_note(meta)}, on a shared 2-core machine.',
         '',
         *targets_table(verdicts),
         '',
