@@ -88,7 +88,7 @@ SWEEP = """
 DELETE FROM dbapi_idempotency WHERE (caller, key) IN (
     SELECT caller, key FROM dbapi_idempotency
     WHERE created_at <= now() - make_interval(secs => %(ttl)s)
-    ORDER BY created_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+    LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
 """
 
 
