@@ -20,6 +20,7 @@ from psycopg2 import errors, sql
 from app import create_app
 from lib.config import KNOWN_TOKENS, ConfigError, build_config
 from lib.db import Db
+from tests.conftest import ClosingClient
 from tests.private_pg import PrivatePostgres, private_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -296,6 +297,9 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                 'LOGGING': _logs(tmp_path_factory.mktemp('headers')),
             }
         )
+        # Every answer read whole and closed: one left open was closed by the garbage collector
+        # tests later, and its access record landed in a later test's log files.
+        app.test_client_class = ClosingClient
         yield app.test_client()
         app.extensions['dbapi.pools'].close()
 
