@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 
 from lib.apply_sql import apply_sql
-from lib.idempotency import sweep
+from lib.idempotency import SWEEPER, sweep
 from tests.conftest import AUTH, MODULES, PG, TOKEN, Api, create_database, drop_database, make_app, query
 from tests.ledger import app_fixture, fresh_ledger, ledger_app, notes, stored
 from tests.logs import access_records, read_lines
@@ -259,3 +259,29 @@ def test_without_the_table_the_client_gets_a_500_and_the_log_says_how_to_fix_it(
     assert response.get_json()['type'] == 'urn:dbapi:problem:idempotency-not-set-up'
     errors = [r for r in read_lines(log_dir) if r.get('log.level') == 'error']
     assert any('flask --app app apply-sql' in json.dumps(r) for r in errors)
+
+
+def test_a_keyed_request_starts_the_sweep_in_the_background(
+    ledger_database: dict[str, Any], log_dir: str, ledger
+) -> None:
+    """The sweep's own schedule: a keyed write starts it (at most once a minute per worker and
+    database), in a thread of its own; it deletes what expired and nothing else."""
+    query(
+        ledger,
+        'INSERT INTO dbapi_idempotency (caller, key, action, body_sha256, status, content_type, answer, created_at)'
+        " SELECT 'old', g::text, 'ledger/append', '', 200, 'application/json', '', now() - interval '2 days'"
+        ' FROM generate_series(1, 1500) AS g',
+    )
+    SWEEPER.next_at.clear()  # as in a new worker: the first keyed write starts a sweep
+    application = ledger_app(ledger_database, log_dir)
+    try:
+        response = application.test_client().post('/ledger/append', json={'note': 's'}, headers={**AUTH, **keyed('k')})
+        assert response.status_code == 200
+        deadline = time.monotonic() + 10
+        while query(ledger, "SELECT count(*) FROM dbapi_idempotency WHERE caller = 'old'") != [(0,)]:
+            assert time.monotonic() < deadline, 'the expired keys were not swept'
+            time.sleep(0.05)
+        assert SWEEPER.next_at['default'] > time.monotonic()  # the next one is a minute away
+    finally:
+        application.extensions['dbapi.pools'].close()
+    assert [row[:2] for row in stored(ledger)] == [('default', 'k')]
