@@ -34,12 +34,43 @@ COLUMN_NAME = attrgetter('name')  # of a cursor.description entry
 Row = dict[str, Any] | tuple[Any, ...]
 
 
+class HeldTransaction(RuntimeError):
+    """An action tried to end the transaction the request holds (a 500: a bug in the action)."""
+
+    def __init__(self, verb: str) -> None:
+        super().__init__(
+            f"an action cannot {verb} the request's transaction: lib.transaction commits it when the action"
+            ' returns and rolls it back when it raises (a batch and an Idempotency-Key rely on it); use'
+            ' transactional(conn) for a block of its own, or inject_conn(autocommit=True)'
+        )
+
+
 class PooledConnection(Connection):
-    """A psycopg2 connection that remembers whether its rows should be dicts."""
+    """A psycopg2 connection that remembers whether its rows should be dicts, and refuses to be
+    committed or rolled back by an action while its transaction is the request's (`held`);
+    psycopg2's `with conn:` ends a transaction through these same methods."""
 
     named: bool = True
     session_state = True  # lib/prepared.py may keep statements on it (not so behind pgbouncer)
     held: bool = False  # its transaction belongs to lib (lib.transaction): `transactional` nests in it
+
+    def commit(self) -> None:
+        if self.held:
+            raise HeldTransaction('commit')
+        super().commit()
+
+    def rollback(self) -> None:
+        if self.held:
+            raise HeldTransaction('roll back')
+        super().rollback()
+
+
+def release(conn: Connection) -> Connection:
+    """The connection's transaction is lib's to end now (lib.transaction, before it commits or
+    rolls back; before the pool resets it)."""
+    if isinstance(conn, PooledConnection):
+        conn.held = False
+    return conn
 
 
 class Pools:
@@ -167,7 +198,7 @@ class BorrowedConnection:
             raise
 
     def __exit__(self, *_: object) -> None:
-        self.pool.putconn(self.conn)  # rolled back first if the block left a transaction
+        self.pool.putconn(release(self.conn))  # rolled back first if the block left a transaction
 
 
 def connection(name: str, named: bool = True, autocommit: bool = True) -> BorrowedConnection:

@@ -18,7 +18,7 @@ from psycopg2.extensions import connection as Connection
 
 from lib import idempotency
 from lib.answer import Served, problem_answer
-from lib.db import BorrowedConnection
+from lib.db import BorrowedConnection, release
 from lib.decorators import ConnSpec
 from lib.errors import to_problem
 from lib.idempotency import Claim
@@ -35,7 +35,7 @@ def run(spec: ConnSpec, work: Work, claim: Claim | None, scope: RequestScope) ->
         if claim is None:
             served = work(conn)
             if not conn.autocommit:
-                conn.commit()
+                release(conn).commit()
             return served
         served = run_claimed(conn, work, claim, scope)
         idempotency.SWEEPER.due(scope.pools.get(spec.database), claim.ttl)
@@ -48,13 +48,13 @@ def run_claimed(conn: Connection, work: Work, claim: Claim, scope: RequestScope)
     (nothing was committed: a retry runs the work again)."""
     replayed = idempotency.begin(conn, claim)
     if replayed is not None:
-        conn.rollback()
+        release(conn).rollback()
         scope.replayed = True
         return replayed
     try:
         served = work(conn)
         if idempotency.store(conn, claim, served):
-            conn.commit()
+            release(conn).commit()
             return served
     except Exception as error:  # a 4xx is stored, anything else re-raised
         rollback_quietly(conn)
@@ -65,7 +65,7 @@ def run_claimed(conn: Connection, work: Work, claim: Claim, scope: RequestScope)
             raise problem from error
         return stored_or_replayed(conn, claim, problem_answer(problem, scope), scope)
     # Another request with the key committed after `begin` read: its answer is the key's.
-    conn.rollback()
+    release(conn).rollback()
     scope.replayed = True
     return idempotency.stored_answer(conn, claim)
 
@@ -79,4 +79,4 @@ def stored_or_replayed(conn: Connection, claim: Claim, served: Served, scope: Re
 def rollback_quietly(conn: Connection) -> None:
     """Roll back; on a broken connection that fails too, and the pool discards it on return."""
     with suppress(psycopg2.Error):
-        conn.rollback()
+        release(conn).rollback()

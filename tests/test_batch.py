@@ -246,3 +246,27 @@ def test_the_envelopes_errors_name_each_bad_member(api: Api, ledger, body: dict[
     response = api.post('/batch', body)
     assert response.status_code == 422
     assert response.get_json()['errors'] == errors
+
+
+# -- the request's transaction is lib's to end ------------------------------------------------
+
+
+@pytest.mark.parametrize('route', ['append_and_commit', 'append_in_with_conn'])
+def test_an_action_cannot_end_the_requests_transaction(api: Api, ledger, route: str, log_dir: str) -> None:
+    """Alone, keyed or in a batch: a commit of its own would break the batch's and the key's
+    all-or-nothing, so it is a 500 and nothing is written."""
+    assert api.post(f'/ledger/{route}', {'note': 'alone'}).status_code == 500
+    assert api.post(f'/ledger/{route}', {'note': 'keyed'}, headers={'Idempotency-Key': route}).status_code == 500
+    steps = [step('ledger/append', note='first'), step(f'ledger/{route}', note='second')]
+    response = api.post('/batch', {'actions': steps})
+    assert (response.status_code, response.get_json()['step']) == (500, 1)
+    assert notes(ledger) == []
+    assert stored(ledger) == []
+    logged = [r for r in read_lines(log_dir) if r.get('error.type') == 'HeldTransaction']
+    assert len(logged) == 3, logged
+    assert 'cannot' in logged[0]['error.message'] and 'transactional(conn)' in logged[0]['error.message']
+
+
+def test_an_autocommit_action_commits_its_own_transactions(api: Api, ledger) -> None:
+    assert api.post('/ledger/append_twice_committing', {'note': 'mine'}).get_json() == 2
+    assert notes(ledger) == ['mine', 'mine']

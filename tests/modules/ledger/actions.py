@@ -112,3 +112,36 @@ def append_elsewhere(conn: Connection, note: str) -> int:
 def echo(note: str) -> str:
     calls.append('echo')
     return note
+
+
+@use_schema(NoteSchema)
+@inject_conn(DEFAULT)
+def append_and_commit(conn: Connection, note: str) -> None:
+    """A bug: ends the request's transaction itself."""
+    calls.append('append_and_commit')
+    get_db_from_conn(conn).execute(INSERT, {'note': note, 'code': None})
+    conn.commit()
+
+
+@use_schema(NoteSchema)
+@inject_conn(DEFAULT)
+def append_in_with_conn(conn: Connection, note: str) -> None:
+    """The same bug, written with psycopg2's `with conn:`."""
+    calls.append('append_in_with_conn')
+    with conn:
+        get_db_from_conn(conn).execute(INSERT, {'note': note, 'code': None})
+
+
+@use_schema(NoteSchema)
+@inject_conn(DEFAULT, autocommit=True)
+def append_twice_committing(conn: Connection, note: str) -> int:
+    """In autocommit the transactions are the action's own: it may commit them."""
+    calls.append('append_twice_committing')
+    conn.autocommit = False
+    db = get_db_from_conn(conn)
+    db.execute(INSERT, {'note': note, 'code': None})
+    conn.commit()
+    db.execute(INSERT, {'note': note, 'code': None})
+    conn.commit()
+    conn.autocommit = True
+    return 2

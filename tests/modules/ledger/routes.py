@@ -14,5 +14,8 @@ routes = [
         'count',
         'append_elsewhere',
         'echo',
+        'append_and_commit',
+        'append_in_with_conn',
+        'append_twice_committing',
     )
 ]
