@@ -21,6 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -48,14 +49,13 @@ SWEEP_INTERVAL = 60.0  # seconds between a worker's sweeps of one database, plus
 
 # Prepared once per connection (lib/prepared.py): a keyed request runs two of them.
 KEY_TYPES = {'caller': 'text', 'key': 'text', 'ttl': 'double precision'}
+# The lock, and the key's row: live (its answer replays), expired (taken over), or none.
 LOOKUP = Prepared(
     """
 SELECT pg_try_advisory_xact_lock(%(lock)s), stored.action, stored.body_sha256, stored.status,
-       stored.content_type, stored.answer
+       stored.content_type, stored.answer, stored.created_at > now() - make_interval(secs => %(ttl)s)
 FROM (SELECT 1) AS one
-LEFT JOIN dbapi_idempotency AS stored
-  ON stored.caller = %(caller)s AND stored.key = %(key)s
- AND stored.created_at > now() - make_interval(secs => %(ttl)s)
+LEFT JOIN dbapi_idempotency AS stored ON stored.caller = %(caller)s AND stored.key = %(key)s
 """,
     **KEY_TYPES,
     lock='bigint',
@@ -67,7 +67,23 @@ WHERE caller = %(caller)s AND key = %(key)s AND created_at > now() - make_interv
 """,
     **KEY_TYPES,
 )
-# An expired row is taken over; a live one is left alone (no row changed: another request stored it).
+# The answer of a key that had no row: a row stored meanwhile by another request is a unique
+# violation, which stops the COMMIT sent with it.
+INSERT = Prepared(
+    """
+INSERT INTO dbapi_idempotency (caller, key, action, body_sha256, status, content_type, answer)
+VALUES (%(caller)s, %(key)s, %(action)s, %(digest)s, %(status)s, %(content_type)s, %(answer)s)
+""",
+    caller='text',
+    key='text',
+    action='text',
+    digest='bytea',
+    status='smallint',
+    content_type='text',
+    answer='bytea',
+)
+# The answer of a key whose row had expired: taken over; a live one is left alone (no row
+# changed: another request stored it meanwhile).
 STORE = Prepared(
     """
 INSERT INTO dbapi_idempotency AS stored (caller, key, action, body_sha256, status, content_type, answer)
@@ -182,50 +198,83 @@ def not_set_up(conn: Connection) -> ApiError:
     return ApiError(500, 'idempotency-not-set-up', 'Idempotency-Key cannot be used yet; the logs say why')
 
 
-def begin(conn: Connection, claim: Claim) -> Served | None:
-    """In `conn`'s transaction (begun by this call): the key's stored answer to replay, or None
-    once the key's lock is held, for the action to run. 409 when another request holds it."""
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """What `begin` found: the stored answer to replay, else whether an expired row is there."""
+
+    replay: Served | None
+    expired: bool = False
+
+
+def begin(conn: Connection, claim: Claim) -> Begun:
+    """Begin the claimed transaction on `conn` (autocommit for psycopg2: lib sends BEGIN and
+    COMMIT itself, each with a statement of its own, to save their round trips) and look the key
+    up: its live answer to replay, or nothing once its lock is taken, for the work to run. 409
+    when another request holds the lock; the transaction is then already rolled back."""
     try:
         with conn.cursor(cursor_factory=Cursor) as cursor:
-            execute_prepared(cursor, LOOKUP, {**claim.params, 'lock': claim.lock})
+            execute_prepared(cursor, LOOKUP, {**claim.params, 'lock': claim.lock}, before='BEGIN; ')
             row = cast(tuple[Any, ...], cursor.fetchone())  # LOOKUP always answers one row
     except psycopg2.errors.UndefinedTable:
+        rollback_quietly(conn)  # the PREPARE fails before any BEGIN went out: nothing else to end
         raise not_set_up(conn) from None
-    if row[1] is not None:
-        return replay(claim, row)
-    if not row[0]:
+    locked, live = row[0], row[6]
+    if live:
+        rollback(conn)
+        return Begun(replay(claim, row[:6]))
+    if not locked:
+        rollback(conn)
         raise in_use()
-    return None
+    return Begun(None, expired=live is not None)
 
 
-def store(conn: Connection, claim: Claim, served: Served) -> bool:
-    """Store `served` in `conn`'s transaction; False when a live answer is there already (stored
-    by a request that committed after `begin` read): this transaction must then roll back."""
+def commit_with_answer(conn: Connection, claim: Claim, served: Served, begun: Begun) -> bool:
+    """Store `served` and commit, the work's writes with it; False (rolled back) when a live
+    answer was stored meanwhile by a request that committed after `begin` read."""
+    params = {
+        'caller': claim.caller,
+        'key': claim.key,
+        'action': claim.action,
+        'digest': claim.digest,
+        'status': served.status,
+        'content_type': served.content_type,
+        'answer': served.body,
+    }
     with conn.cursor(cursor_factory=Cursor) as cursor:
-        execute_prepared(
-            cursor,
-            STORE,
-            {
-                **claim.params,
-                'action': claim.action,
-                'digest': claim.digest,
-                'status': served.status,
-                'content_type': served.content_type,
-                'answer': served.body,
-            },
-        )
-        return bool(cursor.rowcount)
+        if not begun.expired:
+            try:
+                execute_prepared(cursor, INSERT, params, after='; COMMIT')
+            except psycopg2.errors.UniqueViolation:
+                rollback(conn)
+                return False
+            return True
+        execute_prepared(cursor, STORE, {**params, 'ttl': claim.ttl})
+        if not cursor.rowcount:
+            rollback(conn)
+            return False
+        cursor.execute('COMMIT')
+        return True
+
+
+def rollback(conn: Connection) -> None:
+    """End the claimed transaction without its writes (lib sent its BEGIN: psycopg2 does not
+    know of it)."""
+    with conn.cursor() as cursor:
+        cursor.execute('ROLLBACK')
+
+
+def rollback_quietly(conn: Connection) -> None:
+    """Roll back; on a broken connection that fails too, and the pool discards it on return."""
+    with suppress(psycopg2.Error):
+        rollback(conn)
 
 
 def stored_answer(conn: Connection, claim: Claim) -> Served:
-    """The committed answer of the key, read in a transaction of its own; 409 when there is none
-    yet (the request that holds the key has not committed)."""
-    try:
-        with conn.cursor(cursor_factory=Cursor) as cursor:
-            execute_prepared(cursor, STORED, claim.params)
-            row = cursor.fetchone()
-    finally:
-        conn.rollback()
+    """The key's committed live answer (one statement, no transaction of its own); 409 when
+    there is none yet (the request that holds the key has not committed)."""
+    with conn.cursor(cursor_factory=Cursor) as cursor:
+        execute_prepared(cursor, STORED, claim.params)
+        row = cursor.fetchone()
     if row is None:
         raise in_use()
     return replay(claim, row)
@@ -237,18 +286,17 @@ def storable(problem: ApiError) -> bool:
 
 
 def store_alone(conn: Connection, claim: Claim, served: Served) -> Served:
-    """Store a failure's answer in a transaction of its own (the action's rolled back); the
+    """Store a failure's answer in a transaction of its own (the work's is rolled back); the
     answer to send: `served`, or the one another request stored meanwhile."""
+    begun = begin(conn, claim)
+    if begun.replay is not None:
+        return begun.replay
     try:
-        replayed = begin(conn, claim)
-        if replayed is not None:
-            return replayed
-        if store(conn, claim, served):
-            conn.commit()
-            return served
-    finally:
-        conn.rollback()  # nothing to do after a commit; after a failure, the transaction ends
-    return stored_answer(conn, claim)
+        stored = commit_with_answer(conn, claim, served, begun)
+    except BaseException:
+        rollback_quietly(conn)
+        raise
+    return served if stored else stored_answer(conn, claim)
 
 
 class Sweeper:

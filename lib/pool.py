@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 
 import psycopg2
 from psycopg2.extensions import (
+    STATUS_READY,
     TRANSACTION_STATUS_IDLE,
     TRANSACTION_STATUS_UNKNOWN,
 )
@@ -252,19 +253,23 @@ class ConnectionPool:
         return ages[1]
 
     def _reset(self, conn: Connection) -> bool:
-        """Bring a returned connection back to idle; False when it must be dropped."""
-        if conn.closed:
-            return False
+        """Bring a returned connection back to idle, for the server and for psycopg2 alike; False
+        when it must be dropped."""
         status = conn.info.transaction_status
-        if status == TRANSACTION_STATUS_IDLE:
+        if status == TRANSACTION_STATUS_IDLE and conn.status == STATUS_READY:
             return True
         if status == TRANSACTION_STATUS_UNKNOWN:
             return False
         try:
-            conn.rollback()
+            if conn.status != STATUS_READY:
+                conn.rollback()  # a transaction psycopg2 began (`with conn:` begins one even in autocommit)
+            if conn.info.transaction_status != TRANSACTION_STATUS_IDLE:
+                # One begun by SQL (lib.idempotency sends its own BEGIN), which psycopg2 never knew of.
+                with conn.cursor() as cursor:
+                    cursor.execute('ROLLBACK')
         except psycopg2.Error:
             return False
-        return conn.info.transaction_status == TRANSACTION_STATUS_IDLE
+        return conn.info.transaction_status == TRANSACTION_STATUS_IDLE and conn.status == STATUS_READY
 
     def _discard(self, conn: Connection) -> None:
         with suppress(psycopg2.Error):

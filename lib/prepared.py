@@ -105,21 +105,32 @@ def typed_text(query: str, types: Mapping[str, str]) -> str:
     return PLACEHOLDER.sub(replace, query)
 
 
-def execute_prepared(cursor: Cursor, statement: Prepared, params: Mapping[str, Any] | Sequence[Any] | None) -> None:
+def execute_prepared(
+    cursor: Cursor,
+    statement: Prepared,
+    params: Mapping[str, Any] | Sequence[Any] | None,
+    before: str = '',
+    after: str = '',
+) -> None:
     """Run `statement` on the cursor's connection, preparing it there first if need be; on a
-    connection that keeps no session state, as its plain text."""
+    connection that keeps no session state, as its plain text. `before` and `after` (SQL without
+    parameters, `BEGIN; ` and `; COMMIT` say) go out in the same message: one round trip."""
     if statement.params and type(params) is not dict and not isinstance(params, Mapping):
         raise TypeError(f'{statement!r} takes its parameters by name {statement.params}, not {type(params).__name__}')
     conn = cursor.connection
     if not getattr(conn, 'session_state', True):
-        cursor.execute(statement.plain, params or {})  # a mapping even when empty: psycopg2 then reads %% as %
+        # A mapping even when empty: psycopg2 then reads %% as %.
+        cursor.execute(escaped(before) + statement.plain + escaped(after), params or {})
         return
     prepared = names_prepared_on(conn)
     if statement.name not in prepared:
         cursor.execute(statement.prepare)
         prepared.add(statement.name)
     try:
-        cursor.execute(statement.call, params)
+        if before or after:
+            cursor.execute(escaped(before) + statement.call + escaped(after), params or {})
+        else:
+            cursor.execute(statement.call, params)
     except psycopg2.Error as error:
         if error.pgcode in STALE:
             # The server no longer holds the statement as this session believes. Closing the
@@ -127,6 +138,11 @@ def execute_prepared(cursor: Cursor, statement: Prepared, params: Mapping[str, A
             # than any other failure, so no repair in place (in a transaction there could be none).
             conn.close()
         raise
+
+
+def escaped(text: str) -> str:
+    """SQL text that goes out beside parameters: a literal % doubled, as psycopg2 reads it."""
+    return text.replace('%', '%%')
 
 
 def names_prepared_on(conn: Connection) -> set[str]:

@@ -11,9 +11,7 @@ connection goes back to its pool clean.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import suppress
 
-import psycopg2
 from psycopg2.extensions import connection as Connection
 
 from lib import idempotency
@@ -30,42 +28,43 @@ Work = Callable[[Connection], Served]
 def run(spec: ConnSpec, work: Work, claim: Claim | None, scope: RequestScope) -> Served:
     """`work` on a connection to `spec.database`: its answer once committed (without autocommit),
     or the key's stored answer. Raises what the work raised, after the rollback."""
+    if claim is not None:
+        # lib sends BEGIN and COMMIT itself, each with a statement of its own (lib.idempotency),
+        # so psycopg2 runs in autocommit; the transaction stays the request's (`held`).
+        with BorrowedConnection(spec.database, spec.named, autocommit=True, held=True) as conn:
+            served = run_claimed(conn, work, claim, scope)
+        idempotency.SWEEPER.due(scope.pools.get(spec.database), claim.ttl)
+        return served
     # Without autocommit lib holds the transaction: an action's `transactional()` nests in it.
     with BorrowedConnection(spec.database, spec.named, spec.autocommit, held=not spec.autocommit) as conn:
-        if claim is None:
-            served = work(conn)
-            if not conn.autocommit:
-                release(conn).commit()
-            return served
-        served = run_claimed(conn, work, claim, scope)
-        idempotency.SWEEPER.due(scope.pools.get(spec.database), claim.ttl)
+        served = work(conn)
+        if not conn.autocommit:
+            release(conn).commit()
         return served
 
 
 def run_claimed(conn: Connection, work: Work, claim: Claim, scope: RequestScope) -> Served:
     """`work` under `claim`: the stored answer if there is one; else the work's answer, stored
-    with its writes. A failure's 4xx answer is stored alone after the rollback; a 5xx is not
-    (nothing was committed: a retry runs the work again)."""
-    replayed = idempotency.begin(conn, claim)
-    if replayed is not None:
-        release(conn).rollback()
+    and committed with its writes. A failure's 4xx answer is stored alone after the rollback; a
+    5xx is not (nothing was committed: a retry runs the work again)."""
+    begun = idempotency.begin(conn, claim)
+    if begun.replay is not None:
         scope.replayed = True
-        return replayed
+        return begun.replay
     try:
         served = work(conn)
-        if idempotency.store(conn, claim, served):
-            release(conn).commit()
-            return served
+        stored = idempotency.commit_with_answer(conn, claim, served, begun)
     except Exception as error:  # a 4xx is stored, anything else re-raised
-        rollback_quietly(conn)
+        idempotency.rollback_quietly(conn)
         problem = to_problem(error)
         if not idempotency.storable(problem):
             if problem is error:
                 raise
             raise problem from error
         return stored_or_replayed(conn, claim, problem_answer(problem, scope), scope)
+    if stored:
+        return served
     # Another request with the key committed after `begin` read: its answer is the key's.
-    release(conn).rollback()
     scope.replayed = True
     return idempotency.stored_answer(conn, claim)
 
@@ -74,9 +73,3 @@ def stored_or_replayed(conn: Connection, claim: Claim, served: Served, scope: Re
     answered = idempotency.store_alone(conn, claim, served)
     scope.replayed = answered is not served
     return answered
-
-
-def rollback_quietly(conn: Connection) -> None:
-    """Roll back; on a broken connection that fails too, and the pool discards it on return."""
-    with suppress(psycopg2.Error):
-        release(conn).rollback()

@@ -14,6 +14,7 @@ import pytest
 from flask import Flask
 
 from lib.config import ConfigError, build_config
+from lib.db import HeldTransaction, PooledConnection, release
 from lib.pool import LIFETIME_JITTER, ConnectionPool, is_broken
 from tests.conftest import MODULES, PG, admin_connection, make_app, query
 
@@ -209,3 +210,36 @@ def test_the_apps_pools_get_the_configured_limits(database: dict[str, Any], log_
         assert (pool.max_lifetime, pool.max_idle) == (90.0, 30.5)
     finally:
         pools.close()
+
+
+@pytest.mark.parametrize('leaving', ['sql-begin', 'held-with-conn', 'psycopg2-transaction'])
+def test_a_connection_returned_inside_a_transaction_comes_back_idle_and_reused(leaving: str) -> None:
+    """Whoever began it: psycopg2 (autocommit off); SQL (lib.idempotency's own BEGIN, which
+    psycopg2 never knew of); or an action's `with conn:` on a held autocommit connection, whose
+    refused commit leaves psycopg2 believing in a transaction the server no longer has."""
+    pool = ConnectionPool('t', dict(PARAMS, connection_factory=PooledConnection), max_size=1, timeout=1)
+    try:
+        conn = pool.getconn()
+        pid = backend_pid(conn)
+        conn.autocommit = leaving != 'psycopg2-transaction'
+        with conn.cursor() as cursor:
+            if leaving == 'sql-begin':
+                cursor.execute('BEGIN; SELECT 1')
+            elif leaving == 'held-with-conn':
+                conn.held = True
+                with pytest.raises(HeldTransaction), conn:
+                    cursor.execute('SELECT 1')  # psycopg2 begins a transaction, even in autocommit
+                cursor.execute('ROLLBACK')  # the server's ends; psycopg2's does not know
+                release(conn)
+                assert conn.status != psycopg2.extensions.STATUS_READY
+            else:
+                cursor.execute('SELECT 1')
+        pool.putconn(conn)
+        again = pool.getconn()
+        assert again is conn and backend_pid(again) == pid  # reused, not replaced
+        assert again.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        assert again.status == psycopg2.extensions.STATUS_READY
+        again.autocommit = False  # psycopg2 agrees: no transaction it believes open
+        pool.putconn(again)
+    finally:
+        pool.close()
