@@ -20,14 +20,14 @@ from flask import Blueprint, Flask
 from marshmallow import Schema
 from psycopg2.extensions import connection as Connection
 
-from lib import idempotency, transaction
+from lib import transaction
 from lib.answer import Served, answer, problem_answer
 from lib.auth import authenticate, authorize
 from lib.body import read_body
 from lib.db import give_back_borrowed
 from lib.decorators import CONN_ATTR, RETURNS_ATTR, SCHEMA_ATTR, ConnSpec
 from lib.errors import ApiError, to_problem
-from lib.idempotency import Claim, requested_key
+from lib.idempotency import Claim, claim_of
 from lib.scope import RequestScope
 from lib.validation import arguments
 
@@ -111,10 +111,7 @@ def serve(
         authorize(caller, action.module, action.name)
         data, body = read_body(environ, config['MAX_CONTENT_LENGTH'])
         kwargs = arguments(action.schema, body)
-        key = scope.idempotency_key = requested_key(environ)
-        claim = None
-        if key is not None:
-            claim = idempotency.claim(key, caller.name, action.name, action.conn, data, config['IDEMPOTENCY_TTL'])
+        claim = claim_of(scope, environ, caller.name, action.name, action.conn, data, config['IDEMPOTENCY_TTL'])
         return call(action, kwargs, claim, scope)
     except Exception as error:  # noqa: BLE001 - every failure becomes a problem answer
         return problem_answer(to_problem(error), scope)

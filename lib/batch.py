@@ -18,7 +18,7 @@ from typing import Any
 
 from psycopg2.extensions import connection as Connection
 
-from lib import idempotency, transaction
+from lib import transaction
 from lib.actions import ALLOW_POST, MAX_NAME_IN_MESSAGE, Action
 from lib.answer import Served, problem_answer, result_data
 from lib.auth import authenticate, authorize
@@ -27,7 +27,7 @@ from lib.callers import Caller
 from lib.db import give_back_borrowed, rows_as
 from lib.decorators import ConnSpec
 from lib.errors import ApiError, to_problem
-from lib.idempotency import requested_key
+from lib.idempotency import claim_of
 from lib.json import dumps
 from lib.scope import RequestScope
 from lib.validation import arguments
@@ -181,10 +181,7 @@ def serve_batch(
         scope.steps = [step.action.name for step in steps]
         database = batch_database(steps)
         spec = None if database is None else ConnSpec(database, named=True, autocommit=False)
-        key = scope.idempotency_key = requested_key(environ)
-        claim = (
-            None if key is None else idempotency.claim(key, caller.name, NAME, spec, data, config['IDEMPOTENCY_TTL'])
-        )
+        claim = claim_of(scope, environ, caller.name, NAME, spec, data, config['IDEMPOTENCY_TTL'])
         if spec is None:
             return run_steps(steps, None)
         return transaction.run(spec, lambda conn: run_steps(steps, conn), claim, scope)

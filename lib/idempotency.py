@@ -35,6 +35,7 @@ from lib.decorators import ConnSpec
 from lib.errors import ApiError, bad_request
 from lib.pool import ConnectionPool
 from lib.prepared import Prepared, execute_prepared
+from lib.scope import RequestScope
 
 log = logging.getLogger('dbapi.idempotency')
 
@@ -144,11 +145,22 @@ def requested_key(environ: Mapping[str, Any]) -> str | None:
     return key
 
 
-def claim(key: str, caller: str, action: str, spec: ConnSpec | None, data: bytes, ttl: float) -> Claim | None:
-    """The request's claim on `key`, or None when `action` has nothing to protect (no database).
-    422 for an action in autocommit: its writes commit one by one, so no answer can be stored
-    with them."""
-    if spec is None:
+def claim_of(
+    scope: RequestScope,
+    environ: Mapping[str, Any],
+    caller: str,
+    action: str,
+    spec: ConnSpec | None,
+    data: bytes,
+    ttl: float,
+) -> Claim | None:
+    """The idempotency step of an action request or a batch (`action` is then `batch`): the
+    claim on the request's Idempotency-Key, kept in the scope for the access record; None
+    without a key, or when `action` has nothing to protect (no database). 400 for a malformed
+    key; 422 for an action in autocommit: its writes commit one by one, so no answer can be
+    stored with them."""
+    key = scope.idempotency_key = requested_key(environ)
+    if key is None or spec is None:
         return None
     if spec.autocommit:
         raise ApiError(
