@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 def record(pid: int, url: str, args: argparse.Namespace, token: str) -> int:
     output = args.out / f'profile-{args.scenario}.txt'
     spy = [str(VENV_BIN / 'py-spy'), 'record', '--pid', str(pid), '--duration', str(int(args.seconds))]
-    spy += ['--format', 'raw', '--output', str(output), '--nonblocking', '--rate', str(args.rate)]
+    # --gil: only samples holding the GIL, i.e. Python's own CPU, not the waits on PostgreSQL.
+    spy += ['--format', 'raw', '--output', str(output), '--nonblocking', '--gil', '--rate', str(args.rate)]
     load = threading.Thread(
         target=run_wrk,
         args=(url + PATHS[args.scenario], args.scenario, token, args.connections, args.seconds, args.scenario, 'x'),

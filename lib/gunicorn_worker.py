@@ -48,10 +48,11 @@ from gunicorn.workers.base import Worker
 class Connection:
     """A kept-alive client connection: its socket, its parser, and when it was last used."""
 
-    __slots__ = ('addr', 'answered', 'fd', 'last_used', 'parser', 'server', 'sock')
+    __slots__ = ('addr', 'answered', 'fd', 'last_used', 'out', 'parser', 'server', 'sock')
 
     def __init__(self, cfg: Any, sock: socket.socket, addr: Any, server: Any) -> None:
         self.sock = sock
+        self.out = OneSend(sock)  # what gunicorn's Response writes answers to
         self.fd = sock.fileno()  # kept: an error answer may close the socket before we do
         self.addr = addr
         self.server = server
@@ -64,6 +65,54 @@ class Connection:
         (gunicorn's gthread worker asks its parser's read-ahead buffer the same question.)"""
         held: int = self.parser.unreader.buf.getbuffer().nbytes
         return held > 0
+
+
+class OneSend:
+    """A connection's socket as gunicorn's `Response` writes an answer to it: the head is held
+    and leaves with the first bytes of the body in one send, so a small answer is one segment
+    and the client (nginx) reads it once, where `Response.write` makes two sends.
+
+    Order is never at stake: `finish()` ends each answer by sending what is still held (a head
+    without a body), and any other use of the socket (`send`, `sendfile`, ...) sends it first.
+    """
+
+    __slots__ = ('head', 'passing', 'sock')
+    # Above this, a body goes out in a send of its own rather than copied behind the head.
+    merge_limit = 256 * 1024
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.head = b''
+        self.passing = False  # the head is out: the rest of the answer goes straight through
+
+    def sendall(self, data: bytes) -> None:
+        if self.passing:
+            self.sock.sendall(data)
+        elif not self.head:
+            self.head = bytes(data)
+        else:
+            head, self.head, self.passing = self.head, b'', True
+            if len(data) > self.merge_limit:
+                self.sock.sendall(head)
+                self.sock.sendall(data)
+            else:
+                self.sock.sendall(head + data)
+
+    def release(self) -> None:
+        """Send what is held; what follows in this answer goes straight through."""
+        head, self.head, self.passing = self.head, b'', True
+        if head:
+            self.sock.sendall(head)
+
+    def finish(self) -> None:
+        """The answer is whole: send what is still held; the next answer starts afresh. (After
+        a failed answer the worker closes the connection: what was held is dropped with it.)"""
+        self.release()
+        self.passing = False
+
+    def __getattr__(self, name: str) -> Any:
+        self.release()
+        return getattr(self.sock, name)
 
 
 class DrainingKeepAliveWorker(Worker):
@@ -301,7 +350,7 @@ class DrainingKeepAliveWorker(Worker):
         try:
             self.cfg.pre_request(self, req)
             request_start = datetime.now()
-            resp, environ = wsgi.create(req, conn.sock, conn.addr, conn.server, self.cfg)
+            resp, environ = wsgi.create(req, conn.out, conn.addr, conn.server, self.cfg)
             self.nr += 1
             if self.nr >= self.max_requests and self.alive:
                 self.log.info('Autorestarting worker after current request.')
@@ -319,6 +368,7 @@ class DrainingKeepAliveWorker(Worker):
                 for item in respiter:
                     resp.write(item)
                 resp.close()
+                conn.out.finish()  # the answer is whole: what is still held goes out
             finally:
                 self.log.access(resp, req, environ, datetime.now() - request_start)
                 if hasattr(respiter, 'close'):

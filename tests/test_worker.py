@@ -31,7 +31,7 @@ from gunicorn.config import Config
 from gunicorn.http import wsgi
 from gunicorn.http.message import Request
 
-from lib.gunicorn_worker import Connection, DrainingKeepAliveWorker, bound_socket_calls, discard_body
+from lib.gunicorn_worker import Connection, DrainingKeepAliveWorker, OneSend, bound_socket_calls, discard_body
 from scripts.topology import wait_until
 from tests.service import TOKEN, Service, running_service
 
@@ -396,6 +396,87 @@ def test_the_parser_reports_a_pipelined_request_and_its_fields() -> None:
         second = next(conn.parser)
         assert (second.path, second.req_number, second.body.read()) == ('/b', 2, b'{"b": 2}')
         assert not conn.buffered()
+
+
+class CountingSocket:
+    """A real socket whose `sendall` calls are counted: one call is one segment on the wire."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sends: list[int] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.sends.append(len(data))
+        self.sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def answered_through_one_send(body: bytes, method: str = 'POST', status: str = '200 OK') -> tuple[list[int], bytes]:
+    """gunicorn's own Response writes one answer through OneSend: the sends the socket saw, and
+    the bytes the peer read."""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        peer.sendall(f'{method} /a HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n'.encode())
+        received = bytearray()
+        reader = threading.Thread(target=read_to_end, args=(peer, received))
+        reader.start()  # a large answer fills the socket's buffer: it is read while sent
+        conn = Connection(Config(), ours, ('127.0.0.1', 1), ('127.0.0.1', 2))
+        counting = CountingSocket(ours)
+        out = OneSend(counting)  # type: ignore[arg-type]
+        resp, _ = wsgi.create(next(conn.parser), out, conn.addr, conn.server, Config())
+        resp.start_response(status, [('Content-Type', 'application/json'), ('Content-Length', str(len(body)))])
+        resp.write(body)
+        resp.close()
+        out.finish()
+        ours.shutdown(socket.SHUT_WR)
+        reader.join(READ_TIMEOUT)
+    return counting.sends, bytes(received)
+
+
+def read_to_end(sock: socket.socket, into: bytearray) -> None:
+    sock.settimeout(READ_TIMEOUT)
+    while chunk := sock.recv(1 << 20):
+        into += chunk
+
+
+def test_an_answer_leaves_in_one_send_head_and_body_together() -> None:
+    """The worker's gain over two sends relies on gunicorn's Response writing the head, then the
+    body, through the socket's `sendall`: an upgrade that writes otherwise shows here."""
+    sends, received = answered_through_one_send(b'{"a": 1}')
+    head, _, body = received.partition(b'\r\n\r\n')
+    assert body == b'{"a": 1}'
+    assert head.startswith(b'HTTP/1.1 200 OK\r\n')
+    assert sends == [len(received)]
+
+
+def test_a_head_only_answer_is_sent_when_it_ends() -> None:
+    """HEAD: gunicorn writes no body; what was held goes out at `finish`."""
+    sends, received = answered_through_one_send(b'', method='HEAD')
+    assert received.startswith(b'HTTP/1.1 200 OK\r\n') and received.endswith(b'\r\n\r\n')
+    assert sends == [len(received)]
+
+
+def test_a_large_body_is_not_copied_behind_the_head() -> None:
+    body = b'x' * (OneSend.merge_limit + 1)
+    sends, received = answered_through_one_send(body)
+    assert received.endswith(body)
+    assert sends == [len(received) - len(body), len(body)]
+
+
+def test_any_other_use_of_the_socket_sends_what_is_held_first() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        out = OneSend(ours)
+        out.sendall(b'head ')
+        out.send(b'then this')  # not held: the head must leave first
+        out.sendall(b' and the rest')
+        out.finish()
+        ours.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        read_to_end(peer, received)
+    assert received == b'head then this and the rest'
 
 
 def raw_exchange(port: int, data: bytes) -> bytes:
