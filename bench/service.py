@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 
 from bench.database import PG
@@ -22,26 +21,9 @@ BATCH = 100  # actions per batch request (BATCH_MAX_ACTIONS's default), and per 
 ACTIONS = {'batch_read': BATCH, 'batch_upsert': BATCH}  # actions per request of a scenario; 1 if not named
 
 
-STACK_FILE = Path(__file__).resolve().parent.parent / 'docker-compose.yml'
-# How big one replica is in the stack: the benchmark serves one replica as the stack deploys it,
-# not gunicorn's default for this machine (2 x cores + 1 workers), which a container never uses.
-REPLICA_SIZING = ('WEB_CONCURRENCY', 'POOL_SIZE')
-
-
-def stack_default(name: str) -> str:
-    """The api service's default for `name` in docker-compose.yml (`NAME: ${NAME:-default}`)."""
-    found = re.search(rf'^\s+{name}: \$\{{{name}:-([^}}]+)\}}', STACK_FILE.read_text(), re.MULTILINE)
-    if found is None:
-        raise RuntimeError(f'{STACK_FILE.name} gives no default for {name}')
-    return found.group(1)
-
-
 def service_env(dbname: str, token: str, log_dir: Path, recycle: bool) -> dict[str, str]:
-    """The production settings, pointed at the bench database, with the bench module added; one
-    replica's size as the stack's (a value set in the environment wins)."""
+    """The production settings, pointed at the bench database, with the bench module added."""
     env = {k: v for k, v in os.environ.items() if not k.endswith(('_DB_NAME', '_DB_HOST', '_DB_PORT', '_DB_USER'))}
-    for name in REPLICA_SIZING:
-        env.setdefault(name, stack_default(name))
     env.update(
         ENVIRONMENT='production',
         BEARER=token,
