@@ -22,6 +22,13 @@ class Measurement:
     actions: int = 1  # actions per request (a batch's steps) or per pgbench transaction
 
     @property
+    def in_flight(self) -> float:
+        """Requests in flight on average by Little's law (rate x mean latency): at most the
+        connections, with a closed-loop client. More means the tool's latencies are not to be
+        trusted for this measurement."""
+        return self.rps * self.mean_ms / 1000
+
+    @property
     def action_rate(self) -> float:
         """Actions per second: what a batch's ratio compares, the throughput for one action a request."""
         return self.rps * self.actions
@@ -60,6 +67,7 @@ def combine(rounds: list[Measurement]) -> Measurement:
         non2xx=sum(r.non2xx for r in rounds),
         detail={
             'rounds': [round(r.rps, 1) for r in rounds],
+            'in_flight': [round(r.in_flight, 1) for r in rounds],
             **{name: sum(r.detail[name] for r in rounds) for name in SUMMED if all(name in r.detail for r in rounds)},
         },
         actions=first.actions,

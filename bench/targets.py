@@ -95,11 +95,20 @@ def rows_target(results: list[Measurement]) -> Verdict:
     return Verdict('10,000-row read vs json_agg', '≤ 1.5x', measured, passed(ratio <= 1.5))
 
 
+# A closed-loop client keeps at most `connections` requests in flight; wrk's figures have shown
+# far more in a round (docs/performance.md): its latencies for that round are then wrong.
+IN_FLIGHT_SLACK = 1.25
+
+
 def p99_target(results: list[Measurement]) -> Verdict:
     mine = find(results, 'read', 'app direct', AT)
     if mine is None:
         return Verdict('read by key p99', '≤ 10 ms', 'not measured', 'SKIP')
-    return Verdict('read by key p99', '≤ 10 ms', f'{mine.p99_ms:.2f} ms', passed(mine.p99_ms <= 10))
+    measured = f'{mine.p99_ms:.2f} ms'
+    worst = max(mine.detail.get('in_flight') or [mine.in_flight])
+    if worst > mine.connections * IN_FLIGHT_SLACK:
+        measured += f" (wrk's latencies inconsistent: {worst:.0f} in flight on {mine.connections} connections)"
+    return Verdict('read by key p99', '≤ 10 ms', measured, passed(mine.p99_ms <= 10))
 
 
 def errors_target(results: list[Measurement]) -> Verdict:

@@ -101,3 +101,29 @@ def test_rounds_add_up_the_keys_they_stored() -> None:
     ]
     combined = combine(rounds)
     assert (combined.requests, combined.detail['keys_stored']) == (1_500, 1_507)
+
+
+def read_round(rps: float, mean_ms: float, p99_ms: float) -> Measurement:
+    return Measurement('read', 'app direct', 8, rps, 1.5, p99_ms, mean_ms, int(rps * 2), 0, 0)
+
+
+@pytest.mark.parametrize(
+    ('rounds', 'measured', 'status'),
+    [
+        # 4,600/s at a mean of 1.7 ms is 7.8 in flight: wrk's latencies hold together.
+        ([read_round(4_600, 1.7, 4.2), read_round(4_500, 1.8, 6.0)], '6.00 ms', 'PASS'),
+        # 4,500/s at a mean of 20.4 ms would be 92 requests in flight on 8 connections: said so,
+        # and still judged by the number.
+        (
+            [read_round(4_600, 1.7, 4.2), read_round(4_500, 20.44, 460.9)],
+            "460.90 ms (wrk's latencies inconsistent: 92 in flight on 8 connections)",
+            'FAIL',
+        ),
+    ],
+)
+def test_the_p99_says_when_wrks_latencies_break_littles_law(
+    rounds: list[Measurement], measured: str, status: str
+) -> None:
+    results = [combine(rounds)]
+    p99 = next(v for v in evaluate(results, None) if v.what == 'read by key p99')
+    assert (p99.measured, p99.status) == (measured, status)
