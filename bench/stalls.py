@@ -1,0 +1,105 @@
+"""Where a read's tail latency comes from: `python -m bench.stalls [--rounds 30] [--seconds 2]`.
+
+Serves the app as the benchmark does and drives the read by key in short rounds. For each round
+it prints what wrk saw beside what the server saw: wrk's rate, mean and p99, the requests in
+flight they imply (Little's law: rate x mean latency, never more than the connections for a
+closed-loop client), the server's own p99 and slowest request (the access records' durations,
+which end before the answer is sent), and the workers' major page faults. A round where wrk's
+figures exceed the connections, or where the server's slowest request is far above its p99,
+is marked. docs/performance.md has what this found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from bench.database import bench_database
+from bench.servers import gunicorn_command, serve
+from bench.service import PATHS, service_env
+from bench.wrk import run_wrk
+
+ACCESS_DATASET = '"dbapi.access"'
+SLOW_MS = 40.0  # a request the server took this long over is counted and listed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='bench.stalls', description=__doc__.splitlines()[0])
+    parser.add_argument('--rounds', type=int, default=30)
+    parser.add_argument('--seconds', type=float, default=2.0)
+    parser.add_argument('--connections', type=int, default=8)
+    args = parser.parse_args(argv)
+    token = secrets.token_hex(20)
+    log_dir = Path(tempfile.mkdtemp(prefix='dbapi-stalls-'))
+    try:
+        with bench_database() as dbname:
+            env = service_env(dbname, token, log_dir, recycle=False)
+            with serve('app', gunicorn_command('app:app'), env, log_dir, probe='/health/ready') as app:
+                url = app.url + PATHS['read']
+                run_wrk(url, 'read', token, args.connections, 2, 'read', 'warm-up')
+                pids = [worker.pid for worker in app.workers()]
+                for number in range(1, args.rounds + 1):
+                    faults = major_faults(pids)
+                    started = time.time()
+                    seen = run_wrk(url, 'read', token, args.connections, args.seconds, 'read', 'round')
+                    ended = time.time()
+                    faults = major_faults(pids) - faults
+                    time.sleep(0.3)  # the last records reach their files
+                    served = server_durations_ms(log_dir, started, ended)
+                    in_flight = seen.rps * seen.mean_ms / 1000
+                    slow = [ms for ms in served if ms > SLOW_MS]
+                    mark = ' <' if in_flight > args.connections * 1.25 or slow else ''
+                    print(
+                        f'{number:3d} wrk {seen.rps:6,.0f}/s mean {seen.mean_ms:6.2f} p99 {seen.p99_ms:8.2f} ms'
+                        f' in flight {in_flight:5.1f} | server p99 {percentile(served, 99):6.2f}'
+                        f' max {max(served, default=0):8.2f} ms, {len(slow)} over {SLOW_MS:g} ms'
+                        f' | major faults {faults}{mark}',
+                        flush=True,
+                    )
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return 0
+
+
+def major_faults(pids: list[int]) -> int:
+    """The major page faults of these processes so far (field 12 of /proc/<pid>/stat)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue  # the worker is gone
+        total += int(fields[9])
+    return total
+
+
+def server_durations_ms(log_dir: Path, started: float, ended: float) -> list[float]:
+    """The durations, in ms, of the access records written between `started` and `ended`."""
+    durations = []
+    for path in log_dir.glob('dbapi-*.log*'):
+        with path.open(encoding='utf-8', errors='replace') as lines:
+            for line in lines:
+                if ACCESS_DATASET not in line:
+                    continue
+                record = json.loads(line)
+                at = datetime.fromisoformat(record['@timestamp'].replace('Z', '+00:00')).timestamp()
+                if started <= at <= ended:
+                    durations.append(record['event.duration'] / 1e6)
+    return sorted(durations)
+
+
+def percentile(values: list[float], percent: float) -> float:
+    """The nearest-rank percentile of sorted `values` (0 when there are none)."""
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, int(len(values) * percent / 100))]
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
