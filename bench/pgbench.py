@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.measure import Measurement
@@ -88,7 +89,8 @@ def number(pattern: str, text: str) -> float:
     return float(found.group(1))
 
 
-def percentile(sorted_values: list[int], fraction: float) -> float:
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank value at `fraction` (0.99 for the p99) of sorted values; 0 for none."""
     if not sorted_values:
         return 0.0
     return float(sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))])

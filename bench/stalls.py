@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.database import bench_database
+from bench.pgbench import percentile
 from bench.servers import gunicorn_command, serve
 from bench.service import PATHS, service_env
 from bench.wrk import run_wrk
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                     mark = ' <' if in_flight > args.connections * 1.25 or slow else ''
                     print(
                         f'{number:3d} wrk {seen.rps:6,.0f}/s mean {seen.mean_ms:6.2f} p99 {seen.p99_ms:8.2f} ms'
-                        f' in flight {in_flight:5.1f} | server p99 {percentile(served, 99):6.2f}'
+                        f' in flight {in_flight:5.1f} | server p99 {percentile(served, 0.99):6.2f}'
                         f' max {max(served, default=0):8.2f} ms, {len(slow)} over {SLOW_MS:g} ms'
                         f' | major faults {faults}{mark}',
                         flush=True,
@@ -92,13 +93,6 @@ def server_durations_ms(log_dir: Path, started: float, ended: float) -> list[flo
                 if started <= at <= ended:
                     durations.append(record['event.duration'] / 1e6)
     return sorted(durations)
-
-
-def percentile(values: list[float], percent: float) -> float:
-    """The nearest-rank percentile of sorted `values` (0 when there are none)."""
-    if not values:
-        return 0.0
-    return values[min(len(values) - 1, int(len(values) * percent / 100))]
 
 
 if __name__ == '__main__':

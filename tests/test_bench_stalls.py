@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from bench.stalls import major_faults, percentile, server_durations_ms
+from bench.pgbench import percentile
+from bench.stalls import major_faults, server_durations_ms
 
 
 def record(at: str, duration_ms: float, dataset: str = 'dbapi.access') -> str:
@@ -26,9 +27,9 @@ def test_the_server_durations_are_the_access_records_of_the_round(tmp_path: Path
     assert server_durations_ms(tmp_path, started, started + 2.0) == [2.0, 155.3]
 
 
-def test_percentile_is_nearest_rank() -> None:
+def test_the_shared_percentile_is_nearest_rank() -> None:
     values = [float(n) for n in range(1, 101)]
-    assert (percentile(values, 99), percentile(values, 50), percentile([], 99)) == (100.0, 51.0, 0.0)
+    assert (percentile(values, 0.99), percentile(values, 0.50), percentile([], 0.99)) == (100.0, 51.0, 0.0)
 
 
 def test_major_faults_reads_this_process_and_skips_a_gone_one() -> None:
