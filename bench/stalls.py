@@ -4,9 +4,9 @@ Serves the app as the benchmark does and drives the read by key in short rounds.
 it prints what wrk saw beside what the server saw: wrk's rate, mean and p99, the requests in
 flight they imply (Little's law: rate x mean latency, never more than the connections for a
 closed-loop client), the server's own p99 and slowest request (the access records' durations,
-which end before the answer is sent), and the workers' major page faults. A round where wrk's
-figures exceed the connections, or where the server's slowest request is far above its p99,
-is marked. docs/performance.md has what this found.
+which end before the answer is sent), and the workers' major page faults. A round is marked
+when wrk's figures imply more in flight than the p99 target trusts (bench.targets), or when the
+server took over SLOW_MS on a request. docs/performance.md has what this found.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from bench.database import bench_database
 from bench.pgbench import percentile
 from bench.servers import gunicorn_command, serve
 from bench.service import PATHS, service_env
+from bench.targets import IN_FLIGHT_SLACK
 from bench.wrk import run_wrk
 
 ACCESS_DATASET = '"dbapi.access"'
@@ -53,12 +54,11 @@ def main(argv: list[str] | None = None) -> int:
                     faults = major_faults(pids) - faults
                     time.sleep(0.3)  # the last records reach their files
                     served = server_durations_ms(log_dir, started, ended)
-                    in_flight = seen.rps * seen.mean_ms / 1000
                     slow = [ms for ms in served if ms > SLOW_MS]
-                    mark = ' <' if in_flight > args.connections * 1.25 or slow else ''
+                    mark = ' <' if seen.in_flight > args.connections * IN_FLIGHT_SLACK or slow else ''
                     print(
                         f'{number:3d} wrk {seen.rps:6,.0f}/s mean {seen.mean_ms:6.2f} p99 {seen.p99_ms:8.2f} ms'
-                        f' in flight {in_flight:5.1f} | server p99 {percentile(served, 0.99):6.2f}'
+                        f' in flight {seen.in_flight:5.1f} | server p99 {percentile(served, 0.99):6.2f}'
                         f' max {max(served, default=0):8.2f} ms, {len(slow)} over {SLOW_MS:g} ms'
                         f' | major faults {faults}{mark}',
                         flush=True,
