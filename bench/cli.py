@@ -18,17 +18,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import ParamSpec
 
 import psycopg2
 
 from bench.candidates import CANDIDATES, Candidate
 from bench.database import PG, ConnectionWatch, bench_database, stored_keys
-from bench.measure import Measurement, combine
+from bench.machine import others_cpu
+from bench.measure import KERNEL_CPU, OTHERS_CPU, Measurement, combine
 from bench.pgbench import run_pgbench
 from bench.plot import write_plot
 from bench.report import update_readme, write_json, write_markdown
@@ -38,6 +40,7 @@ from bench.targets import BARE, NOKEY, NOMETRICS, PGBOUNCER, ServerStats, Verdic
 from bench.wrk import run_wrk
 
 RESULTS = REPO / 'bench' / 'results'
+P = ParamSpec('P')
 NGINX_SCENARIOS = ('foo', 'read', 'upsert', 'rows')  # measured through nginx too, beside direct
 # Issue 20: 100 actions in one POST /batch, and an upsert with an Idempotency-Key; direct only.
 SCENARIOS = (*NGINX_SCENARIOS, 'batch_read', 'batch_upsert', 'upsert_keyed')
@@ -74,7 +77,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--seconds', type=float, help='seconds per measurement (default 4, quick 1)')
     parser.add_argument('--connections', help='comma-separated, e.g. 1,8,32')
     parser.add_argument('--only', help='comma-separated scenarios: ' + ','.join(SCENARIOS))
-    parser.add_argument('--out', type=Path, help='results folder (default bench/results, quick bench/results/tmp)')
+    parser.add_argument(
+        '--out', type=Path, help='results folder (default bench/results; with --quick or --only bench/results/tmp)'
+    )
     parser.add_argument('--rounds', type=int, help='alternating rounds per measurement (default 2, quick 1)')
     parser.add_argument('--no-nginx', action='store_true', help='skip the scenarios through nginx')
     parser.add_argument(
@@ -83,7 +88,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--readme', action='store_true', help="write this run's targets table into README.md")
     parser.add_argument('--recycle', action='store_true', help="keep gunicorn's max_requests recycling on")
     parser.add_argument('--callers', type=int, default=0, help='authenticate through a CALLERS_FILE of N callers')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.readme and (args.quick or args.only):
+        parser.error('--readme takes a full run: the README shows every target')
+    return args
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -160,13 +168,15 @@ class Run:
             rounds: dict[str, list[Measurement]] = {}
             for _ in range(self.plan.rounds):
                 for series, mode in PG_REFERENCES.get(scenario, []):
-                    result = run_pgbench(self.dbname, PG, scenario, mode, connections, seconds, series)
+                    result = beside_others(run_pgbench, self.dbname, PG, scenario, mode, connections, seconds, series)
                     rounds.setdefault(series, []).append(result)
                 for series, server, body in APP_REFERENCES.get(scenario, []):
-                    rounds.setdefault(series, []).append(self.wrk(scenario, series, connections, seconds, server, body))
+                    result = beside_others(self.wrk, scenario, series, connections, seconds, server, body)
+                    rounds.setdefault(series, []).append(result)
                 for series in self.urls:
                     if scenario in self.scenarios.get(series, SCENARIOS):
-                        rounds.setdefault(series, []).append(self.wrk(scenario, series, connections, seconds))
+                        result = beside_others(self.wrk, scenario, series, connections, seconds)
+                        rounds.setdefault(series, []).append(result)
             for measured in rounds.values():
                 self.record(combine(measured))
 
@@ -178,6 +188,15 @@ class Run:
             + (f'  ({result.action_rate:,.0f} actions/s)' if result.actions > 1 else '')
             + (f'  keys stored {result.detail["keys_stored"]}' if 'keys_stored' in result.detail else '')
         )
+
+
+def beside_others(take: Callable[P, Measurement], *args: P.args, **kwargs: P.kwargs) -> Measurement:
+    """`take(*args, **kwargs)`'s measurement, with the shares of the machine's CPU that other
+    processes and the kernel's threads used meanwhile (bench.machine) in its detail."""
+    with others_cpu() as load:
+        result = take(*args, **kwargs)
+    result.detail |= {OTHERS_CPU: round(load.processes, 4), KERNEL_CPU: round(load.kernel, 4)}
+    return result
 
 
 @contextmanager
@@ -286,7 +305,8 @@ def report(
     args: argparse.Namespace, plan: Plan, results: list[Measurement], stats: ServerStats, meta: dict
 ) -> list[Verdict]:
     verdicts = evaluate(results, stats)
-    out: Path = args.out or (RESULTS / 'tmp' if args.quick else RESULTS)
+    # Only a full run replaces the published results (the README links them).
+    out: Path = args.out or (RESULTS / 'tmp' if args.quick or args.only else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     stem = 'quick' if args.quick else 'latest'
     write_json(out / f'{stem}.json', meta, results, verdicts)
@@ -295,7 +315,7 @@ def report(
     print()
     for verdict in verdicts:
         print(f'{verdict.status:<4}  {verdict.what}: {verdict.measured} (wanted {verdict.target})')
-    if args.readme and not args.quick:
+    if args.readme:
         update_readme(REPO / 'README.md', meta, verdicts)
     print(f'\nresults: {out / stem}.md, .json, .png')
     return verdicts

@@ -45,6 +45,20 @@ def find(results: list[Measurement], scenario: str, series: str, connections: in
 
 
 SUMMED = ('keys_stored', 'replayed')  # counts in `detail` that add up over rounds
+# In `detail`: the shares of the machine's CPU that other processes and the kernel's threads used
+# during the measurement (bench.machine), 0 to 1; for rounds combined, the worst round's, with
+# every round's under the name + '_rounds'.
+OTHERS_CPU = 'others_cpu'
+KERNEL_CPU = 'kernel_cpu'
+
+
+def worst_rounds(rounds: list[Measurement]) -> dict[str, Any]:
+    shares: dict[str, Any] = {}
+    for name in (OTHERS_CPU, KERNEL_CPU):
+        if all(name in r.detail for r in rounds):
+            each = [r.detail[name] for r in rounds]
+            shares |= {name: max(each), f'{name}_rounds': each}
+    return shares
 
 
 def combine(rounds: list[Measurement]) -> Measurement:
@@ -69,6 +83,7 @@ def combine(rounds: list[Measurement]) -> Measurement:
             'rounds': [round(r.rps, 1) for r in rounds],
             'in_flight': [round(r.in_flight, 1) for r in rounds],
             **{name: sum(r.detail[name] for r in rounds) for name in SUMMED if all(name in r.detail for r in rounds)},
+            **worst_rounds(rounds),
         },
         actions=first.actions,
     )

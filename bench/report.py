@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.measure import Measurement
+from bench.measure import KERNEL_CPU, OTHERS_CPU, Measurement
 from bench.targets import Verdict
 
 SCENARIO_NAMES = {
@@ -43,16 +43,24 @@ def targets_table(verdicts: list[Verdict]) -> list[str]:
 
 def results_table(results: list[Measurement]) -> list[str]:
     lines = [
-        '| scenario | series | conns | req/s | actions/s | p50 ms | p99 ms | errors | non-2xx |',
-        '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+        '| scenario | series | conns | req/s | actions/s | p50 ms | p99 ms | errors | non-2xx '
+        "| others' CPU (kernel's) |",
+        '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ]
     for r in results:
         name = SCENARIO_NAMES.get(r.scenario, r.scenario)
         lines.append(
             f'| {name} | {r.series} | {r.connections} | {r.rps:,.0f} | {r.action_rate:,.0f} | {r.p50_ms:.2f} '
-            f'| {r.p99_ms:.2f} | {r.errors} | {r.non2xx} |'
+            f'| {r.p99_ms:.2f} | {r.errors} | {r.non2xx} | {others_cell(r)} |'
         )
     return lines
+
+
+def others_cell(result: Measurement) -> str:
+    """The shares of the CPU that other processes and the kernel's threads used in the
+    measurement's worst round for each."""
+    others, kernel = result.detail.get(OTHERS_CPU), result.detail.get(KERNEL_CPU)
+    return '' if others is None or kernel is None else f'{others:.1%} ({kernel:.1%})'
 
 
 def markdown(meta: dict[str, Any], results: list[Measurement], verdicts: list[Verdict]) -> str:

@@ -4,7 +4,8 @@ Serves the app as the benchmark does and drives the read by key in short rounds.
 it prints what wrk saw beside what the server saw: wrk's rate, mean and p99, the requests in
 flight they imply (Little's law: rate x mean latency, never more than the connections for a
 closed-loop client), the server's own p99 and slowest request (the access records' durations,
-which end before the answer is sent), and the workers' major page faults. A round is marked
+which end before the answer is sent), the workers' major page faults, and the shares of the CPU
+that other processes and the kernel's threads took meanwhile (bench.machine). A round is marked
 when wrk's figures imply more in flight than the p99 target trusts (bench.targets), or when the
 server took over SLOW_MS on a request. docs/performance.md has what this found.
 """
@@ -21,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.database import bench_database
+from bench.machine import others_cpu
 from bench.pgbench import percentile
 from bench.servers import gunicorn_command, serve
 from bench.service import PATHS, service_env
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                 for number in range(1, args.rounds + 1):
                     faults = major_faults(pids)
                     started = time.time()
-                    seen = run_wrk(url, 'read', token, args.connections, args.seconds, 'read', 'round')
+                    with others_cpu() as others:
+                        seen = run_wrk(url, 'read', token, args.connections, args.seconds, 'read', 'round')
                     ended = time.time()
                     faults = major_faults(pids) - faults
                     time.sleep(0.3)  # the last records reach their files
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                         f'{number:3d} wrk {seen.rps:6,.0f}/s mean {seen.mean_ms:6.2f} p99 {seen.p99_ms:8.2f} ms'
                         f' in flight {seen.in_flight:5.1f} | server p99 {percentile(served, 0.99):6.2f}'
                         f' max {max(served, default=0):8.2f} ms, {len(slow)} over {SLOW_MS:g} ms'
-                        f' | major faults {faults}{mark}',
+                        f' | major faults {faults} | CPU of others {others.processes:5.1%},'
+                        f' kernel {others.kernel:5.1%}{mark}',
                         flush=True,
                     )
     finally:

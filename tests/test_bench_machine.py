@@ -1,0 +1,167 @@
+"""bench.machine: the CPU that processes outside the benchmark take while it measures."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.machine import TICK_SECONDS, ProcessCpu, Ticks, others_cpu, others_ticks, own_pids, parse_stat, snapshot
+from bench.measure import KERNEL_CPU, OTHERS_CPU, Measurement, combine
+from bench.report import others_cell
+from bench.targets import p99_target
+
+# Burns `seconds` of CPU, writes its pid to argv[2], then idles until killed.
+BURNER = """
+import os, sys, time
+started = time.process_time()
+while time.process_time() - started < float(sys.argv[1]):
+    pass
+with open(sys.argv[2] + '.tmp', 'w') as marker:
+    marker.write(str(os.getpid()))
+os.rename(sys.argv[2] + '.tmp', sys.argv[2])
+time.sleep(60)
+"""
+
+
+def test_a_stat_line_is_read_after_the_last_parenthesis() -> None:
+    # A name may hold spaces and parentheses; the fields after it are proc(5)'s from `state` on.
+    line = '42 (tmux: (x) y) S 7 42 42 0 -1 4194560 100 0 5 0 11 22 33 44 20 0 1 0 99 1000 10\n'
+    assert parse_stat(line) == ProcessCpu('tmux: (x) y', 7, 11 + 22 + 33 + 44, 99)
+
+
+def test_this_process_is_in_a_snapshot_with_its_parent() -> None:
+    mine = snapshot()[os.getpid()]
+    assert (mine.parent, mine.ticks >= 0) == (os.getppid(), True)
+
+
+def processes(**rows: tuple[str, int, int] | tuple[str, int, int, int]) -> dict[int, ProcessCpu]:
+    return {int(pid[1:]): ProcessCpu(*row) for pid, row in rows.items()}
+
+
+def test_the_benchmark_owns_its_tree_and_postgres() -> None:
+    seen = processes(
+        p1=('init', 0, 0),
+        p10=('python', 1, 0),  # the benchmark
+        p11=('gunicorn', 10, 0),
+        p12=('gunicorn', 11, 0),  # a worker, under the master
+        p20=('postgres', 1, 0),
+        p21=('postgres', 20, 0),
+        p30=('beam.smp', 1, 0),
+    )
+    assert own_pids(seen, 10) == {10, 11, 12, 20, 21}
+
+
+def test_others_are_counted_by_what_they_added_and_the_kernel_apart() -> None:
+    before = processes(
+        p1=('init', 0, 100),
+        p2=('kthreadd', 0, 0),
+        p10=('python', 1, 500),
+        p11=('wrk', 10, 0),
+        p20=('postgres', 1, 50),
+        p30=('redis', 1, 7),
+        p71=('kdamond.0', 2, 40),
+    )
+    after = processes(
+        p1=('init', 0, 130),  # reaped a short-lived child of 30 ticks
+        p2=('kthreadd', 0, 0),
+        p10=('python', 1, 900),
+        p11=('wrk', 10, 400),
+        p20=('postgres', 1, 300),
+        p30=('redis', 1, 9),
+        p31=('beam.smp', 1, 25),  # new since the first snapshot: all of it
+        p40=('sh', 1, 3, 500),  # p40 was another process before: its pid was reused
+        p71=('kdamond.0', 2, 52),
+        p72=('kworker/0:1-events', 2, 106),  # a kernel worker's name changes with its work
+    )
+    before[40] = ProcessCpu('cron', 1, 1_000, 20)
+    before[72] = ProcessCpu('kworker/0:1-writeback', 2, 100)
+    assert others_ticks(before, after, 10) == Ticks(processes=30 + 2 + 25 + 3, kernel=12 + 6)
+
+
+def test_a_process_that_ended_unreaped_adds_nothing() -> None:
+    before = processes(p1=('init', 0, 0), p10=('python', 1, 0), p50=('gone', 1, 80))
+    after = processes(p1=('init', 0, 0), p10=('python', 1, 0))
+    assert others_ticks(before, after, 10) == Ticks(0, 0)
+
+
+Burner = Callable[[float, bool], int]
+
+
+@pytest.fixture
+def burner(tmp_path: Path) -> Iterator[Burner]:
+    """Starts a CPU burner, detached (its shell exits, so it is nobody's child here) or as a child
+    of this process; yields a function that waits for it to have burned and returns its pid."""
+    detached_pids: list[int] = []
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start(seconds: float, detached: bool) -> int:
+        marker = tmp_path / f'burner-{len(detached_pids) + len(children)}'
+        command = [sys.executable, '-c', BURNER, str(seconds), str(marker)]
+        if detached:
+            subprocess.run(['sh', '-c', '"$@" >/dev/null 2>&1 &', 'sh', *command], check=True)
+        else:
+            children.append(subprocess.Popen(command))
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline, 'the burner did not finish burning'
+            time.sleep(0.05)
+        pid = int(marker.read_text())
+        if detached:
+            detached_pids.append(pid)
+        return pid
+
+    yield start
+    for pid in detached_pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for child in children:
+        child.kill()
+        child.wait()
+
+
+def test_a_detached_process_burning_cpu_is_another_s(burner: Burner) -> None:
+    before = snapshot()
+    with others_cpu() as load:
+        started = time.monotonic()
+        pid = burner(0.5, True)
+        elapsed = time.monotonic() - started
+    after = snapshot()
+    assert pid not in own_pids(after, os.getpid())
+    # What others took is at least what the burner burned (anything else on the machine adds to it).
+    assert load.processes * elapsed * (os.cpu_count() or 1) >= 0.4
+    assert others_ticks(before, after, os.getpid()).processes * TICK_SECONDS >= 0.4
+
+
+def test_a_child_burning_cpu_is_the_benchmark_s(burner: Burner) -> None:
+    pid = burner(0.2, False)
+    assert pid in own_pids(snapshot(), os.getpid())
+
+
+def measured(others: float, kernel: float, p99_ms: float = 5.0) -> Measurement:
+    detail = {OTHERS_CPU: others, KERNEL_CPU: kernel}
+    return Measurement('read', 'app direct', 8, 1000.0, 1.0, p99_ms, 8.0, 1000, 0, 0, detail)
+
+
+def test_rounds_keep_the_worst_shares_and_each_round_s() -> None:
+    combined = combine([measured(0.01, 0.2), measured(0.12, 0.0), measured(0.03, 0.05)])
+    assert combined.detail[OTHERS_CPU] == 0.12
+    assert combined.detail[KERNEL_CPU] == 0.2
+    assert combined.detail[OTHERS_CPU + '_rounds'] == [0.01, 0.12, 0.03]
+    assert others_cell(combined) == '12.0% (20.0%)'
+
+
+def test_the_p99_line_names_the_cpu_used_outside_from_five_percent() -> None:
+    loaded = p99_target([combine([measured(0.02, 0.01, 4.0), measured(0.01, 0.08, 31.0)])])
+    calm = p99_target([combine([measured(0.02, 0.0, 4.0), measured(0.049, 0.049, 31.0)])])
+    assert loaded.measured == (
+        "31.00 ms (in its worst rounds other processes took 2% of the CPU, the kernel's threads 8%)"
+    )
+    assert (calm.measured, calm.status) == ('31.00 ms', 'FAIL')
