@@ -31,32 +31,40 @@ KTHREADD = 2  # the kernel's threads are it and its children
 
 
 @dataclass(frozen=True, slots=True)
-class ProcessCpu:
+class ProcessStat:
     name: str
     parent: int
     ticks: int  # user + system time, its own and its reaped children's
-    started: int = 0  # ticks after boot: a pid reused meanwhile is a process started later
+    started: int  # ticks after boot: a pid reused meanwhile is a process started later
+    major_faults: int
 
 
-Snapshot = dict[int, ProcessCpu]
+Snapshot = dict[int, ProcessStat]
 
 
-def parse_stat(text: str) -> ProcessCpu:
+def parse_stat(text: str) -> ProcessStat:
     """One /proc/<pid>/stat line. The name is between the first '(' and the last ')' (it may
-    hold either); fields 14-17 are utime, stime, cutime and cstime, 22 the start time (proc(5))."""
+    hold either); fields 12 and 14-17 are majflt, utime, stime, cutime and cstime, 22 the start
+    time (proc(5))."""
     name = text[text.index('(') + 1 : text.rindex(')')]
     fields = text[text.rindex(')') + 2 :].split()
-    return ProcessCpu(name, int(fields[1]), sum(int(value) for value in fields[11:15]), int(fields[19]))
+    ticks = sum(int(value) for value in fields[11:15])
+    return ProcessStat(name, int(fields[1]), ticks, int(fields[19]), int(fields[9]))
+
+
+def read_stat(pid: int, proc: Path = PROC) -> ProcessStat:
+    """The process's stat; OSError when it is gone (or never was)."""
+    return parse_stat((proc / str(pid) / 'stat').read_text(encoding='utf-8', errors='replace'))
 
 
 def snapshot(proc: Path = PROC) -> Snapshot:
-    """Every process's CPU so far; one that ends while it is read is left out."""
+    """Every process's stat; one that ends while it is read is left out."""
     processes: Snapshot = {}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            processes[int(entry.name)] = parse_stat((entry / 'stat').read_text(encoding='utf-8', errors='replace'))
+            processes[int(entry.name)] = read_stat(int(entry.name), proc)
         except (OSError, ValueError, IndexError):
             continue
     return processes

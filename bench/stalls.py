@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.database import bench_database
-from bench.machine import others_cpu
+from bench.machine import others_cpu, read_stat
 from bench.pgbench import percentile
 from bench.servers import gunicorn_command, serve
 from bench.service import PATHS, service_env
@@ -73,14 +73,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def major_faults(pids: list[int]) -> int:
-    """The major page faults of these processes so far (field 12 of /proc/<pid>/stat)."""
+    """The major page faults of these processes so far."""
     total = 0
     for pid in pids:
         try:
-            fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+            total += read_stat(pid).major_faults
         except OSError:
             continue  # the worker is gone
-        total += int(fields[9])
     return total
 
 

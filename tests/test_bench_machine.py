@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.machine import TICK_SECONDS, ProcessCpu, Ticks, others_cpu, others_ticks, own_pids, parse_stat, snapshot
+from bench.machine import TICK_SECONDS, ProcessStat, Ticks, others_cpu, others_ticks, own_pids, parse_stat, snapshot
 from bench.measure import KERNEL_CPU, OTHERS_CPU, Measurement, combine
 from bench.report import others_cell
 from bench.targets import p99_target
@@ -34,7 +34,7 @@ time.sleep(60)
 def test_a_stat_line_is_read_after_the_last_parenthesis() -> None:
     # A name may hold spaces and parentheses; the fields after it are proc(5)'s from `state` on.
     line = '42 (tmux: (x) y) S 7 42 42 0 -1 4194560 100 0 5 0 11 22 33 44 20 0 1 0 99 1000 10\n'
-    assert parse_stat(line) == ProcessCpu('tmux: (x) y', 7, 11 + 22 + 33 + 44, 99)
+    assert parse_stat(line) == ProcessStat('tmux: (x) y', 7, 11 + 22 + 33 + 44, 99, 5)
 
 
 def test_this_process_is_in_a_snapshot_with_its_parent() -> None:
@@ -42,8 +42,13 @@ def test_this_process_is_in_a_snapshot_with_its_parent() -> None:
     assert (mine.parent, mine.ticks >= 0) == (os.getppid(), True)
 
 
-def processes(**rows: tuple[str, int, int] | tuple[str, int, int, int]) -> dict[int, ProcessCpu]:
-    return {int(pid[1:]): ProcessCpu(*row) for pid, row in rows.items()}
+def processes(**rows: tuple[str, int, int] | tuple[str, int, int, int]) -> dict[int, ProcessStat]:
+    """`p<pid>=(name, parent, ticks[, started])`: a snapshot as bench.machine reads one."""
+    return {int(pid[1:]): stat(*row) for pid, row in rows.items()}
+
+
+def stat(name: str, parent: int, ticks: int, started: int = 0) -> ProcessStat:
+    return ProcessStat(name, parent, ticks, started, 0)
 
 
 def test_the_benchmark_owns_its_tree_and_postgres() -> None:
@@ -81,8 +86,8 @@ def test_others_are_counted_by_what_they_added_and_the_kernel_apart() -> None:
         p71=('kdamond.0', 2, 52),
         p72=('kworker/0:1-events', 2, 106),  # a kernel worker's name changes with its work
     )
-    before[40] = ProcessCpu('cron', 1, 1_000, 20)
-    before[72] = ProcessCpu('kworker/0:1-writeback', 2, 100)
+    before[40] = stat('cron', 1, 1_000, 20)
+    before[72] = stat('kworker/0:1-writeback', 2, 100)
     assert others_ticks(before, after, 10) == Ticks(processes=30 + 2 + 25 + 3, kernel=12 + 6)
 
 
