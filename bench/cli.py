@@ -27,11 +27,12 @@ from typing import ParamSpec
 
 import psycopg2
 
+from bench.access_records import AccessRecords
 from bench.candidates import CANDIDATES, Candidate
 from bench.database import PG, ConnectionWatch, bench_database, stored_keys
 from bench.machine import others_cpu
-from bench.measure import KERNEL_CPU, OTHERS_CPU, Measurement, combine
-from bench.pgbench import run_pgbench
+from bench.measure import APP_P99, KERNEL_CPU, OTHERS_CPU, Measurement, combine
+from bench.pgbench import percentile, run_pgbench
 from bench.plot import write_plot
 from bench.report import update_readme, write_json, write_markdown
 from bench.servers import REPO, VENV_BIN, Server, gunicorn_command, serve
@@ -125,11 +126,12 @@ def worker_class(env: dict[str, str]) -> str:
 class Run:
     """One benchmark run: the servers, the measurements, the stats of the app's workers."""
 
-    def __init__(self, plan: Plan, dbname: str, token: str, watch: ConnectionWatch) -> None:
+    def __init__(self, plan: Plan, dbname: str, token: str, watch: ConnectionWatch, records: AccessRecords) -> None:
         self.plan = plan
         self.dbname = dbname
         self.token = token
         self.watch = watch
+        self.records = records  # the app's access records: its own p99 of each measurement
         self.results: list[Measurement] = []
         self.urls: dict[str, str] = {}  # series -> the address it is measured at, references first
         self.scenarios: dict[str, tuple[str, ...]] = {}  # series measured for some scenarios only
@@ -141,16 +143,19 @@ class Run:
         self, scenario: str, series: str, connections: int, seconds: float, server: str = '', body: str = ''
     ) -> Measurement:
         """`series` of `scenario`: `body`'s requests (default the scenario's) sent to `server`
-        (default the series' own)."""
+        (default the series' own). For the app's servers, with the app's own p99 beside wrk's."""
         server, body = server or series, body or scenario
         # The hello gets the very requests the app gets (same body, same headers): only the app differs.
         path = '/' if server.startswith('wsgi hello') else PATHS[body]
         url = self.urls[server] + path
-        if scenario not in KEYED:
-            return run_wrk(url, body, self.token, connections, seconds, scenario, series)
-        before = stored_keys(self.dbname)
+        keys_before = stored_keys(self.dbname) if scenario in KEYED else 0
+        self.records.skip()
         result = run_wrk(url, body, self.token, connections, seconds, scenario, series)
-        result.detail['keys_stored'] = stored_keys(self.dbname) - before  # the keys reached the table
+        served = self.records.durations_ms()
+        if served:  # the hello and the bare read write no access record
+            result.detail[APP_P99] = percentile(served, 0.99)
+        if scenario in KEYED:
+            result.detail['keys_stored'] = stored_keys(self.dbname) - keys_before  # the keys reached the table
         return result
 
     def warm_up(self, series: str) -> None:
@@ -259,7 +264,7 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         env = service_env(dbname, token, tmp, recycle)
         if plan.callers > 0:
             env.update(callers_env(token, plan.callers, tmp))
-        run = Run(plan, dbname, token, watch)
+        run = Run(plan, dbname, token, watch, AccessRecords(tmp))
         if 'foo' in plan.scenarios:
             hello = stack.enter_context(serve('hello', gunicorn_command('bench.hello:app'), env, tmp, probe='/'))
             run.urls['wsgi hello'] = hello.url

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.measure import KERNEL_CPU, OTHERS_CPU, Measurement
+from bench.measure import APP_P99, KERNEL_CPU, OTHERS_CPU, Measurement
 from bench.targets import Verdict
 
 SCENARIO_NAMES = {
@@ -43,17 +43,23 @@ def targets_table(verdicts: list[Verdict]) -> list[str]:
 
 def results_table(results: list[Measurement]) -> list[str]:
     lines = [
-        '| scenario | series | conns | req/s | actions/s | p50 ms | p99 ms | errors | non-2xx '
+        '| scenario | series | conns | req/s | actions/s | p50 ms | p99 ms | app p99 ms | errors | non-2xx '
         "| others' CPU (kernel's) |",
-        '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+        '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ]
     for r in results:
         name = SCENARIO_NAMES.get(r.scenario, r.scenario)
         lines.append(
             f'| {name} | {r.series} | {r.connections} | {r.rps:,.0f} | {r.action_rate:,.0f} | {r.p50_ms:.2f} '
-            f'| {r.p99_ms:.2f} | {r.errors} | {r.non2xx} | {others_cell(r)} |'
+            f'| {r.p99_ms:.2f} | {app_p99_cell(r)} | {r.errors} | {r.non2xx} | {others_cell(r)} |'
         )
     return lines
+
+
+def app_p99_cell(result: Measurement) -> str:
+    """The app's own p99 (its access records), for the series that have one."""
+    p99 = result.detail.get(APP_P99)
+    return '' if p99 is None else f'{p99:.2f}'
 
 
 def others_cell(result: Measurement) -> str:

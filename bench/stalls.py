@@ -3,7 +3,7 @@
 Serves the app as the benchmark does and drives the read by key in short rounds. For each round
 it prints what wrk saw beside what the server saw: wrk's rate, mean and p99, the requests in
 flight they imply (Little's law: rate x mean latency, never more than the connections for a
-closed-loop client), the server's own p99 and slowest request (the access records' durations,
+closed-loop client), the app's own p99 and slowest request (the access records' durations,
 which end before the answer is sent), the workers' major page faults, and the shares of the CPU
 that other processes and the kernel's threads took meanwhile (bench.machine). A round is marked
 when wrk's figures imply more in flight than the p99 target trusts (bench.targets), or when the
@@ -13,14 +13,12 @@ server took over SLOW_MS on a request. docs/performance.md has what this found.
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import shutil
 import tempfile
-import time
-from datetime import datetime
 from pathlib import Path
 
+from bench.access_records import AccessRecords
 from bench.database import bench_database
 from bench.machine import others_cpu, read_stat
 from bench.pgbench import percentile
@@ -29,7 +27,6 @@ from bench.service import PATHS, service_env
 from bench.targets import IN_FLIGHT_SLACK
 from bench.wrk import run_wrk
 
-ACCESS_DATASET = '"dbapi.access"'
 SLOW_MS = 40.0  # a request the server took this long over is counted and listed
 
 
@@ -48,15 +45,14 @@ def main(argv: list[str] | None = None) -> int:
                 url = app.url + PATHS['read']
                 run_wrk(url, 'read', token, args.connections, 2, 'read', 'warm-up')
                 pids = [worker.pid for worker in app.workers()]
+                records = AccessRecords(log_dir)
                 for number in range(1, args.rounds + 1):
                     faults = major_faults(pids)
-                    started = time.time()
+                    records.skip()
                     with others_cpu() as others:
                         seen = run_wrk(url, 'read', token, args.connections, args.seconds, 'read', 'round')
-                    ended = time.time()
                     faults = major_faults(pids) - faults
-                    time.sleep(0.3)  # the last records reach their files
-                    served = server_durations_ms(log_dir, started, ended)
+                    served = records.durations_ms()
                     slow = [ms for ms in served if ms > SLOW_MS]
                     mark = ' <' if seen.in_flight > args.connections * IN_FLIGHT_SLACK or slow else ''
                     print(
@@ -81,21 +77,6 @@ def major_faults(pids: list[int]) -> int:
         except OSError:
             continue  # the worker is gone
     return total
-
-
-def server_durations_ms(log_dir: Path, started: float, ended: float) -> list[float]:
-    """The durations, in ms, of the access records written between `started` and `ended`."""
-    durations = []
-    for path in log_dir.glob('dbapi-*.log*'):
-        with path.open(encoding='utf-8', errors='replace') as lines:
-            for line in lines:
-                if ACCESS_DATASET not in line:
-                    continue
-                record = json.loads(line)
-                at = datetime.fromisoformat(record['@timestamp'].replace('Z', '+00:00')).timestamp()
-                if started <= at <= ended:
-                    durations.append(record['event.duration'] / 1e6)
-    return sorted(durations)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench.measure import KERNEL_CPU, OTHERS_CPU, Measurement, find
+from bench.measure import APP_P99, KERNEL_CPU, OTHERS_CPU, Measurement, find
 
 AT = 8  # connections, unless a target says otherwise
 PGBOUNCER = 'app pgbouncer'  # the app with DEFAULT_DB_PGBOUNCER=transaction, through Debian's pgbouncer
@@ -108,6 +108,8 @@ def p99_target(results: list[Measurement]) -> Verdict:
     if mine is None:
         return Verdict('read by key p99', '≤ 10 ms', 'not measured', 'SKIP')
     measured = f'{mine.p99_ms:.2f} ms'
+    if APP_P99 in mine.detail:
+        measured += f" (the app's own: {mine.detail[APP_P99]:.2f} ms)"
     worst = max(mine.detail.get('in_flight') or [mine.in_flight])
     if worst > mine.connections * IN_FLIGHT_SLACK:
         measured += f" (wrk's latencies inconsistent: {worst:.0f} in flight on {mine.connections} connections)"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.measure import APP_P99, KERNEL_CPU, OTHERS_CPU
 from bench.service import BATCH
 from bench.targets import NOKEY
 
@@ -46,6 +47,11 @@ def test_bench_quick_runs_every_scenario_without_errors(tmp_path: Path) -> None:
     for result in document['results']:
         assert result['requests'] > 0, result
         assert (result['errors'], result['non2xx']) == (0, 0), result
+        # Each measurement says what was used of the CPU outside the benchmark meanwhile, and the
+        # app's servers give the app's own p99 (its access records); pgbench and the bare read have none.
+        assert 0 <= result['detail'][OTHERS_CPU] <= 1 and 0 <= result['detail'][KERNEL_CPU] <= 1, result
+        own_p99 = result['series'].startswith('app ')
+        assert (result['detail'].get(APP_P99, 0) > 0) == own_p99, result
     assert (tmp_path / 'quick.png').stat().st_size > 0
     table = (tmp_path / 'quick.md').read_text(encoding='utf-8')
     assert '| read by key |' in table
