@@ -98,7 +98,7 @@ def others_ticks(before: Snapshot, after: Snapshot, root: int) -> Ticks:
         if pid in own:
             continue
         earlier = before.get(pid)
-        # New, or the pid was reused. Not by name: a kernel worker's names the work it last did.
+        # New, or the pid was reused. Not by name: a kernel worker's name changes with its work.
         if earlier is None or earlier.started != process.started:
             used = process.ticks
         else:
