@@ -158,9 +158,14 @@ class Run:
             result.detail['keys_stored'] = stored_keys(self.dbname) - keys_before  # the keys reached the table
         return result
 
-    def warm_up(self, series: str) -> None:
-        for scenario in self.plan.scenarios:
-            self.wrk(scenario, series, 8, self.plan.warmup)
+    def warm_up(self) -> None:
+        """Every server of the run with every scenario it serves, before anything is measured: a
+        worker's first requests open its connections and prepare its statements, which would
+        weigh on the first round of the servers not warmed."""
+        for series in self.urls:
+            for scenario in self.plan.scenarios:
+                if scenario in self.scenarios.get(series, SCENARIOS):
+                    self.wrk(scenario, series, 8, self.plan.warmup)
 
     def measure(self, scenario: str) -> None:
         """At each concurrency: the references, then every server of the app, in alternating rounds.
@@ -291,7 +296,7 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         for candidate in plan.candidates:
             start_candidate(stack, run, CANDIDATES[candidate], env, tmp)
         run.log(f'database {dbname} ready; servers up; warming up')
-        run.warm_up('app direct')
+        run.warm_up()
         rss_before = sum(app.worker_rss().values())
         for scenario in plan.scenarios:
             run.measure(scenario)
