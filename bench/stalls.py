@@ -1,13 +1,13 @@
 """Where a read's tail latency comes from: `python -m bench.stalls [--rounds 30] [--seconds 2]`.
 
 Serves the app as the benchmark does and drives the read by key in short rounds. For each round
-it prints what wrk saw beside what the server saw: wrk's rate, mean and p99, the requests in
+it prints what wrk saw beside what the app saw: wrk's rate, mean and p99, the requests in
 flight they imply (Little's law: rate x mean latency, never more than the connections for a
 closed-loop client), the app's own p99 and slowest request (the access records' durations,
 which end before the answer is sent), the workers' major page faults, and the shares of the CPU
 that other processes and the kernel's threads took meanwhile (bench.machine). A round is marked
 when wrk's figures imply more in flight than the p99 target trusts (bench.targets), or when the
-server took over SLOW_MS on a request. docs/performance.md has what this found.
+app took over SLOW_MS on a request. docs/performance.md has what this found.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from bench.machine import others_cpu, read_stat
 from bench.pgbench import percentile
 from bench.servers import gunicorn_command, serve
 from bench.service import PATHS, service_env
-from bench.targets import IN_FLIGHT_SLACK
+from bench.targets import implausible
 from bench.wrk import run_wrk
 
-SLOW_MS = 40.0  # a request the server took this long over is counted and listed
+SLOW_MS = 40.0  # a request the app took this long over is counted and listed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
                     faults = major_faults(pids) - faults
                     served = records.durations_ms()
                     slow = [ms for ms in served if ms > SLOW_MS]
-                    mark = ' <' if seen.in_flight > args.connections * IN_FLIGHT_SLACK or slow else ''
+                    mark = ' <' if implausible(seen.in_flight, args.connections) or slow else ''
                     print(
                         f'{number:3d} wrk {seen.rps:6,.0f}/s mean {seen.mean_ms:6.2f} p99 {seen.p99_ms:8.2f} ms'
-                        f' in flight {seen.in_flight:5.1f} | server p99 {percentile(served, 0.99):6.2f}'
+                        f' in flight {seen.in_flight:5.1f} | app p99 {percentile(served, 0.99):6.2f}'
                         f' max {max(served, default=0):8.2f} ms, {len(slow)} over {SLOW_MS:g} ms'
                         f' | major faults {faults} | CPU of others {others.processes:5.1%},'
                         f' kernel {others.kernel:5.1%}{mark}',

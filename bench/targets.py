@@ -98,6 +98,13 @@ def rows_target(results: list[Measurement]) -> Verdict:
 # A closed-loop client keeps at most `connections` requests in flight; wrk's figures have shown
 # far more in a round (docs/performance.md): its latencies for that round are then wrong.
 IN_FLIGHT_SLACK = 1.25
+
+
+def implausible(in_flight: float, connections: int) -> bool:
+    """Whether wrk's figures imply more requests in flight than its connections can hold."""
+    return in_flight > connections * IN_FLIGHT_SLACK
+
+
 # The p99 line names the CPU used outside the benchmark from this share of the machine on, in
 # a round: bursts of other processes or of the kernel's threads stop the app and PostgreSQL alike.
 OTHERS_NOTE = 0.05
@@ -111,7 +118,7 @@ def p99_target(results: list[Measurement]) -> Verdict:
     if APP_P99 in mine.detail:
         measured += f" (the app's own: {mine.detail[APP_P99]:.2f} ms)"
     worst = max(mine.detail.get('in_flight') or [mine.in_flight])
-    if worst > mine.connections * IN_FLIGHT_SLACK:
+    if implausible(worst, mine.connections):
         measured += f" (wrk's latencies inconsistent: {worst:.0f} in flight on {mine.connections} connections)"
     others, kernel = mine.detail.get(OTHERS_CPU, 0.0), mine.detail.get(KERNEL_CPU, 0.0)
     if max(others, kernel) >= OTHERS_NOTE:
