@@ -12,10 +12,9 @@ from typing import Any, TypeVar
 
 from marshmallow import Schema
 
-from settings import DEFAULT
-
 F = TypeVar('F', bound=Callable[..., Any])
 
+DEFAULT_DATABASE = 'default'  # the database `<DEFAULT>_DB_*` configures; inject_conn's default
 SCHEMA_ATTR = '__dbapi_schema__'
 CONN_ATTR = '__dbapi_conn__'
 RETURNS_ATTR = '__dbapi_returns__'
@@ -58,7 +57,7 @@ def returns(schema: type[Schema] | Schema, many: bool = False) -> Callable[[F], 
     return record
 
 
-def inject_conn(database: str = DEFAULT, named: bool = True, autocommit: bool = False) -> Callable[[F], F]:
+def inject_conn(database: str = DEFAULT_DATABASE, named: bool = True, autocommit: bool = False) -> Callable[[F], F]:
     """Pass a pooled connection to `database` as `conn`: committed when the action returns,
     rolled back when it raises, and back in the pool clean either way."""
 

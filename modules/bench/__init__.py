@@ -1,6 +1,6 @@
 """The benchmark's actions over pgbench's tables: served only when `EXTRA_MODULES` names it."""
 
-from lib.actions import module_blueprint
+from lib import module_blueprint
 
 from .routes import routes
 

@@ -1,6 +1,6 @@
 """The benchmark's SQL. `bench.pgbench` runs these same texts in pgbench, so both sides match."""
 
-from lib.prepared import Prepared
+from lib import Prepared
 
 MAX_ROWS = 10_000
 

@@ -1,4 +1,4 @@
-from lib.actions import module_blueprint
+from lib import module_blueprint
 
 from .routes import routes
 

@@ -5,10 +5,7 @@ from typing import Any
 
 from psycopg2.extensions import connection as Connection
 
-from lib.db import Row, get_db_from_conn
-from lib.decorators import inject_conn, returns, use_schema
-from lib.errors import not_found
-from settings import DEFAULT
+from lib import Row, get_db_from_conn, inject_conn, not_found, returns, use_schema
 
 from .schemas import FooResultSchema, FooSchema, NameSchema, NewUserSchema, UserSchema
 from .sql import SQL_USER
@@ -28,7 +25,7 @@ def foo(name: str, email: str | None = None) -> dict[str, Any]:
 
 @use_schema(NewUserSchema)
 @returns(UserSchema, many=True)
-@inject_conn(DEFAULT)  # one transaction: committed when the action returns, rolled back if it raises
+@inject_conn()  # one transaction: committed when the action returns, rolled back if it raises
 def bar(conn: Connection, name: str, email: str | None = None) -> list[Row]:
     """Create or update the user `name`, and answer the stored rows for that name."""
     db = get_db_from_conn(conn)
@@ -38,7 +35,7 @@ def bar(conn: Connection, name: str, email: str | None = None) -> list[Row]:
 
 @use_schema(NameSchema)
 @returns(UserSchema)
-@inject_conn(DEFAULT, autocommit=True)  # a single read needs no transaction
+@inject_conn(autocommit=True)  # a single read needs no transaction
 def user(conn: Connection, name: str) -> Row:
     """One user by name; 404 when there is none."""
     row = get_db_from_conn(conn).fetch_row(SQL_USER, dict(name=name))

@@ -1,9 +1,6 @@
 from psycopg2.extensions import connection as Connection
 
-from lib.db import get_db_from_conn, transactional
-from lib.decorators import inject_conn, returns, use_schema
-from lib.errors import not_found
-from settings import DEFAULT
+from lib import get_db_from_conn, inject_conn, not_found, returns, transactional, use_schema
 
 from .schemas import CodeSchema, CodesSchema, EntrySchema, HoldSchema, NestedSchema, NoteSchema
 
@@ -12,7 +9,7 @@ INSERT = 'INSERT INTO ledger_entries (note, code) VALUES (%(note)s, %(code)s) RE
 
 
 @use_schema(NoteSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 @returns(EntrySchema)
 def append(conn: Connection, note: str) -> dict:
     """Not idempotent by itself: every call adds a row."""
@@ -21,7 +18,7 @@ def append(conn: Connection, note: str) -> dict:
 
 
 @use_schema(CodeSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def add_code(conn: Connection, note: str, code: str) -> dict:
     """A second call with the same code is a unique violation (409)."""
     calls.append('add_code')
@@ -29,7 +26,7 @@ def add_code(conn: Connection, note: str, code: str) -> dict:
 
 
 @use_schema(NoteSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def append_then_refuse(conn: Connection, note: str) -> None:
     calls.append('append_then_refuse')
     get_db_from_conn(conn).execute(INSERT, {'note': note, 'code': None})
@@ -37,7 +34,7 @@ def append_then_refuse(conn: Connection, note: str) -> None:
 
 
 @use_schema(NoteSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def append_then_crash(conn: Connection, note: str) -> None:
     calls.append('append_then_crash')
     get_db_from_conn(conn).execute(INSERT, {'note': note, 'code': None})
@@ -45,7 +42,7 @@ def append_then_crash(conn: Connection, note: str) -> None:
 
 
 @use_schema(NoteSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def append_then_serialization_failure(conn: Connection, note: str) -> None:
     """What a SERIALIZABLE transaction meets under contention: SQLSTATE 40001, worth a retry."""
     calls.append('append_then_serialization_failure')
@@ -55,7 +52,7 @@ def append_then_serialization_failure(conn: Connection, note: str) -> None:
 
 
 @use_schema(HoldSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def append_slowly(conn: Connection, note: str, seconds: float) -> dict:
     calls.append('append_slowly')
     db = get_db_from_conn(conn)
@@ -65,7 +62,7 @@ def append_slowly(conn: Connection, note: str, seconds: float) -> dict:
 
 
 @use_schema(NestedSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def nested(conn: Connection, outer: str, inner: str, fail_inner: bool) -> list:
     """An action's own `transactional()` block inside the request's transaction."""
     calls.append('nested')
@@ -84,7 +81,7 @@ def nested(conn: Connection, outer: str, inner: str, fail_inner: bool) -> list:
 
 
 @use_schema(CodesSchema)
-@inject_conn(DEFAULT, named=False)
+@inject_conn(named=False)
 def find_codes(conn: Connection, codes: list) -> list:
     """Rows as tuples: a batch step gets rows as its action declares."""
     calls.append('find_codes')
@@ -93,7 +90,7 @@ def find_codes(conn: Connection, codes: list) -> list:
     )
 
 
-@inject_conn(DEFAULT, autocommit=True)
+@inject_conn(autocommit=True)
 def count(conn: Connection) -> int:
     calls.append('count')
     return get_db_from_conn(conn).fetch_one('SELECT count(*) FROM ledger_entries')
@@ -115,7 +112,7 @@ def echo(note: str) -> str:
 
 
 @use_schema(NoteSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def append_and_commit(conn: Connection, note: str) -> None:
     """A bug: ends the request's transaction itself."""
     calls.append('append_and_commit')
@@ -124,7 +121,7 @@ def append_and_commit(conn: Connection, note: str) -> None:
 
 
 @use_schema(NoteSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def append_in_with_conn(conn: Connection, note: str) -> None:
     """The same bug, written with psycopg2's `with conn:`."""
     calls.append('append_in_with_conn')
@@ -133,7 +130,7 @@ def append_in_with_conn(conn: Connection, note: str) -> None:
 
 
 @use_schema(NoteSchema)
-@inject_conn(DEFAULT, autocommit=True)
+@inject_conn(autocommit=True)
 def append_twice_committing(conn: Connection, note: str) -> int:
     """In autocommit the transactions are the action's own: it may commit them."""
     calls.append('append_twice_committing')

@@ -1,6 +1,6 @@
 """A module for the pgbouncer tests: what an action sees of the statement timeout, prepared reads."""
 
-from lib.actions import module_blueprint
+from lib import module_blueprint
 
 from .routes import routes
 

@@ -1,9 +1,6 @@
 from psycopg2.extensions import connection as Connection
 
-from lib.db import get_db_from_conn, transactional
-from lib.decorators import inject_conn, use_schema
-from lib.prepared import Prepared
-from settings import DEFAULT
+from lib import Prepared, get_db_from_conn, inject_conn, transactional, use_schema
 
 from .schemas import CodeSchema, SecondsSchema
 
@@ -16,13 +13,13 @@ READ_ITEM = Prepared(
 
 
 @use_schema(SecondsSchema)
-@inject_conn(DEFAULT, autocommit=True)
+@inject_conn(autocommit=True)
 def sleep_autocommit(conn: Connection, seconds: float) -> bool:
     get_db_from_conn(conn).fetch_one('SELECT pg_sleep(%s)', [seconds])
     return True
 
 
-@inject_conn(DEFAULT, autocommit=True)
+@inject_conn(autocommit=True)
 def timeouts(conn: Connection) -> dict:
     """The statement_timeout a statement runs under: alone in autocommit, and in a transaction."""
     alone = get_db_from_conn(conn).fetch_one('SHOW statement_timeout')
@@ -33,12 +30,12 @@ def timeouts(conn: Connection) -> dict:
 
 
 @use_schema(CodeSchema)
-@inject_conn(DEFAULT, autocommit=True)
+@inject_conn(autocommit=True)
 def read_item(conn: Connection, code: str) -> dict | None:
     return get_db_from_conn(conn).fetch_row(READ_ITEM, {'code': code, 'bonus': 1.5})
 
 
-@inject_conn(DEFAULT, autocommit=True)
+@inject_conn(autocommit=True)
 def missing_prepared(conn: Connection) -> int:
     """What a statement prepared in an earlier transaction meets behind pgbouncer: SQLSTATE 26000."""
     return get_db_from_conn(conn).fetch_one('EXECUTE dbapi_never_prepared')

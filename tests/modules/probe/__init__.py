@@ -1,6 +1,6 @@
 """A module for tests only: actions that exercise every path of the machinery."""
 
-from lib.actions import module_blueprint
+from lib import module_blueprint
 
 from .routes import routes
 

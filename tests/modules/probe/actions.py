@@ -6,9 +6,7 @@ import uuid
 from flask import has_app_context, has_request_context
 from psycopg2.extensions import connection as Connection
 
-from lib.db import get_conn_from_dbname, get_db_from_conn, transactional
-from lib.decorators import inject_conn, use_schema
-from settings import DEFAULT
+from lib import DEFAULT_DATABASE, get_conn_from_dbname, get_db_from_conn, inject_conn, transactional, use_schema
 
 from .schemas import ItemSchema, NoteSchema, NoteSleepSchema, SleepSchema, TypesSchema
 
@@ -16,21 +14,21 @@ calls: list[str] = []  # what reached an action: validation failures must never 
 
 
 @use_schema(ItemSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def add_item(conn: Connection, code: str, qty: int, parent: int | None) -> dict:
     calls.append('add_item')
     return get_db_from_conn(conn).insert('probe_items', dict(code=code, qty=qty, parent=parent))[0]
 
 
 @use_schema(NoteSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def write_then_fail(conn: Connection, note: str) -> None:
     get_db_from_conn(conn).insert('probe_log', dict(note=note))
     raise RuntimeError('boom after writing')
 
 
 @use_schema(NoteSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def write_note(conn: Connection, note: str) -> int:
     return get_db_from_conn(conn).fetch_one(
         'INSERT INTO probe_log (note) VALUES (%(note)s) RETURNING id', dict(note=note)
@@ -38,7 +36,7 @@ def write_note(conn: Connection, note: str) -> int:
 
 
 @use_schema(NoteSleepSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def write_then_sleep(conn: Connection, note: str, seconds: float) -> int:
     """A transaction held open mid-way: for killing the worker in the middle of it."""
     db = get_db_from_conn(conn)
@@ -48,28 +46,28 @@ def write_then_sleep(conn: Connection, note: str, seconds: float) -> int:
 
 
 @use_schema(SleepSchema)
-@inject_conn(DEFAULT)
+@inject_conn()
 def sleep(conn: Connection, seconds: float) -> bool:
     get_db_from_conn(conn).fetch_one('SELECT pg_sleep(%s)', [seconds])
     return True
 
 
-@inject_conn(DEFAULT)
+@inject_conn()
 def divide_by_zero(conn: Connection) -> int:
     return get_db_from_conn(conn).fetch_one('SELECT 1 / 0')
 
 
-@inject_conn(DEFAULT)
+@inject_conn()
 def bad_sql(conn: Connection) -> int:
     return get_db_from_conn(conn).fetch_one('SELEC nothing')
 
 
-@inject_conn(DEFAULT, named=False)
+@inject_conn(named=False)
 def tuples(conn: Connection) -> list:
     return get_db_from_conn(conn).fetch_all('SELECT 1 AS a, 2 AS b')
 
 
-@inject_conn(DEFAULT)
+@inject_conn()
 def raw_cursor(conn: Connection) -> list:
     with conn.cursor() as cursor:
         cursor.execute('SELECT 1 AS a')
@@ -78,23 +76,23 @@ def raw_cursor(conn: Connection) -> list:
 
 def leak() -> int:
     """Takes a connection the article's way and never gives it back."""
-    conn = get_conn_from_dbname(DEFAULT)
+    conn = get_conn_from_dbname(DEFAULT_DATABASE)
     return get_db_from_conn(conn).fetch_one('SELECT pg_backend_pid()')
 
 
-@inject_conn(DEFAULT)
+@inject_conn()
 def backend_pid(conn: Connection) -> int:
     return conn.get_backend_pid()
 
 
-@inject_conn(DEFAULT)
+@inject_conn()
 def in_transaction(conn: Connection) -> dict:
     with transactional(conn) as db:
         db.insert('probe_log', dict(note='tx'))
     return {'autocommit': conn.autocommit}
 
 
-@inject_conn(DEFAULT)
+@inject_conn()
 def pg_types(conn: Connection) -> dict:
     return get_db_from_conn(conn).fetch_row(
         """SELECT now() AS ts, current_date AS day, '12:34:56'::time AS t, 1.50::numeric AS num,
