@@ -1,4 +1,9 @@
-"""The application factory, and the module-level `app` that `gunicorn app:app` serves."""
+"""The application factory, and the module-level `app` that `gunicorn app:app` serves.
+
+`create_app` assembles the layers of lib/ (docs/architecture.md) around one configuration object:
+the pools, the action registry (from the module blueprints), the pipeline, the infrastructure
+routes Flask serves, the access records and metrics, and last the gateway, the WSGI entry.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +13,68 @@ from importlib import import_module
 from typing import Any
 
 from flask import Flask
-from flask_compress import Compress
 
-from lib import api_docs, cli, db, errors, gateway, health, metrics
-from lib.config import ConfigError, build_config
-from lib.errors import PROBLEM_JSON
-from lib.json import JSON_MIMETYPE, ORJSONProvider
-from lib.logger import setup_logging
-from settings import APP_ID
-
-COMPRESSED_MIMETYPES = [JSON_MIMETYPE, PROBLEM_JSON]
+import settings
+from lib.auth.callers import callers_of
+from lib.auth.jwt_verifier import JwtVerifier
+from lib.contract.openapi import document
+from lib.core.config import APP_ID, ConfigError, load
+from lib.db.connections import POOLS_KEY, Pools
+from lib.db.pool import ConnectionPool
+from lib.observability.access_log import AccessRecords
+from lib.observability.logging_setup import setup_logging
+from lib.observability.metrics import MeteredRecords, Metrics
+from lib.pipeline.path import Pipeline
+from lib.server import cli
+from lib.web.blueprints import registry_of
+from lib.web.compression import compress_flask_response
+from lib.web.flask_app import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    PIPELINE_KEY,
+    REGISTRY_KEY,
+    ORJSONProvider,
+    init_error_handlers,
+)
+from lib.web.gateway import Gateway
+from lib.web.infrastructure import docs_blueprints, health_blueprint, health_operations, metrics_blueprint
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
-    """A configured app; `overrides` replace settings (tests use them)."""
-    config = build_config(overrides)
-    setup_logging(**config.get('LOGGING', {}))
+    """A configured app; `overrides` replace settings by name (tests use them)."""
+    config = load(settings.MODULES, overrides)
+    setup_logging(config.log, config.environment, config.process_id)
     app = Flask(APP_ID)
-    app.config.update(config, COMPRESS_MIMETYPES=COMPRESSED_MIMETYPES, COMPRESS_ALGORITHM=['zstd', 'br', 'gzip'])
+    app.config.update(
+        DEBUG=config.debug,
+        MAX_CONTENT_LENGTH=config.max_content_length,
+    )
+    app.extensions[CONFIG_KEY] = config
     app.json = ORJSONProvider(app)
     # `//` in a path would be answered with an HTML 308 redirect (routing bypasses the error
     # handlers); a POST API has one spelling per action, anything else is a JSON 404.
     app.url_map.merge_slashes = False
-    app.extensions['compress'] = Compress(app)
-    errors.init_app(app)
-    db.init_app(app)
-    cli.init_app(app)  # flask --app app actions | new-module | apply-sql | openapi | new-token
-    app.register_blueprint(health.blueprint)
-    for name in config['MODULES']:
+    app.after_request(compress_flask_response(config.compress_min_size))  # the gateway compresses actions'
+    pools = app.extensions[POOLS_KEY] = Pools(config)
+    cli.init_app(app)
+    app.register_blueprint(health_blueprint(config, pools))
+    for name in config.modules:
         app.register_blueprint(import_module(name).blueprint)
-    # GET /openapi.json and /docs: the contract, built once from the modules registered above.
-    api_docs.init_app(app)
-    # GET /metrics (METRICS=1) and the metrics step the gateway runs after each access record.
-    metrics.init_app(app)
-    # The WSGI entry: request scope and access record for every request, and the one path of
-    # action requests; the rest goes to Flask (lib/gateway.py).
-    gateway.init_app(app)
+    registry = app.extensions[REGISTRY_KEY] = registry_of(app)
+    verifier = None if config.jwt is None else JwtVerifier(config.jwt)
+    pipeline = app.extensions[PIPELINE_KEY] = Pipeline(config, registry, callers_of(config), verifier, pools)
+    init_error_handlers(app, pipeline)
+    if config.api_docs:
+        docs_blueprints(app, document(registry, config, health_operations(app)))
+    records = AccessRecords(config.proxy_hops)
+    if config.metrics:
+        metrics = app.extensions[METRICS_KEY] = Metrics(config, pools.stats)
+        ConnectionPool.observer = metrics  # every pool of the process: the series are the process's
+        app.register_blueprint(metrics_blueprint(metrics))
+        records = MeteredRecords(config.proxy_hops, metrics)
+    # The WSGI entry, last: every request's id, record and access record; actions and batches to
+    # the pipeline, the rest to Flask.
+    app.wsgi_app = Gateway(app, config, registry, pipeline, records)  # type: ignore[method-assign]
     return app
 
 

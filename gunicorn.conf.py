@@ -1,11 +1,11 @@
 """gunicorn's configuration (read by `gunicorn -c gunicorn.conf.py app:app`).
 
-Every value can be changed from the environment; the defaults are the production ones.
-The master checks the configuration once before forking (`on_starting`), so a wrong setting
-stops it with one line instead of every worker crash-looping.
+Every value comes from the one configuration object (lib.core.config: the environment over
+env/<ENVIRONMENT>/.env), read once here; the defaults are the production ones. A wrong setting
+stops the master with one line before it binds or forks (and `on_starting` checks the database
+connection budget), instead of every worker crash-looping.
 """
 
-import multiprocessing
 import os
 import shutil
 import sys
@@ -13,17 +13,29 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Prometheus (lib/metrics.py): the workers of one replica write their values to files in one
-# directory, named here, before any worker imports prometheus_client. The default is a directory
-# of this master's own under the system temp dir (a container's own /tmp), never under LOG_DIR:
-# that volume is shared by every replica on a node, and each master empties its directory at start.
-METRICS_DIR_DEFAULT = os.path.join(tempfile.gettempdir(), f'dbapi-metrics-{os.getpid()}')
-if not os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
-    os.environ['PROMETHEUS_MULTIPROC_DIR'] = METRICS_DIR_DEFAULT
+# gunicorn has put the repository on sys.path before reading this file.
+from lib.core.config import ConfigError, load
 
-bind = os.getenv('BIND', '0.0.0.0:8000')
-workers = int(os.getenv('WEB_CONCURRENCY', 2 * multiprocessing.cpu_count() + 1))
-# The project's worker (lib/gunicorn_worker.py, the adapter to gunicorn): one thread serving
+try:
+    # Not named `config`: gunicorn reads every module name that is one of its settings.
+    dbapi = load()  # the modules do not count here: each worker's app loads them
+except ConfigError as error:
+    sys.stderr.write(f'dbapi: configuration error: {error}\n')
+    sys.exit(3)
+
+# Prometheus (lib/observability/metrics.py): the workers of one replica write their values to files
+# in one directory, named here, before any worker imports prometheus_client. The default is a
+# directory of this master's own under the system temp dir (a container's own /tmp), never under
+# LOG_DIR: that volume is shared by every replica on a node, and each master empties its directory at start.
+METRICS_DIR_DEFAULT = os.path.join(tempfile.gettempdir(), f'dbapi-metrics-{os.getpid()}')
+if not dbapi.server.metrics_dir:
+    os.environ['PROMETHEUS_MULTIPROC_DIR'] = METRICS_DIR_DEFAULT  # read by prometheus_client, and by load()
+metrics_dir = dbapi.server.metrics_dir or METRICS_DIR_DEFAULT
+
+_server = dbapi.server
+bind = _server.bind
+workers = _server.workers
+# The project's worker (lib/server/gunicorn_worker.py, the adapter to gunicorn): one thread serving
 # kept-alive connections with gunicorn's parser and request cycle, plus what gunicorn lacks: on
 # SIGTERM it stops listening at once, so nginx tries another replica instead of sending a POST
 # into a queue that is reset (stock sync and gthread both lost requests when a replica stopped
@@ -31,37 +43,37 @@ workers = int(os.getenv('WEB_CONCURRENCY', 2 * multiprocessing.cpu_count() + 1))
 # gthread (WORKER_CLASS=gthread) is the stock alternative; the sync worker closes every
 # connection. nginx buffers requests and responses and keeps its upstream connections alive,
 # so slow clients never hold a worker.
-worker_class = os.getenv('WORKER_CLASS', 'lib.gunicorn_worker.DrainingKeepAliveWorker')
-threads = int(os.getenv('THREADS', '1'))  # gthread only; POOL_SIZE should be >= threads
-timeout = int(os.getenv('WORKER_TIMEOUT', '60'))  # above STATEMENT_TIMEOUT (30 s): the database gives up first
+worker_class = _server.worker_class
+threads = _server.threads  # gthread only; POOL_SIZE should be >= threads
+timeout = _server.timeout  # above STATEMENT_TIMEOUT (30 s): the database gives up first
 # SIGTERM: stop accepting, let in-flight requests finish for up to this long, then exit.
 # The stack's stop_grace_period must be longer.
-graceful_timeout = int(os.getenv('GRACEFUL_TIMEOUT', '30'))
-keepalive = int(os.getenv('KEEPALIVE', '5'))  # idle seconds; above nginx's upstream keepalive_timeout (2 s)
+graceful_timeout = _server.graceful_timeout
+keepalive = _server.keepalive  # idle seconds; above nginx's upstream keepalive_timeout (2 s)
 # At or above nginx's limits (large_client_header_buffers 4 8k): nginx refuses oversized
 # requests first, with a JSON problem, instead of gunicorn with a plain-text page.
 limit_request_line = 8190  # gunicorn's maximum
 limit_request_field_size = 8190
 limit_request_fields = 32768  # gunicorn's maximum: nginx's 32 KiB of header buffers bounds the count
-max_requests = int(os.getenv('MAX_REQUESTS', '10000'))
-max_requests_jitter = int(os.getenv('MAX_REQUESTS_JITTER', '1000'))  # workers do not all recycle at once
+max_requests = _server.max_requests
+max_requests_jitter = _server.max_requests_jitter  # workers do not all recycle at once
 # The app, and so its database pools, is loaded in each worker after the fork: never shared.
 preload_app = False
 accesslog = None  # the app writes one JSON access record per request itself
 errorlog = '-'
-loglevel = os.getenv('GUNICORN_LOG_LEVEL', 'info')
+loglevel = _server.log_level
 # gunicorn's own lines (master and workers) go through the app's handlers: ECS JSON in the same
-# per-process files (lib/logger.py). gunicorn has put the repository on sys.path before reading this.
-from lib.logger import gunicorn_logconfig  # noqa: E402
+# per-process files (lib/observability/logging_setup.py).
+from lib.server.gunicorn_logging import gunicorn_logconfig  # noqa: E402
 
-logconfig_dict = gunicorn_logconfig()
-logger_class = 'lib.logger.GunicornLogger'  # no per-request work for gunicorn's (silenced) access log
-proc_name = os.getenv('REPLICA_ID') or 'dbapi'
+logconfig_dict = gunicorn_logconfig(dbapi)
+logger_class = 'lib.server.gunicorn_logging.GunicornLogger'  # no per-request work for gunicorn's access log
+proc_name = dbapi.replica_id or 'dbapi'
 
 
 def empty_metrics_dir() -> None:
     """Start the replica's counts from zero: files left by an earlier run would be added in."""
-    directory = Path(os.environ['PROMETHEUS_MULTIPROC_DIR'])
+    directory = Path(metrics_dir)
     directory.mkdir(parents=True, exist_ok=True)
     for path in directory.glob('*.db'):
         path.unlink()
@@ -70,8 +82,7 @@ def empty_metrics_dir() -> None:
 def on_starting(server: Any) -> None:
     """Check the settings and the database connection budget, and empty the metrics directory,
     before binding or forking."""
-    from lib.config import ConfigError  # imported here: gunicorn has put the app's dir on sys.path by now
-    from lib.startup import check_master
+    from lib.server.startup import check_master
 
     try:
         _, budgets = check_master(workers)
@@ -90,7 +101,7 @@ def on_starting(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    from lib.startup import announce_worker_ready
+    from lib.server.startup import announce_worker_ready
 
     announce_worker_ready(worker)
 
@@ -101,8 +112,8 @@ def worker_exit(server: Any, worker: Any) -> None:
     extensions = getattr(getattr(worker, 'wsgi', None), 'extensions', None)
     if not extensions:
         return  # the app never loaded
-    from lib.db import POOLS_KEY
-    from lib.metrics import METRICS_KEY
+    from lib.db.connections import POOLS_KEY
+    from lib.web.flask_app import METRICS_KEY
 
     metrics = extensions.get(METRICS_KEY)
     if metrics is not None:
@@ -122,5 +133,5 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def on_exit(server: Any) -> None:
     """Remove the default metrics directory: nothing reads it once the replica is gone."""
-    if os.environ.get('PROMETHEUS_MULTIPROC_DIR') == METRICS_DIR_DEFAULT:
+    if metrics_dir == METRICS_DIR_DEFAULT:
         shutil.rmtree(METRICS_DIR_DEFAULT, ignore_errors=True)

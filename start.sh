@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 GUNICORN=${GUNICORN:-gunicorn}
-"$PYTHON" -m lib.logger --retention
+"$PYTHON" -m lib.observability.logging_setup --retention
 exec "$GUNICORN" -c gunicorn.conf.py "${APP_TARGET:-app:app}"

@@ -17,8 +17,8 @@ import json
 import os
 from pathlib import Path
 
-from lib.log_files import log_files
-from settings import APP_ID
+from lib.core.config import APP_ID
+from lib.observability.logs import log_files
 
 ACCESS_DATASET = b'"dbapi.access"'
 

@@ -109,8 +109,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def setting(env: dict[str, str], expression: str) -> str:
-    """A value of settings.py as the server will see it (its .env file included)."""
-    code = f'import settings; print({expression})'
+    """A value of the configuration (`config.<field>`) as the server will see it (its .env file included)."""
+    code = f'from lib.core.config import load; config = load(); print({expression})'
     return subprocess.run(
         [str(VENV_BIN / 'python'), '-c', code], env=env, cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -302,7 +302,7 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
             run.measure(scenario)
         stats = ServerStats(
             workers=len(app.workers()),
-            pool_size=int(setting(env, 'settings.POOL_SIZE')),
+            pool_size=int(setting(env, 'config.pool_size')),
             rss_before=rss_before,
             rss_after=sum(app.worker_rss().values()),
             peak_connections=watch.peak,

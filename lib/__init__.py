@@ -2,16 +2,17 @@
 
     from lib import module_blueprint, use_schema, returns, inject_conn, get_db_from_conn
 
-Modules import only this package (import-linter enforces it); the sub-modules behind it are
-the engine's own and may move. Each name below is documented on the docs site's
-"Writing a module" pages.
+Modules import only this package (import-linter enforces it); the sub-packages behind it are the
+engine's layers (docs/architecture.md) and may change. Each name is documented on the docs
+site's "Writing a module" pages.
 """
 
-from lib.actions import module_blueprint
-from lib.db import Db, Row, connection, get_conn_from_dbname, get_db_from_conn, transactional
-from lib.decorators import DEFAULT_DATABASE, inject_conn, returns, use_schema
-from lib.errors import ApiError, conflict, not_found, unprocessable
-from lib.prepared import Prepared
+from lib.contract.declarations import inject_conn, returns, use_schema
+from lib.core.config import DEFAULT_DATABASE
+from lib.core.errors import ApiError, conflict, not_found, unprocessable
+from lib.db.connections import connection, get_conn_from_dbname, transactional
+from lib.db.sql import Db, Prepared, Row, get_db_from_conn
+from lib.web.blueprints import module_blueprint
 
 __all__ = [
     'DEFAULT_DATABASE',

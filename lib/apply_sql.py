@@ -1,7 +1,5 @@
 """Apply dbapi's own SQL (lib/idempotency.sql), then the `schema.sql` of every registered module,
-to a configured database.
-
-    python -m lib.apply_sql [--database default]
+to a configured database (`flask --app app apply-sql`, lib.server.cli).
 
 The files are written to be re-runnable (`CREATE ... IF NOT EXISTS`); each runs in one
 transaction, so a broken file changes nothing.
@@ -9,17 +7,12 @@ transaction, so a broken file changes nothing.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Iterable, Mapping
 from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import psycopg2
-
-import settings
-from lib.config import ConfigError, check_databases
 
 SCHEMA_FILE = 'schema.sql'
 PROJECT_SQL = Path(__file__).with_name('idempotency.sql')  # the table of Idempotency-Key answers
@@ -50,24 +43,3 @@ def apply_sql(params: Mapping[str, Any], modules: Iterable[str], project: bool =
     finally:
         conn.close()
     return applied
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--database', default=settings.DEFAULT, help='a name from settings.DATABASES')
-    args = parser.parse_args(argv)
-    try:
-        databases = check_databases(settings.DATABASES)
-    except ConfigError as error:
-        print(f'dbapi: configuration error: {error}', file=sys.stderr)
-        return 2
-    if args.database not in databases:
-        print(f'dbapi: no database named {args.database!r} (known: {", ".join(databases)})', file=sys.stderr)
-        return 2
-    for path in apply_sql(databases[args.database], settings.MODULES):
-        print(f'applied {path.relative_to(settings.BASE_DIR)}')
-    return 0
-
-
-if __name__ == '__main__':
-    raise SystemExit(main())

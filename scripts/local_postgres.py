@@ -144,15 +144,15 @@ def connect(params: Mapping[str, Any], timeout: int) -> psycopg2.extensions.conn
 def check() -> str:
     """Check every setting, then that the default database answers; create it when the server
     answers but the database is missing. What was done, as one line."""
-    import settings
-    from lib.config import ConfigError, build_config
+    from lib.core.config import DEFAULT_DATABASE as DEFAULT
+    from lib.core.config import ConfigError, load
 
     try:
-        config = build_config()
+        config = load()
     except ConfigError as error:
         fail(f'configuration error: {error}')
-    params = config['DATABASES'][settings.DEFAULT]
-    timeout = config['CONNECT_TIMEOUT']
+    params = dict(config.databases[DEFAULT].params)
+    timeout = config.connect_timeout
     try:
         connect(params, timeout).close()
         return f'database {params["dbname"]} answers ({where(params)})'
@@ -185,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == 'start':
-            import settings
+            from lib.core.config import DEFAULT_DATABASE as DEFAULT
+            from lib.core.config import databases_from, environment
 
-            dbname = settings.DATABASES[settings.DEFAULT]['dbname'] or DEFAULT_DATABASE
+            dbname = databases_from(environment())[DEFAULT]['dbname'] or DEFAULT_DATABASE
             for name, value in start(args.pgdata.resolve(), dbname).items():
                 print(f'export {name}={shlex.quote(value)}')
         elif args.command == 'stop':

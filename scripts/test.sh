@@ -8,5 +8,6 @@ scripts/ensure_tools.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy  # the files and strictness are in pyproject.toml
+.venv/bin/lint-imports  # the layers of lib/ (pyproject.toml)
 .venv/bin/bandit -q -c pyproject.toml -r app.py settings.py gunicorn.conf.py lib modules
 exec .venv/bin/python -m pytest "$@"

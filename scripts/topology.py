@@ -529,9 +529,9 @@ def topology(
 def settings_database() -> dict[str, Any]:
     """The default database as settings.py reads it from the environment (the CLI's case)."""
     sys.path.insert(0, str(ROOT))
-    import settings
+    from lib.core.config import DEFAULT_DATABASE, databases_from, environment
 
-    return dict(settings.DATABASES[settings.DEFAULT])
+    return {key: value for key, value in databases_from(environment())[DEFAULT_DATABASE].items() if value}
 
 
 def interrupt(_signum: int, _frame: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import requests
 
-from lib.startup import WORKER_LOGGER
+from lib.server.startup import WORKER_LOGGER
 from tests.logs import log_paths
 from tests.private_pg import free_port
 
@@ -90,7 +90,7 @@ class Service:
         raise RuntimeError(f'gunicorn did not start {count} workers within {timeout} s:\n{self.stderr()}')
 
     def ready_pids(self) -> set[int]:
-        """The workers that wrote their ready line (lib.startup.announce_worker_ready)."""
+        """The workers that wrote their ready line (lib.server.startup.announce_worker_ready)."""
         pids = set()
         for path in log_paths(self.log_dir):
             for line in path.read_bytes().split(b'\n'):

@@ -104,8 +104,8 @@ def test_nested_route_names(api):
 
 
 def test_duplicate_and_bad_routes_are_refused_at_registration():
-    from lib.actions import build_actions
-    from lib.decorators import inject_conn
+    from lib.contract.declarations import inject_conn
+    from lib.contract.registry import build_actions
 
     with pytest.raises(ValueError, match="'a' is listed twice"):
         build_actions('m', [dict(route='a', action=probe.big), dict(route='a', action=probe.big)])

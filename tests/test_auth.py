@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from lib.actions import module_tables
-from lib.callers import Caller, CallerSet, token_digest
+from lib.auth.callers import Caller, CallerSet, token_digest
+from lib.web.flask_app import REGISTRY_KEY
 from tests.conftest import AUTH, make_app
 
 
 def module_rules(app):
     """The url rules of the module blueprints (one per action), not Flask's own (health, the contract)."""
-    modules = set(module_tables(app))
+    modules = set(app.extensions[REGISTRY_KEY].modules)
     for rule in app.url_map.iter_rules():
         if rule.endpoint.partition('.')[0] in modules:
             yield rule

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib.body import parse_body
+from lib.pipeline.input import parse_body
 from tests.conftest import AUTH
 
 JSON = {**AUTH, 'Content-Type': 'application/json'}

@@ -22,8 +22,9 @@ import pytest
 import requests
 from flask import Flask
 
-from lib.callers import Callers, bearer_callers, token_digest
-from lib.config import ConfigError, build_config
+from lib.auth.callers import Callers, bearer_callers, callers_of, token_digest
+from lib.core.config import ConfigError, load
+from lib.web.flask_app import PIPELINE_KEY
 from tests.conftest import MODULES, TOKEN, make_app
 from tests.logs import access_records, read_lines
 from tests.service import running_service
@@ -94,7 +95,7 @@ def callers_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def scoped_app(database: dict[str, Any], log_dir: str, callers_file: Path) -> Iterator[Flask]:
     app = make_app(database, log_dir, CALLERS_FILE=str(callers_file))
-    app.config['CALLERS'].recheck_seconds = 0  # every request looks at the file: no waiting here
+    app.extensions[PIPELINE_KEY].callers.recheck_seconds = 0  # every request looks at the file: no waiting here
     yield app
     app.extensions['dbapi.pools'].close()
 
@@ -239,7 +240,7 @@ def test_a_thousand_callers(database: dict[str, Any], log_dir: str, tmp_path: Pa
     app = make_app(database, log_dir, CALLERS_FILE=str(path))
     try:
         client = app.test_client()
-        assert len(app.config['CALLERS'].current) == 1001  # and BEARER's
+        assert len(app.extensions[PIPELINE_KEY].callers.current) == 1001  # and BEARER's
         for number in (0, 1, 998, 999):
             token = tokens[f'caller{number:04d}']
             allowed, refused = ('/example/foo', '/example/') if number % 2 else ('/example/', '/example/foo')
@@ -252,8 +253,9 @@ def test_a_thousand_callers(database: dict[str, Any], log_dir: str, tmp_path: Pa
 # --- start: the file, and BEARER beside it ---------------------------------------------------
 
 
-def config(**overrides: Any) -> dict[str, Any]:
-    return build_config({'DATABASES': GOOD_DB, 'MODULES': MODULES, **overrides})
+def config(**overrides: Any) -> Callers:
+    """The callers a start with these settings would have (create_app builds them so)."""
+    return callers_of(load(overrides={'DATABASES': GOOD_DB, 'MODULES': MODULES, **overrides}))
 
 
 @pytest.mark.parametrize(
@@ -315,8 +317,8 @@ def test_a_missing_file_stops_the_start(tmp_path: Path) -> None:
 
 def test_the_file_alone_is_enough_and_nothing_at_all_is_refused(callers_file: Path) -> None:
     built = config(BEARER='', CALLERS_FILE=str(callers_file))
-    assert built['CALLERS'].current.find(BILLING.encode()).name == 'billing'
-    assert built['CALLERS'].current.find(TOKEN.encode()) is None
+    assert built.current.find(BILLING.encode()).name == 'billing'
+    assert built.current.find(TOKEN.encode()) is None
     with pytest.raises(ConfigError, match='BEARER is empty and neither CALLERS_FILE nor JWT_JWKS_URL is set'):
         config(BEARER='', CALLERS_FILE='')
 

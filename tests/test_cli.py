@@ -20,10 +20,12 @@ from click.testing import CliRunner
 from flask import Flask
 from marshmallow import Schema, fields
 
-from lib.actions import module_actions, module_blueprint
-from lib.cli import RESERVED_NAMES, new_module_command
-from lib.db import POOLS_KEY
-from lib.decorators import inject_conn, use_schema
+from lib import module_blueprint
+from lib.contract.declarations import inject_conn, use_schema
+from lib.db.connections import POOLS_KEY
+from lib.server.cli import RESERVED_NAMES, new_module_command
+from lib.web.blueprints import registry_of
+from lib.web.flask_app import REGISTRY_KEY
 from tests.conftest import PG, create_database, drop_database, make_app, query
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +56,7 @@ def columns(output: str) -> dict[str, list[str]]:
 
 
 def served_actions(app: Flask) -> set[str]:
-    return {action.name for action in module_actions(app)}
+    return {action.name for action in registry_of(app)}
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -95,6 +97,7 @@ def test_actions_lists_every_action_with_its_fields_database_and_autocommit(app)
 
 def test_actions_shows_autocommit_list_nested_and_json_keys_and_skips_dump_only_fields(app):
     app.register_blueprint(module_blueprint('tests.cli_odd', [dict(route='odd', action=odd)]))
+    app.extensions[REGISTRY_KEY] = registry_of(app)  # the registry is built once, by create_app
     runner = app.test_cli_runner()
     rows = columns(runner.invoke(args=['actions']).output)
     assert rows['cli_odd/odd'] == [
@@ -379,14 +382,19 @@ def test_apply_sql_refuses_an_unknown_database_naming_it(fresh):
 
 
 def test_apply_sql_names_the_module_whose_file_fails_and_keeps_nothing_of_it(fresh, tmp_path, monkeypatch):
-    app, params = fresh
+    _, params = fresh
     package = tmp_path / 'broken_schema'
     package.mkdir()
-    (package / '__init__.py').write_text('', encoding='utf-8')
+    (package / '__init__.py').write_text(
+        'from lib import module_blueprint\n\nblueprint = module_blueprint(__name__, [])\n'
+    )
     (package / 'schema.sql').write_text('CREATE TABLE half_done (id int);\nCREAT TABLE oops ();\n', encoding='utf-8')
     monkeypatch.syspath_prepend(str(tmp_path))
-    app.config['MODULES'] = ['modules.example', 'broken_schema']
-    result = app.test_cli_runner().invoke(args=['apply-sql'])
+    app = make_app(params, str(tmp_path), MODULES=['modules.example', 'broken_schema'])
+    try:
+        result = app.test_cli_runner().invoke(args=['apply-sql'])
+    finally:
+        app.extensions[POOLS_KEY].close()
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
     assert lines[:2] == ['applied lib/idempotency.sql', 'applied modules/example/schema.sql']

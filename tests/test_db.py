@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg2
 import pytest
 
-from lib.db import Db, connection, pools, transactional
-from lib.pool import ConnectionPool, PoolTimeout
+from lib.db.connections import connection, pools, transactional
+from lib.db.pool import ConnectionPool, PoolTimeout
+from lib.db.sql import Db
 from tests.conftest import AUTH, make_app, query
 
 

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-import settings
-from lib.config import check_pgbouncer
-from lib.startup import budgets, check_connection_budget
+from lib.core.config import default_of, load, parse_database
+from lib.server.startup import budgets, check_connection_budget
 from scripts.topology import (
     NGINX_DEFAULTS,
     PLACEHOLDER,
@@ -138,7 +137,8 @@ def test_the_pgbouncer_file_puts_a_pinned_transaction_pooler_between_api_and_pos
     env, own = api['environment'], pooler['environment']
     assert re.fullmatch(r'edoburu/pgbouncer:v\d+\.\d+\.\d+-p\d+', pooler['image']), pooler['image']
     assert (env['DEFAULT_DB_HOST'], env['DEFAULT_DB_PORT']) == ('pgbouncer', own['LISTEN_PORT'])
-    assert check_pgbouncer({'default': {'pgbouncer': env['DEFAULT_DB_PGBOUNCER']}})['default'].mode == 'transaction'
+    through = parse_database('default', {'dbname': 'x', 'pgbouncer': env['DEFAULT_DB_PGBOUNCER']})
+    assert through.pgbouncer is not None and through.pgbouncer.mode == 'transaction'
     assert own['POOL_MODE'] == 'transaction'
     assert 'options' not in own.get('IGNORE_STARTUP_PARAMETERS', '')  # the api needs no workaround
     assert own['DB_HOST'] == required_values()['DB_HOST']  # PostgreSQL itself
@@ -161,7 +161,7 @@ def test_the_pgbouncer_file_sizes_clients_and_its_pool() -> None:
 
 def test_every_layer_agrees_on_the_body_limit() -> None:
     stack = deployed_stack()['services']
-    limit = settings.MAX_CONTENT_LENGTH
+    limit = default_of('MAX_CONTENT_LENGTH')
     assert stack['api']['environment']['MAX_CONTENT_LENGTH'] == limit
     assert stack['nginx']['environment']['MAX_CONTENT_LENGTH'] == limit
     assert f'MAX_CONTENT_LENGTH={limit}' in (ROOT / 'nginx' / 'Dockerfile').read_text()
@@ -280,15 +280,15 @@ def test_more_connections_than_postgresql_accepts_stops_the_master() -> None:
 
 
 def test_a_database_that_does_not_answer_yet_is_a_warning_not_a_refusal() -> None:
-    config = {'POOL_SIZE': 4, 'DATABASES': {'default': dict(PG, port=free_port(), dbname='postgres')}}
+    config = load(overrides={'POOL_SIZE': 4, 'DATABASES': {'default': dict(PG, port=free_port(), dbname='postgres')}})
     (budget,) = check_connection_budget(config, workers=2, replicas=50)
     assert budget.usable is None and budget.error
     assert budget.needed == 51 * 2 * 4
 
 
 def test_databases_on_one_server_share_its_budget() -> None:
-    config = {'POOL_SIZE': 2, 'DATABASES': {'default': dict(PG, dbname='postgres'), 'other': dict(PG, dbname='x')}}
-    (budget,) = budgets(config, workers=3, replicas=4)
+    databases = {'default': dict(PG, dbname='postgres'), 'other': dict(PG, dbname='x')}
+    (budget,) = budgets(load(overrides={'POOL_SIZE': 2, 'DATABASES': databases}), workers=3, replicas=4)
     assert (budget.databases, budget.needed) == (2, 5 * 3 * 2 * 2)
     assert budget.usable is not None and budget.usable > 0
 
@@ -318,8 +318,7 @@ def test_prometheus_scrapes_every_api_task_on_the_port_gunicorn_binds() -> None:
     (discovery,) = job['dns_sd_configs']
     assert discovery['names'] == ['tasks.api'] and discovery['type'] == 'A'
     assert 'api' in deployed_stack()['services']
-    bind = re.search(r"BIND', '([^']+)'", (ROOT / 'gunicorn.conf.py').read_text())
-    assert bind is not None and bind.group(1).endswith(f':{discovery["port"]}')
+    assert default_of('BIND').endswith(f':{discovery["port"]}')  # gunicorn.conf.py binds the setting
     assert job.get('metrics_path', '/metrics') == '/metrics'
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import AUTH
+from tests.conftest import AUTH, make_app
 
 PROBLEM = 'application/problem+json'
 
@@ -59,11 +59,16 @@ def test_405_non_post_methods(client, method):
     assert response.headers['Allow'] == 'POST'
 
 
-def test_413_body_over_max_content_length(client, app):
-    app.config['MAX_CONTENT_LENGTH'] = 1024
-    data = b'{"name": "' + b'x' * 2048 + b'"}'
-    response = client.post('/example/foo', data=data, headers={**AUTH, 'Content-Type': 'application/json'})
-    assert_problem(response, 413)
+def test_413_body_over_max_content_length(database, log_dir):
+    app = make_app(database, log_dir, MAX_CONTENT_LENGTH=1024)
+    try:
+        data = b'{"name": "' + b'x' * 2048 + b'"}'
+        response = app.test_client().post(
+            '/example/foo', data=data, headers={**AUTH, 'Content-Type': 'application/json'}
+        )
+        assert_problem(response, 413)
+    finally:
+        app.extensions['dbapi.pools'].close()
 
 
 @pytest.mark.parametrize('content_type', ['text/plain', 'application/x-www-form-urlencoded', None])

@@ -9,7 +9,10 @@ import brotli
 import orjson
 import pytest
 
-from lib.compression import zstd
+try:  # Python 3.14's standard library, or its backport
+    from compression import zstd
+except ImportError:
+    from backports import zstd
 from tests.conftest import AUTH, MODULES
 
 

@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 
 from lib.apply_sql import apply_sql
-from lib.idempotency import SWEEPER, sweep
+from lib.db.idempotency import SWEEPER, sweep
 from tests.conftest import AUTH, MODULES, PG, TOKEN, Api, create_database, drop_database, make_app, query
 from tests.ledger import app_fixture, fresh_ledger, ledger_app, notes, stored
 from tests.logs import access_records, read_lines

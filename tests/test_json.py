@@ -8,7 +8,7 @@ import brotli
 import pytest
 from backports import zstd
 
-from lib.json import dumps
+from lib.core.json import dumps
 
 
 def test_python_types_encode(api):

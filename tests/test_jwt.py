@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from flask import Flask
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from lib.config import ConfigError, build_config
+from lib.auth.callers import callers_of
+from lib.core.config import ConfigError, load
 from tests.conftest import MODULES, TOKEN, make_app
 from tests.logs import access_records, read_lines
 from tests.test_callers import ACTIONS, SECRETS, assert_no_secrets, bearer, callers_toml, replace_file
@@ -374,7 +375,7 @@ def test_the_set_down_from_the_start_is_503_and_tried_once_per_cooldown(
 
 
 def config(**overrides: Any) -> dict[str, Any]:
-    return build_config({'DATABASES': GOOD_DB, 'MODULES': MODULES, **overrides})
+    return load(overrides={'DATABASES': GOOD_DB, 'MODULES': MODULES, **overrides})
 
 
 @pytest.mark.parametrize(
@@ -407,5 +408,5 @@ def test_jwt_settings_are_all_three_or_none(overrides: dict[str, Any], message: 
 
 def test_jwts_alone_are_enough() -> None:
     built = config(BEARER='', JWT_JWKS_URL='https://id/c', JWT_ISSUER='i', JWT_AUDIENCE='a')
-    assert built['JWT'] is not None and len(built['CALLERS'].current) == 0
-    assert config()['JWT'] is None
+    assert built.jwt is not None and len(callers_of(built).current) == 0
+    assert config().jwt is None

@@ -24,11 +24,12 @@ import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 
-from lib import log_format, logger
-from lib.access_log import client_ip, field_paths
-from lib.config import ConfigError
-from lib.log_files import ProcessFileHandler, delete_old_logs
-from lib.log_format import EcsFormatter
+from lib.core.config import ConfigError, load
+from lib.observability import logging_setup as logger
+from lib.observability import logs as log_format
+from lib.observability.access_log import client_ip, field_paths
+from lib.observability.logs import EcsFormatter, ProcessFileHandler, delete_old_logs
+from lib.server.gunicorn_logging import gunicorn_logconfig
 from tests.conftest import AUTH, TOKEN, make_app
 from tests.logs import ERROR_FIELDS, access_records, check_line, check_types, log_paths, read_lines
 
@@ -136,7 +137,8 @@ def test_access_record_fields(small_app: Flask, log_dir: str) -> None:
 @pytest.mark.parametrize('fraction', [0.0, 0.0004, 0.0015, 0.5, 0.9996])
 def test_timestamps_are_utc_with_milliseconds_cut_not_rounded(fraction: float) -> None:
     created = 1_700_000_000 + fraction
-    fields = EcsFormatter().base_fields(created, 'INFO', 'dbapi', 'x', 1, 'MainThread')
+    formatter = EcsFormatter(log_format.static_fields('testing', 'dbapi'))
+    fields = formatter.base_fields(created, 'INFO', 'dbapi', 'x', 1, 'MainThread')
     expected = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(timespec='milliseconds')
     assert fields['@timestamp'] == expected.replace('+00:00', 'Z')
 
@@ -354,7 +356,7 @@ def record(message: str, created: float | None = None) -> logging.LogRecord:
 
 def test_rotation_by_size_keeps_every_line_whole(tmp_path: Path) -> None:
     handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=4096, backup_count=100)
-    handler.setFormatter(EcsFormatter())
+    handler.setFormatter(EcsFormatter(log_format.static_fields('testing', 'dbapi')))
     for number in range(500):
         handler.handle(record(f'line {number:04d} ' + 'x' * 50))
     handler.close()
@@ -368,7 +370,7 @@ def test_rotation_by_size_keeps_every_line_whole(tmp_path: Path) -> None:
 
 def test_rotation_drops_only_beyond_backup_count(tmp_path: Path) -> None:
     handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=2048, backup_count=2)
-    handler.setFormatter(EcsFormatter())
+    handler.setFormatter(EcsFormatter(log_format.static_fields('testing', 'dbapi')))
     for number in range(300):
         handler.handle(record(f'line {number:04d}'))
     handler.close()
@@ -381,7 +383,7 @@ def test_rotation_drops_only_beyond_backup_count(tmp_path: Path) -> None:
 
 def test_a_deleted_file_is_recreated_instead_of_writing_into_nothing(tmp_path: Path) -> None:
     handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=0, backup_count=0)
-    handler.setFormatter(EcsFormatter())
+    handler.setFormatter(EcsFormatter(log_format.static_fields('testing', 'dbapi')))
     handler.handle(record('before'))
     Path(handler.path).unlink()
     handler.handle(record('after', created=time.time() + 5))  # past the recheck interval
@@ -396,7 +398,7 @@ def _child_logs(handler: ProcessFileHandler) -> None:
 
 def test_a_forked_child_writes_its_own_file(tmp_path: Path) -> None:
     handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=0, backup_count=0)
-    handler.setFormatter(EcsFormatter())
+    handler.setFormatter(EcsFormatter(log_format.static_fields('testing', 'dbapi')))
     handler.handle(record('from the parent'))
     child = multiprocessing.get_context('fork').Process(target=_child_logs, args=(handler,))
     child.start()
@@ -428,12 +430,13 @@ def test_retention_command_as_the_start_script_runs_it(tmp_path: Path) -> None:
     (tmp_path / 'dbapi-h-9.log').write_text('{}\n')
     os.utime(tmp_path / 'dbapi-h-9.log', (old, old))
     (tmp_path / 'dbapi-h-10.log').write_text('{}\n')
-    command = [sys.executable, '-m', 'lib.logger', '--retention', '--log-dir', str(tmp_path)]
+    command = [sys.executable, '-m', 'lib.observability.logging_setup', '--retention', '--log-dir', str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert 'dbapi-h-9.log' in done.stdout
     assert [path.name for path in tmp_path.iterdir()] == ['dbapi-h-10.log']
-    missing = [sys.executable, '-m', 'lib.logger', '--retention', '--log-dir', str(tmp_path / 'none')]
+    retention = [sys.executable, '-m', 'lib.observability.logging_setup', '--retention']
+    missing = [*retention, '--log-dir', str(tmp_path / 'none')]
     assert subprocess.run(missing, cwd=ROOT, capture_output=True, timeout=60, check=False).returncode == 0
 
 
@@ -464,7 +467,7 @@ def test_a_formatting_error_is_not_mistaken_for_a_write_failure(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=0, backup_count=0)
-    handler.setFormatter(EcsFormatter())
+    handler.setFormatter(EcsFormatter(log_format.static_fields('testing', 'dbapi')))
     bad = logging.LogRecord('dbapi.test', logging.INFO, __file__, 1, 'needs %d', ('not a number',), None)
     handler.handle(bad)
     handler.handle(record('fine'))
@@ -477,7 +480,7 @@ def test_a_formatting_error_is_not_mistaken_for_a_write_failure(
 
 def test_undecodable_text_still_makes_a_json_line(tmp_path: Path) -> None:
     handler = ProcessFileHandler(str(tmp_path), 'dbapi', max_bytes=0, backup_count=0)
-    handler.setFormatter(EcsFormatter())
+    handler.setFormatter(EcsFormatter(log_format.static_fields('testing', 'dbapi')))
     handler.handle(record(b'caf\xe9'.decode('utf-8', 'surrogateescape')))
     handler.close()
     [item] = read_lines(tmp_path)
@@ -495,7 +498,7 @@ def test_console_format_is_readable_and_json_files_stay_on(
         post(app.test_client(), '/example/')
     finally:
         app.extensions['dbapi.pools'].close()
-        logger.setup_logging(log_dir=log_dir, console=False)
+        logger.setup_logging(logger.log_settings(log_dir=log_dir, console=False), 'testing')
     err = capfd.readouterr().err
     assert ' INFO    dbapi.access: POST /example/ 200 ' in err
     assert '{' not in err
@@ -511,7 +514,7 @@ def test_log_stdout_writes_the_same_json_lines(
         post(app.test_client(), '/example/')
     finally:
         app.extensions['dbapi.pools'].close()
-        logger.setup_logging(log_dir=log_dir, console=False)
+        logger.setup_logging(logger.log_settings(log_dir=log_dir, console=False), 'testing')
     out = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith('{')]
     assert out == read_lines(log_dir)
     assert len(access_records(out)) == 1
@@ -519,15 +522,15 @@ def test_log_stdout_writes_the_same_json_lines(
 
 def test_setup_is_idempotent_and_keeps_inherited_handlers(tmp_path: Path) -> None:
     try:
-        logger.setup_logging(log_dir=str(tmp_path), console=False, stdout_json=False)
+        logger.setup_logging(logger.log_settings(log_dir=str(tmp_path), console=False, stdout_json=False), 'testing')
         first = list(logging.getLogger().handlers)
-        logger.setup_logging(log_dir=str(tmp_path), console=False, stdout_json=False)
+        logger.setup_logging(logger.log_settings(log_dir=str(tmp_path), console=False, stdout_json=False), 'testing')
         assert logging.getLogger().handlers == first
-        logger.setup_logging(log_dir=str(tmp_path), console=True, stdout_json=False)
-        kinds = Counter(getattr(h, logger.TAG)[1] for h in logging.getLogger().handlers if hasattr(h, logger.TAG))
+        logger.setup_logging(logger.log_settings(log_dir=str(tmp_path), console=True, stdout_json=False), 'testing')
+        kinds = Counter(getattr(h, logger.TAG)[3] for h in logging.getLogger().handlers if hasattr(h, logger.TAG))
         assert kinds == Counter({'file': 1, 'console': 1})
     finally:
-        logger.setup_logging(log_dir=str(tmp_path), console=False)
+        logger.setup_logging(logger.log_settings(log_dir=str(tmp_path), console=False), 'testing')
 
 
 def test_access_records_survive_a_quiet_log_level(tmp_path: Path, database: dict[str, Any]) -> None:
@@ -536,12 +539,12 @@ def test_access_records_survive_a_quiet_log_level(tmp_path: Path, database: dict
         response = post(app.test_client(), '/example/')
     finally:
         app.extensions['dbapi.pools'].close()
-        logger.setup_logging(log_dir=str(tmp_path), console=False)
+        logger.setup_logging(logger.log_settings(log_dir=str(tmp_path), console=False), 'testing')
     assert response.headers['X-Request-ID'] in by_id(read_lines(tmp_path))
 
 
 def test_gunicorn_logconfig_is_a_valid_dict_config(tmp_path: Path) -> None:
-    config = logger.gunicorn_logconfig()
+    config = gunicorn_logconfig(load(overrides={'BEARER': 'x', 'DATABASES': {'default': {'dbname': 'x'}}}))
     assert config['loggers']['gunicorn.error'] == {'handlers': [], 'propagate': True}
     assert config['loggers']['gunicorn.access']['propagate'] is False
     assert set(config['root']['handlers']) <= set(logger.HANDLER_KINDS)
@@ -631,7 +634,7 @@ def test_filebeat_config_and_index_template_match_what_the_service_writes(small_
 )
 def test_a_wrong_log_setting_is_a_config_error_naming_it(overrides: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
-        logger.log_options(**overrides)
+        logger.log_settings(**overrides)
 
 
 def test_a_wrong_log_setting_stops_the_start_with_one_line() -> None:

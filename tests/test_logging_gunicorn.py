@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from lib.startup import WORKER_LOGGER
+from lib.server.startup import WORKER_LOGGER
 from tests.conftest import TOKEN
 from tests.logs import access_records, check_line, log_paths, read_lines
 

@@ -20,11 +20,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from lib import metrics as metrics_module
-from lib.access_log import AccessRecords, Exchange
-from lib.db import POOLS_KEY
-from lib.metrics import METRICS_KEY, Metrics, scrape_registry
-from lib.scope import RequestScope
+from lib.core.record import RequestRecord
+from lib.db.connections import POOLS_KEY
+from lib.observability import metrics as metrics_module
+from lib.observability.metrics import Metrics, scrape_registry
+from lib.web.flask_app import METRICS_KEY
 from tests.conftest import AUTH, make_app
 from tests.private_pg import free_port
 
@@ -45,7 +45,7 @@ def value(app: Flask, name: str, **labels: str) -> float:
     if metrics is not None:
         metrics.flush()
     total = 0.0
-    for family in scrape_registry().collect():
+    for family in scrape_registry(False).collect():
         for sample in family.samples:
             if sample.name == name and labels.items() <= sample.labels.items():
                 total += sample.value
@@ -109,7 +109,9 @@ def test_client_errors_are_counted_under_the_real_action_or_none(client: FlaskCl
     assert client.get('/wp-login.php').status_code == 404
     assert deltas() == [1, 1, 1, 3, 0]
     sent_names = {'no_such_action', 'no-such-module', 'x', 'wp-login.php'}
-    labels = {value for family in scrape_registry().collect() for s in family.samples for value in s.labels.values()}
+    labels = {
+        value for family in scrape_registry(False).collect() for s in family.samples for value in s.labels.values()
+    }
     assert not labels & sent_names, 'a name a client made up became a label'
 
 
@@ -357,10 +359,8 @@ def test_a_duration_on_a_bound_is_in_that_bound_s_bucket(app: Flask) -> None:
     )
     before = value(app, 'dbapi_request_duration_seconds_sum', **labels)
     for duration_ns in (1_000_000, 1_000_001):
-        scope = RequestScope('bound', app.extensions[POOLS_KEY], module='probe', action='returns_none', caller='x')
-        exchange = Exchange(AccessRecords(0), {'PATH_INFO': '/probe/returns_none'}, scope, lambda *_: None)
-        exchange.status = 200
-        metrics.record(exchange, duration_ns)
+        record = RequestRecord('bound', 0, module='probe', action='returns_none', caller='x', status=200)
+        metrics.record(record, duration_ns)
     assert deltas() == [1, 2, 2]
     assert value(app, 'dbapi_request_duration_seconds_sum', **labels) - before == pytest.approx(0.002000001)
 

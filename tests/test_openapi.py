@@ -21,11 +21,13 @@ from marshmallow import Schema, fields
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 
-from lib.actions import module_actions, module_blueprint
-from lib.config import ConfigError, build_config
-from lib.decorators import returns
-from lib.health import ANSWERS
-from lib.openapi import ALWAYS, WITH_DATABASE
+from lib import module_blueprint
+from lib.contract.declarations import returns
+from lib.contract.openapi import ALWAYS, WITH_DATABASE
+from lib.core.config import ConfigError, load
+from lib.web.blueprints import registry_of
+from lib.web.flask_app import CONFIG_KEY
+from lib.web.infrastructure import HEALTH_ANSWERS as ANSWERS
 from tests.conftest import AUTH, MODULES, make_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +81,7 @@ def test_the_document_is_valid_openapi_3_1(bench_app: Flask) -> None:
 
 def test_every_action_of_every_module_is_one_post_operation_with_its_request_schema(bench_app: Flask) -> None:
     document = get_document(bench_app)
-    actions = module_actions(bench_app)
+    actions = list(registry_of(bench_app))
     assert {action.module for action in actions} == {'example', 'probe', 'bench'}
     posted = {path for path, item in document['paths'].items() if 'post' in item}
     assert posted == {f'/{action.module}/{action.route}' for action in actions} | {'/batch'}
@@ -107,9 +109,9 @@ def test_batch_lists_every_action_it_accepts_with_its_body(bench_app: Flask) -> 
     post = document['paths']['/batch']['post']
     body = post['requestBody']['content']['application/json']['schema']
     actions = body['properties']['actions']
-    assert (actions['minItems'], actions['maxItems']) == (1, bench_app.config['BATCH_MAX_ACTIONS'])
+    assert (actions['minItems'], actions['maxItems']) == (1, bench_app.extensions[CONFIG_KEY].batch_max_actions)
     steps = {step['properties']['action']['const']: step for step in actions['items']['oneOf']}
-    accepted = [a for a in module_actions(bench_app) if a.conn is None or not a.conn.autocommit]
+    accepted = [a for a in list(registry_of(bench_app)) if a.conn is None or not a.conn.autocommit]
     assert set(steps) == {action.name for action in accepted}
     for action in accepted:
         step_body = resolve(document, steps[action.name]['properties']['body'])
@@ -144,7 +146,7 @@ def test_summary_and_description_come_from_the_docstring(document: dict[str, Any
 
 
 def test_each_action_lists_the_problems_serve_can_answer_for_it(app: Flask, document: dict[str, Any]) -> None:
-    for action in module_actions(app):
+    for action in registry_of(app):
         answers = document['paths'][f'/{action.module}/{action.route}']['post']['responses']
         expected = {200, *ALWAYS, *(WITH_DATABASE if action.conn is not None else ())}
         assert {int(status) for status in answers} == expected, action.name
@@ -253,7 +255,7 @@ def test_info_version_is_pyprojects_and_servers_are_a_setting(database: dict[str
 @pytest.mark.parametrize('value', ['', 'ftp://files', 'dbapi.internal', '//host/x', 'https://'])
 def test_a_bad_servers_setting_stops_the_start_naming_it(value: str) -> None:
     with pytest.raises(ConfigError, match='OPENAPI_SERVERS'):
-        build_config({'OPENAPI_SERVERS': value, 'BEARER': 'x', 'DATABASES': {'default': {'dbname': 'x'}}})
+        load(overrides={'OPENAPI_SERVERS': value, 'BEARER': 'x', 'DATABASES': {'default': {'dbname': 'x'}}})
 
 
 def test_the_default_server_is_the_one_serving_the_document(document: dict[str, Any]) -> None:
@@ -291,8 +293,8 @@ class ThingSchema(Schema):
     size = fields.Integer(required=False, strict=True)
 """
 PACKAGE = """
-from lib.actions import module_blueprint
-from lib.decorators import returns, use_schema
+from lib import module_blueprint
+from lib.contract.declarations import returns, use_schema
 
 from .schemas import ThingSchema
 

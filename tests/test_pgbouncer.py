@@ -21,12 +21,12 @@ import psycopg2
 import pytest
 from flask import Flask
 
-from lib import startup
 from lib.apply_sql import apply_sql
-from lib.config import ConfigError, build_config
-from lib.db import Db, connection, transactional
-from lib.prepared import names_prepared_on
-from lib.startup import STARTUP_LOGGER, check_connection_budget
+from lib.core.config import ConfigError, load
+from lib.db.connections import connection, transactional
+from lib.db.sql import Db, names_prepared_on
+from lib.server import startup
+from lib.server.startup import STARTUP_LOGGER, check_connection_budget
 from scripts.topology import PgBouncer, find_pgbouncer, wait_until
 from tests.conftest import AUTH, MODULES, make_app
 from tests.logs import read_lines
@@ -289,7 +289,7 @@ def test_the_statement_timeout_lives_in_each_transaction_and_never_in_the_sessio
 def test_the_budget_counts_clients_against_max_client_conn_and_the_pool_against_postgresql(
     through: dict[str, Any], bouncer: PgBouncer
 ) -> None:
-    config = build_config({'DATABASES': {'default': through}, 'POOL_SIZE': 2})
+    config = load(overrides={'DATABASES': {'default': through}, 'POOL_SIZE': 2})
     clients, pool = check_connection_budget(config, workers=3, replicas=9)
     assert (clients.kind, clients.needed, clients.usable) == (startup.CLIENTS, 10 * 3 * 2, 400)
     assert (pool.kind, pool.needed, pool.usable) == (startup.POOL, POOL, MAX_CONNECTIONS - 3)
@@ -300,12 +300,12 @@ def test_the_budget_counts_clients_against_max_client_conn_and_the_pool_against_
 def test_without_the_console_the_settings_stand_in_or_nothing_is_checked(pg: PrivatePostgres, tmp_path: Path) -> None:
     with running(bouncer_in_front(pg, tmp_path, admin_users='', default_pool_size='40')) as closed:
         database = dict(closed.params(DBNAME), pgbouncer='transaction')
-        config = build_config({'DATABASES': {'default': database}, 'POOL_SIZE': 2})
+        config = load(overrides={'DATABASES': {'default': database}, 'POOL_SIZE': 2})
         clients, pool = check_connection_budget(config, workers=3, replicas=1)
         assert clients.usable is None and 'DEFAULT_DB_PGBOUNCER_MAX_CLIENT_CONN' in clients.error
         assert pool.usable is None and 'stats_users' in pool.error
         sized = dict(database, pgbouncer_pool_size='40', pgbouncer_max_client_conn='100')
-        config = build_config({'DATABASES': {'default': sized}, 'POOL_SIZE': 2})
+        config = load(overrides={'DATABASES': {'default': sized}, 'POOL_SIZE': 2})
         with pytest.raises(ConfigError, match=r"pgbouncer's pool of 40 server connections .* exceeds the 27"):
             check_connection_budget(config, workers=3, replicas=1)
 

@@ -13,9 +13,9 @@ import psycopg2
 import pytest
 from flask import Flask
 
-from lib.config import ConfigError, build_config
-from lib.db import HeldTransaction, PooledConnection, release
-from lib.pool import LIFETIME_JITTER, ConnectionPool, is_broken
+from lib.core.config import ConfigError, load
+from lib.db.connections import HeldTransaction, PooledConnection, release
+from lib.db.pool import LIFETIME_JITTER, ConnectionPool, is_broken
 from tests.conftest import MODULES, PG, admin_connection, make_app, query
 
 PARAMS = dict(PG, dbname='postgres')  # the pool tests need no schema of their own
@@ -199,7 +199,7 @@ def test_limits_must_be_positive(limit: str) -> None:
 def test_bad_pool_limits_name_themselves(overrides: dict[str, Any], message: str) -> None:
     good_db = {'default': {'dbname': 'x', 'host': '127.0.0.1', 'port': '5432', 'user': 'postgres'}}
     with pytest.raises(ConfigError, match=re.escape(message)):
-        build_config({'DATABASES': good_db, 'MODULES': MODULES, **overrides})
+        load(overrides={'DATABASES': good_db, 'MODULES': MODULES, **overrides})
 
 
 def test_the_apps_pools_get_the_configured_limits(database: dict[str, Any], log_dir: str) -> None:

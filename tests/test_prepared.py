@@ -5,9 +5,8 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
-from lib.db import Db
-from lib.pool import ConnectionPool
-from lib.prepared import Prepared, parse
+from lib.db.pool import ConnectionPool
+from lib.db.sql import Db, Prepared, parse
 from tests.conftest import query
 
 BY_KEY = 'SELECT k, v FROM prepared_t WHERE k = %(k)s'

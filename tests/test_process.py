@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from lib import process
+from lib.core import process
 
 
 def test_the_pid_is_this_process_and_each_forked_child_gets_its_own() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from lib.http import new_request_id, settle_request_id
+from lib.web.gateway import new_request_id, settle_request_id
 
 HEX32 = re.compile(r'[0-9a-f]{32}')
 

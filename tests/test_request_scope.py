@@ -1,10 +1,10 @@
-"""An action runs in the request scope of lib.gateway, with no Flask context, and leaves none."""
+"""An action runs without a Flask context, and its request leaves nothing current behind."""
 
 from __future__ import annotations
 
 from flask import has_app_context
 
-from lib.scope import current_scope
+from lib.db.connections import _lending
 from tests.conftest import AUTH
 
 
@@ -15,5 +15,5 @@ def test_an_action_runs_without_a_flask_context_and_leaves_no_scope_behind(clien
         assert response.status_code == 200, response.get_data(as_text=True)
         assert response.get_json() == {'app_context': False, 'request_context': False}
         assert response.headers['X-Request-ID'] == request_id
-        assert current_scope() is None  # nothing is left current after the request
+        assert _lending.get() is None  # nothing is left current after the request
         assert not has_app_context()

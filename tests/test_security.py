@@ -18,8 +18,9 @@ import pytest
 from psycopg2 import errors, sql
 
 from app import create_app
-from lib.config import KNOWN_TOKENS, ConfigError, build_config
-from lib.db import Db
+from lib.auth.callers import callers_of
+from lib.core.config import KNOWN_TOKENS, Config, ConfigError, load
+from lib.db.sql import Db
 from tests.conftest import ClosingClient
 from tests.private_pg import PrivatePostgres, private_postgres
 
@@ -71,8 +72,8 @@ def test_every_nosec_says_why() -> None:
 # -- configuration ----------------------------------------------------------------------
 
 
-def config(**overrides: Any) -> dict[str, Any]:
-    return build_config({'DATABASES': DATABASES, 'BEARER': STRONG_TOKEN, **overrides})
+def config(**overrides: Any) -> Config:
+    return load(overrides={'DATABASES': DATABASES, 'BEARER': STRONG_TOKEN, **overrides})
 
 
 @pytest.mark.parametrize('environment', ['testing', 'production'])
@@ -83,9 +84,9 @@ def test_debug_refused_outside_local(environment: str, debug: str) -> None:
 
 
 def test_debug_only_where_asked() -> None:
-    assert config(ENVIRONMENT='local', DEBUG='1')['DEBUG'] is True
-    assert config(ENVIRONMENT='local', DEBUG='0')['DEBUG'] is False
-    assert config(ENVIRONMENT='production')['DEBUG'] is False
+    assert config(ENVIRONMENT='local', DEBUG='1').debug is True
+    assert config(ENVIRONMENT='local', DEBUG='0').debug is False
+    assert config(ENVIRONMENT='production').debug is False
 
 
 def test_flask_debug_variable_does_not_turn_debug_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -121,7 +122,7 @@ def test_production_refuses_default_empty_or_short_tokens(bearer: str) -> None:
 
 
 def test_production_accepts_a_strong_token() -> None:
-    assert config(ENVIRONMENT='production')['CALLERS'].current
+    assert callers_of(config(ENVIRONMENT='production')).current
 
 
 def test_production_process_refuses_the_default_token(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The production worker (lib/gunicorn_worker.DrainingKeepAliveWorker), over raw sockets.
+"""The production worker (lib/server/gunicorn_worker.DrainingKeepAliveWorker), over raw sockets.
 
 What it adds to gunicorn's parser and request cycle: kept-alive connections served by one
 thread from one poller, pipelined requests, an unread body discarded (a large one read to its
@@ -31,7 +31,7 @@ from gunicorn.config import Config
 from gunicorn.http import wsgi
 from gunicorn.http.message import Request
 
-from lib.gunicorn_worker import Connection, DrainingKeepAliveWorker, OneSend, bound_socket_calls, discard_body
+from lib.server.gunicorn_worker import Connection, DrainingKeepAliveWorker, OneSend, bound_socket_calls, discard_body
 from scripts.topology import wait_until
 from tests.service import TOKEN, Service, running_service
 

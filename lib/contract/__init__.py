@@ -1,0 +1,2 @@
+"""What modules declare, and everything derived from it: the action records and their registry,
+and the contract documents (OpenAPI)."""

@@ -1,0 +1,312 @@
+"""Connections and their transactions: the per-process pools, a connection borrowed for an
+action or a block, the transaction step that alone commits an action's work, and
+`transactional()` for a block of an action's own.
+
+Connections an action takes itself during a request (`get_conn_from_dbname`) are given back when
+the request ends (`lending`), whatever the action did, so a forgetful action cannot drain the pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from typing import Any, cast
+
+import psycopg2
+from flask import current_app, has_app_context
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as PlainCursor
+from psycopg2.extras import RealDictCursor
+
+from lib.core import process
+from lib.core.config import APP_ID, Config, Pgbouncer
+from lib.db import pgbouncer
+from lib.db.pool import ConnectionPool, PoolClosed
+from lib.db.sql import Db
+
+POOLS_KEY = 'dbapi.pools'  # in app.extensions: the app's `Pools`
+
+
+@dataclass(frozen=True, slots=True)
+class ConnSpec:
+    """What an action's connection is (`inject_conn`): its database, rows as dicts, autocommit."""
+
+    database: str
+    named: bool
+    autocommit: bool
+
+
+class HeldTransaction(RuntimeError):
+    """An action tried to end the transaction the request holds (a 500: a bug in the action)."""
+
+    def __init__(self, verb: str) -> None:
+        super().__init__(
+            f"an action cannot {verb} the request's transaction: dbapi commits it when the action"
+            ' returns and rolls it back when it raises (a batch and an Idempotency-Key rely on it); use'
+            ' transactional(conn) for a block of its own, or inject_conn(autocommit=True)'
+        )
+
+
+class PooledConnection(Connection):
+    """A psycopg2 connection that remembers whether its rows should be dicts, and refuses to be
+    committed or rolled back by an action while its transaction is the request's (`held`);
+    psycopg2's `with conn:` ends a transaction through these same methods."""
+
+    named: bool = True
+    session_state = True  # lib.db.sql may keep prepared statements on it (not so behind pgbouncer)
+    held: bool = False  # its transaction belongs to dbapi (the transaction step): `transactional` nests in it
+
+    def commit(self) -> None:
+        if self.held:
+            raise HeldTransaction('commit')
+        super().commit()
+
+    def rollback(self) -> None:
+        if self.held:
+            raise HeldTransaction('roll back')
+        super().rollback()
+
+
+def release(conn: Connection) -> Connection:
+    """The connection's transaction is dbapi's to end now (before the transaction step commits or
+    rolls back; before the pool resets it)."""
+    if isinstance(conn, PooledConnection):
+        conn.held = False
+    return conn
+
+
+class Pools:
+    """Every database's pool for one app in one process, created lazily after the fork."""
+
+    def __init__(self, config: Config) -> None:
+        self.databases: dict[str, dict[str, Any]] = {name: dict(db.params) for name, db in config.databases.items()}
+        self.size = config.pool_size
+        self.timeout = config.pool_timeout
+        self.max_lifetime = config.pool_max_lifetime
+        self.max_idle = config.pool_max_idle
+        self.connect_timeout = config.connect_timeout
+        self.statement_timeout = config.statement_timeout
+        self.pgbouncer: Mapping[str, Pgbouncer] = config.pgbouncer
+        self._pools: dict[str, ConnectionPool] = {}
+        self._lock = threading.Lock()
+        self._pid = process.pid
+        self._inherited: list[ConnectionPool] = []
+
+    def get(self, name: str) -> ConnectionPool:
+        pool = self._pools.get(name)
+        if pool is not None and self._pid == process.pid:
+            return pool
+        with self._lock:
+            self._forget_inherited()
+            pool = self._pools.get(name)
+            if pool is None:
+                pool = self._pools[name] = self._create(name)
+            return pool
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {name: pool.stats for name, pool in self._pools.items()}
+
+    def _create(self, name: str) -> ConnectionPool:
+        if name not in self.databases:
+            raise KeyError(f'no database named {name!r} is configured (known: {", ".join(self.databases)})')
+        params = dict(
+            self.databases[name],
+            connect_timeout=self.connect_timeout,
+            application_name=f'{APP_ID}:{process.pid}',
+            # A dead peer is noticed within ~30 s instead of the kernel's two hours.
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
+        if name in self.pgbouncer:
+            # pgbouncer refuses `options`; the timeout goes into each transaction (lib.db.pgbouncer).
+            params['connection_factory'] = pgbouncer.connection_class(PooledConnection, self.statement_timeout)
+        else:
+            params.update(options=f'-c statement_timeout={self.statement_timeout}', connection_factory=PooledConnection)
+        return ConnectionPool(
+            name,
+            params,
+            max_size=self.size,
+            timeout=self.timeout,
+            max_lifetime=self.max_lifetime,
+            max_idle=self.max_idle,
+        )
+
+    def _forget_inherited(self) -> None:
+        """After a fork, never touch the parent's sockets: closing them would end its sessions."""
+        if self._pid == process.pid:
+            return
+        self._inherited.extend(self._pools.values())
+        self._pools = {}
+        self._pid = process.pid
+
+
+class Lending:
+    """What one request borrows: its app's pools, and the connections an action took itself
+    (`get_conn_from_dbname`), given back by `give_back` when the request ends."""
+
+    __slots__ = ('borrowed', 'pools')
+
+    def __init__(self, pools: Pools) -> None:
+        self.pools = pools
+        self.borrowed: list[tuple[ConnectionPool, Connection]] = []
+
+    def give_back(self) -> None:
+        borrowed, self.borrowed = self.borrowed, []
+        for pool, conn in borrowed:
+            with suppress(PoolClosed):
+                pool.putconn(conn)
+
+
+_lending: ContextVar[Lending | None] = ContextVar('dbapi_lending', default=None)
+
+
+def lend(lent: Lending) -> Token[Lending | None]:
+    """A request begins: `pools()` answers its pools, and `get_conn_from_dbname` borrows for it.
+    Pair with `end_lending` in a `finally`."""
+    return _lending.set(lent)
+
+
+def end_lending(token: Token[Lending | None], lent: Lending) -> None:
+    """The request has ended: what its actions borrowed goes back to the pools."""
+    _lending.reset(token)
+    if lent.borrowed:
+        lent.give_back()
+
+
+def pools() -> Pools:
+    """The pools of the request being served, or of the current Flask app context (the CLI, tests)."""
+    lent = _lending.get()
+    if lent is not None:
+        return lent.pools
+    if not has_app_context():
+        raise RuntimeError('the database needs a request or an app context: the pools belong to an app')
+    found: Pools = current_app.extensions[POOLS_KEY]
+    return found
+
+
+def prepare(conn: Connection, named: bool, autocommit: bool, held: bool = False) -> Connection:
+    """Set up a borrowed connection for its user; `held`: dbapi owns its transaction (commits it)."""
+    conn.autocommit = autocommit  # client-side in psycopg2: no round trip
+    cast(PooledConnection, conn).held = held  # the pools open only PooledConnections
+    return rows_as(conn, named)
+
+
+def rows_as(conn: Connection, named: bool) -> Connection:
+    """Rows as dicts (`named`) or tuples, for the Db helpers and `conn.cursor()`; can change
+    inside a transaction (a batch's steps each get rows as they declared)."""
+    cast(PooledConnection, conn).named = named
+    conn.cursor_factory = RealDictCursor if named else PlainCursor
+    return conn
+
+
+class BorrowedConnection:
+    """`with connection(name) as conn:` a connection from `name`'s pool for the block, given
+    back clean (rolled back if the block left a transaction open) however the block ends.
+    A plain class rather than a generator: every injected connection passes through it."""
+
+    __slots__ = ('autocommit', 'conn', 'held', 'named', 'pool')
+
+    def __init__(self, pool: ConnectionPool, named: bool, autocommit: bool, held: bool = False) -> None:
+        self.pool = pool
+        self.named = named
+        self.autocommit = autocommit
+        self.held = held
+
+    def __enter__(self) -> Connection:
+        self.conn = self.pool.getconn()
+        try:
+            return prepare(self.conn, self.named, self.autocommit, self.held)
+        except BaseException:
+            self.pool.putconn(self.conn)
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        self.pool.putconn(release(self.conn))  # rolled back first if the block left a transaction
+
+
+def connection(name: str, named: bool = True, autocommit: bool = True) -> BorrowedConnection:
+    """A connection from `name`'s pool for the length of the block, then back to the pool clean."""
+    return BorrowedConnection(pools().get(name), named, autocommit)
+
+
+def get_conn_from_dbname(name: str, named: bool = True, autocommit: bool = True) -> Connection:
+    """A connection that goes back to its pool when the current request ends.
+
+    Outside a request use `connection(name)` instead, which gives it back at the end of a block.
+    """
+    lent = _lending.get()
+    if lent is None:
+        raise RuntimeError('get_conn_from_dbname() needs a request; use lib.connection() elsewhere')
+    pool = lent.pools.get(name)
+    conn = pool.getconn()
+    lent.borrowed.append((pool, conn))
+    return prepare(conn, named, autocommit)
+
+
+Work = Callable[[Connection], Any]
+
+
+def run(pool: ConnectionPool, spec: ConnSpec, work: Work) -> Any:
+    """The transaction step without an Idempotency-Key: `work` on a connection from `pool`, and
+    its result once committed (unless autocommit). Raises what the work raised, after the
+    rollback; the connection is back in its pool, clean, either way.
+
+    Without autocommit dbapi holds the transaction: an action's `transactional()` nests in it,
+    and its commit() or rollback() is refused (HeldTransaction)."""
+    with BorrowedConnection(pool, spec.named, spec.autocommit, held=not spec.autocommit) as conn:
+        result = work(conn)
+        if not spec.autocommit:
+            release(conn).commit()
+        return result
+
+
+@contextmanager
+def transactional(conn: Connection) -> Iterator[Db]:
+    """A `Db` over `conn` inside one transaction: committed at the end, rolled back on error.
+
+    On a connection whose transaction dbapi holds (an injected, non-autocommit one: its action's,
+    a batch's, a keyed request's), the block is a savepoint instead: rolled back alone on error,
+    and committed only with the whole request, never by the block.
+    """
+    if getattr(conn, 'held', False):
+        with savepoint(conn) as db:
+            yield db
+        return
+    autocommit = conn.autocommit
+    conn.autocommit = False
+    try:
+        yield Db(conn)
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.autocommit = autocommit
+
+
+@contextmanager
+def savepoint(conn: Connection) -> Iterator[Db]:
+    """The block as a savepoint: released at its end, rolled back to on error. Nested blocks
+    reuse one name: SQL's ROLLBACK TO and RELEASE name the newest savepoint of that name."""
+    with conn.cursor() as cursor:
+        cursor.execute('SAVEPOINT dbapi_transactional')
+    try:
+        yield Db(conn)
+    except BaseException:
+        # On a broken connection this fails too; the error the block raised is the one to tell.
+        with suppress(psycopg2.Error), conn.cursor() as cursor:
+            cursor.execute('ROLLBACK TO SAVEPOINT dbapi_transactional; RELEASE SAVEPOINT dbapi_transactional')
+        raise
+    with conn.cursor() as cursor:
+        cursor.execute('RELEASE SAVEPOINT dbapi_transactional')
