@@ -262,3 +262,10 @@ def test_the_bare_app_checks_the_token_and_the_body(bare_database: str) -> None:
 def test_the_readiness_probe_needs_no_token_and_no_body(bare_database: str) -> None:
     status, row = serve('/', b'', token='', method='GET')
     assert (status, row['aid']) == ('200 OK', 1)
+
+
+def test_python_m_bench_instructions_is_the_instruction_count() -> None:
+    command = [sys.executable, '-m', 'bench', 'instructions', '--only', 'read,nope']
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and 'bench instructions: error: unknown scenarios: nope' in done.stderr, done.stderr
