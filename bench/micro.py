@@ -45,8 +45,20 @@ KEYS = itertools.count()
 KEY_PREFIX = secrets.token_hex(8)
 
 
+def fresh_keys() -> None:
+    """A new prefix in a forked child (bench.instructions forks one per count), so no two
+    processes send the same Idempotency-Key."""
+    global KEY_PREFIX
+    KEY_PREFIX = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=fresh_keys)
+
+
 def environ(path: str, body: bytes, token: str, key: bool = False) -> dict[str, Any]:
-    extra = {'HTTP_IDEMPOTENCY_KEY': f'{KEY_PREFIX}-{next(KEYS)}'} if key else {}
+    # Of one length (a prefix of 16 hex digits, a counter of 10 digits): what a request costs does
+    # not change with how many came before it.
+    extra = {'HTTP_IDEMPOTENCY_KEY': f'{KEY_PREFIX}-{next(KEYS):010d}'} if key else {}
     return {
         **extra,
         'REQUEST_METHOD': 'POST',

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages the tests and the benchmark drive for real: nginx, wrk, pgbouncer, and
+# Install the Debian packages the tests and the benchmark drive for real: nginx, wrk, pgbouncer, valgrind, and
 # envsubst (what the nginx image renders its template with; tests compare it with scripts/topology.py).
 # (CI runs as root on a fresh machine; a developer without root installs them by hand.)
 set -euo pipefail
@@ -13,6 +13,8 @@ command -v envsubst >/dev/null 2>&1 || missing+=(gettext-base)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 # Prometheus and promtool: the metrics tests scrape with a real Prometheus and check the alert rules.
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# valgrind (callgrind, callgrind_annotate): `python -m bench instructions` counts instructions per request.
+command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}'" >&2

@@ -13,7 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from bench.machine import TICK_SECONDS, ProcessStat, Ticks, others_cpu, others_ticks, own_pids, parse_stat, snapshot
+from bench.machine import (
+    TICK_SECONDS,
+    CpuTimes,
+    OthersCpu,
+    ProcessStat,
+    Ticks,
+    cpu_times,
+    others_cpu,
+    others_ticks,
+    own_pids,
+    parse_cpu_times,
+    parse_stat,
+    shares,
+    snapshot,
+)
 from bench.measure import KERNEL_CPU, OTHERS_CPU, Measurement, combine
 from bench.report import others_cell
 from bench.targets import p99_target
@@ -75,7 +89,9 @@ def test_others_are_counted_by_what_they_added_and_the_kernel_apart() -> None:
         p71=('kdamond.0', 2, 40),
     )
     after = processes(
-        p1=('init', 0, 130),  # reaped a short-lived child of 30 ticks
+        # Reaped a short-lived child of 30 ticks, and cron (p40 before), which had used 1,000
+        # ticks by the first snapshot and 4 more since: only those 4 are the measurement's.
+        p1=('init', 0, 100 + 30 + 1_004),
         p2=('kthreadd', 0, 0),
         p10=('python', 1, 900),
         p11=('wrk', 10, 400),
@@ -88,7 +104,41 @@ def test_others_are_counted_by_what_they_added_and_the_kernel_apart() -> None:
     )
     before[40] = stat('cron', 1, 1_000, 20)
     before[72] = stat('kworker/0:1-writeback', 2, 100)
-    assert others_ticks(before, after, 10) == Ticks(processes=30 + 2 + 25 + 3, kernel=12 + 6)
+    assert others_ticks(before, after, 10) == Ticks(processes=30 + 4 + 2 + 25 + 3, kernel=12 + 6)
+
+
+def test_a_reaped_child_adds_only_what_it_used_during_the_measurement() -> None:
+    # A shell reaps a test run of ten minutes that ended during a measurement of one second: its
+    # cutime grows by the run's whole life, of which only the last 90 ticks fell in the window.
+    before = processes(p1=('init', 0, 0), p10=('python', 1, 0), p20=('bash', 1, 50), p21=('pytest', 20, 60_000))
+    after = processes(p1=('init', 0, 0), p10=('python', 1, 0), p20=('bash', 1, 50 + 60_090 + 2))
+    assert others_ticks(before, after, 10) == Ticks(processes=90 + 2, kernel=0)
+
+
+def test_the_cpu_line_of_proc_stat_gives_busy_and_total_ticks() -> None:
+    # user nice system idle iowait irq softirq steal guest guest_nice: guests are in user already.
+    text = 'cpu  100 5 40 800 30 2 3 1 7 0\ncpu0 50 2 20 400 15 1 2 0 3 0\nintr 1 2 3\n'
+    assert parse_cpu_times(text) == CpuTimes(busy=100 + 5 + 40 + 2 + 3 + 1, total=100 + 5 + 40 + 2 + 3 + 1 + 800 + 30)
+    with pytest.raises(ValueError, match='not /proc/stat'):
+        parse_cpu_times('intr 1 2 3\n')
+    now = cpu_times()
+    assert 0 <= now.busy <= now.total
+
+
+def test_shares_are_of_the_window_and_never_above_what_the_cpus_were_busy() -> None:
+    before, after = CpuTimes(busy=1_000, total=10_000), CpuTimes(busy=1_400, total=11_000)  # 2 CPUs, 5 s
+    assert shares(Ticks(processes=300, kernel=50), before, after) == OthersCpu(processes=0.3, kernel=0.05)
+    # Counted above what the CPUs did (a reaped child never seen, a process ignoring SIGCHLD):
+    # the kernel's threads keep theirs, the processes get the rest of the busy time.
+    assert shares(Ticks(processes=5_000, kernel=100), before, after) == OthersCpu(processes=0.3, kernel=0.1)
+    assert shares(Ticks(processes=5_000, kernel=5_000), before, after) == OthersCpu(processes=0.0, kernel=0.4)
+    assert shares(Ticks(processes=5, kernel=5), before, before) == OthersCpu()  # no time passed
+
+
+def test_a_fully_busy_machine_is_a_share_of_one_at_most() -> None:
+    before, after = CpuTimes(busy=0, total=0), CpuTimes(busy=2_000, total=2_000)
+    load = shares(Ticks(processes=2_546, kernel=0), before, after)  # 1.273 of the machine, as read before
+    assert (load.processes, load.kernel) == (1.0, 0.0)
 
 
 def test_a_process_that_ended_unreaped_adds_nothing() -> None:

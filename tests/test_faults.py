@@ -250,10 +250,11 @@ def test_statement_timeout(pg: PrivatePostgres, database: dict[str, Any], log_di
         service = watch.service
         before = call(service, '/probe/backend_pid', {})
         assert before.status == 200, before
-        slow = call(service, '/probe/sleep', {'seconds': 5})
+        # Cancelled before the sleep of 1 s ended: the 0.3 s applies, by PostgreSQL's own clock
+        # (the timer and the sleep run in one backend), not the client's, which a busy machine moves.
+        slow = call(service, '/probe/sleep', {'seconds': 1})
         assert slow.status == 504, slow
         assert slow.content_type.startswith('application/problem+json')
-        assert slow.ended - slow.started < 2.0, f'the timeout of 0.3 s took {slow.ended - slow.started:.1f} s'
         running = [s for s in service_sessions(pg) if s['state'] == 'active' and 'pg_sleep' in (s['query'] or '')]
         assert running == [], f'the statement is still running in PostgreSQL: {running}'
         after = call(service, '/probe/backend_pid', {})
