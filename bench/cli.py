@@ -46,7 +46,7 @@ from bench.service import (
     same_answers,
     service_env,
 )
-from bench.targets import BARE, NOKEY, NOMETRICS, PEER, PEER_NORESET, PGBOUNCER, ServerStats, Verdict, evaluate
+from bench.targets import AT, BARE, NOKEY, NOMETRICS, PEER, PEER_NORESET, PGBOUNCER, ServerStats, Verdict, evaluate
 from bench.wrk import run_wrk
 
 RESULTS = REPO / 'bench' / 'results'
@@ -163,6 +163,12 @@ class Run:
         self.results: list[Measurement] = []
         self.urls: dict[str, str] = {}  # series -> the address it is measured at, references first
         self.scenarios: dict[str, tuple[str, ...]] = {}  # series measured for some scenarios only
+        self.connections: dict[str, tuple[int, ...]] = {}  # series measured at some concurrencies only
+
+    def serves(self, series: str, scenario: str, connections: int) -> bool:
+        """Whether `series` is measured for `scenario` at `connections`."""
+        wanted = scenario in self.scenarios.get(series, SCENARIOS)
+        return wanted and connections in self.connections.get(series, (connections,))
 
     def log(self, text: str) -> None:
         print(text, flush=True)
@@ -193,7 +199,7 @@ class Run:
         for series in self.urls:
             for scenario in self.plan.scenarios:
                 if scenario in self.scenarios.get(series, SCENARIOS):
-                    self.wrk(scenario, series, 8, self.plan.warmup)
+                    self.wrk(scenario, series, AT, self.plan.warmup)
 
     def measure(self, scenario: str) -> None:
         """At each concurrency: the references, then every server of the app, in alternating rounds.
@@ -212,7 +218,7 @@ class Run:
                     result = beside_others(self.wrk, scenario, series, connections, seconds, server, body)
                     rounds.setdefault(series, []).append(result)
                 for series in self.urls:
-                    if scenario in self.scenarios.get(series, SCENARIOS):
+                    if self.serves(series, scenario, connections):
                         result = beside_others(self.wrk, scenario, series, connections, seconds)
                         rounds.setdefault(series, []).append(result)
             for measured in rounds.values():
@@ -291,7 +297,11 @@ def start_candidate(stack: ExitStack, run: Run, candidate: Candidate, env: dict[
 
 def start_peers(stack: ExitStack, run: Run, env: dict[str, str], tmp: Path) -> str:
     """The plan's peers (bench/peer.py) with the app's number of workers and pool size, for the
-    scenarios they serve; what they are, for the report."""
+    scenarios they serve, at the targets' concurrency only; what they are, for the report.
+
+    At 32 connections each peer's pools would hold workers x pool size sessions (asyncpg keeps an
+    idle one 300 s), 40 for both on 2 cores: with pgbench's 32 clients and the app's servers, more
+    than a shared server's max_connections of 100 allows."""
     scenarios = tuple(scenario for scenario in PEER_SCENARIOS if scenario in run.plan.scenarios)
     if not run.plan.peers or not scenarios:
         return ''
@@ -300,6 +310,7 @@ def start_peers(stack: ExitStack, run: Run, env: dict[str, str], tmp: Path) -> s
         settings = peer_env(env, run.token, pool_size, tmp / 'peer', reset=series != PEER_NORESET)
         run.urls[series] = stack.enter_context(serve(series, peer_command(workers), settings, tmp, '/health')).url
         run.scenarios[series] = scenarios
+        run.connections[series] = (AT,)
     return f'uvicorn (uvloop, httptools) x {workers} workers, asyncpg pool {pool_size}: {peer_versions()}'
 
 
@@ -310,6 +321,22 @@ def check_peers(run: Run) -> None:
             aid, abalance = secrets.randbelow(1_000_000) + 1, secrets.randbelow(10_001) - 5_000
             count = same_answers(run.urls['app direct'], run.urls[series], run.token, aid, abalance)
             run.log(f"{series}: {count} sample answers the same JSON as the app's (key {aid})")
+
+
+def measure_all(run: Run, peers: ExitStack) -> None:
+    """Every scenario of the plan; the peers are checked once more and stopped after the last
+    scenario they serve, so the later scenarios' pgbench at 32 clients has their sessions."""
+    for number, scenario in enumerate(run.plan.scenarios):
+        run.measure(scenario)
+        if peers_started(run) and not set(run.plan.scenarios[number + 1 :]) & set(PEER_SCENARIOS):
+            check_peers(run)  # after the load too, on keys the measurements may have changed
+            peers.close()
+            for series in run.plan.peers:
+                run.urls.pop(series, None)
+
+
+def peers_started(run: Run) -> bool:
+    return any(series in run.urls for series in run.plan.peers)
 
 
 def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], ServerStats, str, str]:
@@ -344,7 +371,8 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         if pooled:
             run.urls[PGBOUNCER] = stack.enter_context(app_through_pgbouncer(env, tmp)).url
             run.scenarios[PGBOUNCER] = pooled
-        peer = start_peers(stack, run, env, tmp)
+        peers = stack.enter_context(ExitStack())
+        peer = start_peers(peers, run, env, tmp)
         for candidate in plan.candidates:
             start_candidate(stack, run, CANDIDATES[candidate], env, tmp)
         run.log(f'database {dbname} ready; servers up')
@@ -352,9 +380,7 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         run.log('warming up')
         run.warm_up()
         rss_before = sum(app.worker_rss().values())
-        for scenario in plan.scenarios:
-            run.measure(scenario)
-        check_peers(run)  # after the load too, on keys the measurements may have changed
+        measure_all(run, peers)
         stats = ServerStats(
             workers=len(app.workers()),
             pool_size=int(setting(env, 'settings.POOL_SIZE')),

@@ -2,10 +2,11 @@
 
 Written the way FastAPI's documentation teaches, nothing tuned: pydantic models (strict ints,
 unknown fields refused), an `HTTPBearer` dependency that compares the token in constant time,
-an asyncpg pool made in the lifespan with asyncpg's defaults but the pool size, a connection
-dependency with `yield`, and an ASGI middleware that writes one JSON access line per request
-to the worker's own file. The same SQL as dbapi (`modules.bench.sql`), the upsert in a
-transaction and the read without one, as modules/bench runs them; the same answers (JSON).
+an asyncpg pool made in the lifespan with asyncpg's defaults but the app's pool size (connected
+on demand, as the app's is), a connection dependency with `yield`, and an ASGI middleware that
+writes one JSON access line per request to the worker's own file. The same SQL as dbapi
+(`modules.bench.sql`), the upsert in a transaction and the read without one, as modules/bench
+runs them; the same answers (JSON).
 
 bench.service starts it under uvicorn with uvloop and httptools and dbapi's number of workers.
 Its settings come from the environment: PEER_TOKEN, PEER_POOL_SIZE, PEER_LOG_DIR, PEER_RESET
@@ -110,7 +111,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         port=int(os.environ['DEFAULT_DB_PORT']),
         user=os.environ['DEFAULT_DB_USER'],
         database=os.environ['DEFAULT_DB_NAME'],
-        min_size=POOL_SIZE,
+        min_size=0,  # connects on demand, as the app's pool does (asyncpg's default connects all at start)
         max_size=POOL_SIZE,
         reset=None if RESET else keep_session,
     )
