@@ -36,8 +36,17 @@ from bench.pgbench import percentile, run_pgbench
 from bench.plot import write_plot
 from bench.report import update_readme, write_json, write_markdown
 from bench.servers import REPO, VENV_BIN, Server, gunicorn_command, serve
-from bench.service import PATHS, callers_env, service_env
-from bench.targets import BARE, NOKEY, NOMETRICS, PGBOUNCER, ServerStats, Verdict, evaluate
+from bench.service import (
+    PATHS,
+    PEER_SCENARIOS,
+    callers_env,
+    peer_command,
+    peer_env,
+    peer_versions,
+    same_answers,
+    service_env,
+)
+from bench.targets import AT, BARE, NOKEY, NOMETRICS, PEER, PEER_NORESET, PGBOUNCER, ServerStats, Verdict, evaluate
 from bench.wrk import run_wrk
 
 RESULTS = REPO / 'bench' / 'results'
@@ -70,6 +79,9 @@ class Plan:
     candidates: tuple[str, ...] = ()
     rounds: int = 1
     callers: int = 0  # > 0: the app authenticates through a CALLERS_FILE of this many callers
+    # The FastAPI peer (bench/peer.py) and its variant without asyncpg's reset query, beside the
+    # app for the scenarios they serve; --quick serves the peer only, --no-peer neither.
+    peers: tuple[str, ...] = (PEER, PEER_NORESET)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -83,6 +95,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument('--rounds', type=int, help='alternating rounds per measurement (default 2, quick 1)')
     parser.add_argument('--no-nginx', action='store_true', help='skip the scenarios through nginx')
+    parser.add_argument('--no-peer', action='store_true', help='skip the FastAPI peer (bench/peer.py)')
     parser.add_argument(
         '--candidate', action='append', default=[], choices=sorted(CANDIDATES), help='another server to measure too'
     )
@@ -90,7 +103,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--recycle', action='store_true', help="keep gunicorn's max_requests recycling on")
     parser.add_argument('--callers', type=int, default=0, help='authenticate through a CALLERS_FILE of N callers')
     args = parser.parse_args(argv)
-    if args.readme and (args.quick or args.only):
+    if args.readme and (args.quick or args.only or args.no_peer):
         parser.error('--readme takes a full run: the README shows every target')
     return args
 
@@ -105,7 +118,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise SystemExit(f'bench: unknown scenario(s) {", ".join(sorted(unknown))}; known: {", ".join(SCENARIOS)}')
     seconds = args.seconds or (1.0 if args.quick else 4.0)
     rounds = args.rounds or (1 if args.quick else 2)
-    return Plan(connections, seconds, 1.0, scenarios, not args.no_nginx, tuple(args.candidate), rounds, args.callers)
+    return Plan(
+        connections,
+        seconds,
+        1.0,
+        scenarios,
+        not args.no_nginx,
+        tuple(args.candidate),
+        rounds,
+        args.callers,
+        () if args.no_peer else (PEER,) if args.quick else (PEER, PEER_NORESET),
+    )
 
 
 def setting(env: dict[str, str], expression: str) -> str:
@@ -116,11 +139,16 @@ def setting(env: dict[str, str], expression: str) -> str:
     ).stdout.strip()
 
 
-def worker_class(env: dict[str, str]) -> str:
-    """The worker class gunicorn.conf.py picks with this environment (its production default unless overridden)."""
-    code = "import runpy, sys; sys.path.insert(0, '.'); print(runpy.run_path('gunicorn.conf.py')['worker_class'])"
+def gunicorn_setting(env: dict[str, str], name: str) -> str:
+    """A value gunicorn.conf.py sets with this environment (its production default unless overridden)."""
+    code = f"import runpy, sys; sys.path.insert(0, '.'); print(runpy.run_path('gunicorn.conf.py')[{name!r}])"
     done = subprocess.run([str(VENV_BIN / 'python'), '-c', code], env=env, cwd=REPO, capture_output=True, text=True)
-    return done.stdout.strip().rpartition('.')[2] or 'unknown'
+    return done.stdout.strip()
+
+
+def worker_class(env: dict[str, str]) -> str:
+    """The worker class gunicorn.conf.py picks with this environment, without its module."""
+    return gunicorn_setting(env, 'worker_class').rpartition('.')[2] or 'unknown'
 
 
 class Run:
@@ -135,6 +163,12 @@ class Run:
         self.results: list[Measurement] = []
         self.urls: dict[str, str] = {}  # series -> the address it is measured at, references first
         self.scenarios: dict[str, tuple[str, ...]] = {}  # series measured for some scenarios only
+        self.connections: dict[str, tuple[int, ...]] = {}  # series measured at some concurrencies only
+
+    def serves(self, series: str, scenario: str, connections: int) -> bool:
+        """Whether `series` is measured for `scenario` at `connections`."""
+        wanted = scenario in self.scenarios.get(series, SCENARIOS)
+        return wanted and connections in self.connections.get(series, (connections,))
 
     def log(self, text: str) -> None:
         print(text, flush=True)
@@ -165,7 +199,7 @@ class Run:
         for series in self.urls:
             for scenario in self.plan.scenarios:
                 if scenario in self.scenarios.get(series, SCENARIOS):
-                    self.wrk(scenario, series, 8, self.plan.warmup)
+                    self.wrk(scenario, series, AT, self.plan.warmup)
 
     def measure(self, scenario: str) -> None:
         """At each concurrency: the references, then every server of the app, in alternating rounds.
@@ -184,7 +218,7 @@ class Run:
                     result = beside_others(self.wrk, scenario, series, connections, seconds, server, body)
                     rounds.setdefault(series, []).append(result)
                 for series in self.urls:
-                    if scenario in self.scenarios.get(series, SCENARIOS):
+                    if self.serves(series, scenario, connections):
                         result = beside_others(self.wrk, scenario, series, connections, seconds)
                         rounds.setdefault(series, []).append(result)
             for measured in rounds.values():
@@ -261,7 +295,51 @@ def start_candidate(stack: ExitStack, run: Run, candidate: Candidate, env: dict[
     run.scenarios[series] = candidate.scenarios
 
 
-def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], ServerStats, str]:
+def start_peers(stack: ExitStack, run: Run, env: dict[str, str], tmp: Path) -> str:
+    """The plan's peers (bench/peer.py) with the app's number of workers and pool size, for the
+    scenarios they serve, at the targets' concurrency only; what they are, for the report.
+
+    At 32 connections each peer's pools would hold workers x pool size sessions (asyncpg keeps an
+    idle one 300 s), 40 for both on 2 cores: with pgbench's 32 clients and the app's servers, more
+    than a shared server's max_connections of 100 allows."""
+    scenarios = tuple(scenario for scenario in PEER_SCENARIOS if scenario in run.plan.scenarios)
+    if not run.plan.peers or not scenarios:
+        return ''
+    workers, pool_size = int(gunicorn_setting(env, 'workers')), int(setting(env, 'settings.POOL_SIZE'))
+    for series in run.plan.peers:
+        settings = peer_env(env, run.token, pool_size, tmp / 'peer', reset=series != PEER_NORESET)
+        run.urls[series] = stack.enter_context(serve(series, peer_command(workers), settings, tmp, '/health')).url
+        run.scenarios[series] = scenarios
+        run.connections[series] = (AT,)
+    return f'uvicorn (uvloop, httptools) x {workers} workers, asyncpg pool {pool_size}: {peer_versions()}'
+
+
+def check_peers(run: Run) -> None:
+    """A sample of each peer's answers against the app's, for the same keys (bench.service.same_answers)."""
+    for series in run.plan.peers:
+        if series in run.urls:
+            aid, abalance = secrets.randbelow(1_000_000) + 1, secrets.randbelow(10_001) - 5_000
+            count = same_answers(run.urls['app direct'], run.urls[series], run.token, aid, abalance)
+            run.log(f"{series}: {count} sample answers the same JSON as the app's (key {aid})")
+
+
+def measure_all(run: Run, peers: ExitStack) -> None:
+    """Every scenario of the plan; the peers are checked once more and stopped after the last
+    scenario they serve, so the later scenarios' pgbench at 32 clients has their sessions."""
+    for number, scenario in enumerate(run.plan.scenarios):
+        run.measure(scenario)
+        if peers_started(run) and not set(run.plan.scenarios[number + 1 :]) & set(PEER_SCENARIOS):
+            check_peers(run)  # after the load too, on keys the measurements may have changed
+            peers.close()
+            for series in run.plan.peers:
+                run.urls.pop(series, None)
+
+
+def peers_started(run: Run) -> bool:
+    return any(series in run.urls for series in run.plan.peers)
+
+
+def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], ServerStats, str, str]:
     token = secrets.token_hex(20)
     with ExitStack() as stack:
         dbname = stack.enter_context(bench_database())
@@ -293,13 +371,16 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
         if pooled:
             run.urls[PGBOUNCER] = stack.enter_context(app_through_pgbouncer(env, tmp)).url
             run.scenarios[PGBOUNCER] = pooled
+        peers = stack.enter_context(ExitStack())
+        peer = start_peers(peers, run, env, tmp)
         for candidate in plan.candidates:
             start_candidate(stack, run, CANDIDATES[candidate], env, tmp)
-        run.log(f'database {dbname} ready; servers up; warming up')
+        run.log(f'database {dbname} ready; servers up')
+        check_peers(run)
+        run.log('warming up')
         run.warm_up()
         rss_before = sum(app.worker_rss().values())
-        for scenario in plan.scenarios:
-            run.measure(scenario)
+        measure_all(run, peers)
         stats = ServerStats(
             workers=len(app.workers()),
             pool_size=int(setting(env, 'config.pool_size')),
@@ -308,7 +389,7 @@ def execute(plan: Plan, recycle: bool, tmp: Path) -> tuple[list[Measurement], Se
             peak_connections=watch.peak,
         )
         server = f'gunicorn {worker_class(env)} x {stats.workers} workers, pool {stats.pool_size}'
-    return run.results, stats, server
+    return run.results, stats, server, peer
 
 
 def report(
@@ -350,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     started_at = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')  # before the run, not after
     tmp = Path(tempfile.mkdtemp(prefix='dbapi-bench-'))
     try:
-        results, stats, server = execute(plan, args.recycle, tmp)
+        results, stats, server, peer = execute(plan, args.recycle, tmp)
     except (RuntimeError, OSError, subprocess.SubprocessError, psycopg2.Error) as error:
         print(f'bench: {error}\n(server logs kept in {tmp})', file=sys.stderr)
         return 2
@@ -365,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         'rounds': plan.rounds,
         'connections': list(plan.connections),
         'server': server,
+        'peer': peer,
         'callers': plan.callers,
         'elapsed_s': time.monotonic() - started,
         'quick': args.quick,

@@ -75,10 +75,15 @@ def markdown(meta: dict[str, Any], results: list[Measurement], verdicts: list[Ve
         f'Run of {meta["started"]} on {meta["host"]} ({meta["cpus"]} cores), {meta["seconds_per_run"]:g} s per '
         f'measurement in {meta.get("rounds", 1)} alternating rounds, {meta["server"]}; '
         f'whole run {meta["elapsed_s"]:.0f} s. Kernel {meta.get("kernel", "?")}, '
-        f'sched_autogroup {AUTOGROUP.get(meta.get("sched_autogroup"), "?")}.',
+        f'sched_autogroup {AUTOGROUP.get(meta.get("sched_autogroup"), "?")}.' + peer_note(meta),
         '',
     ]
     return '\n'.join(header + targets_table(verdicts) + [''] + results_table(ordered)) + '\n'
+
+
+def peer_note(meta: dict[str, Any]) -> str:
+    """What the FastAPI peer (bench/peer.py) ran on, when it was served."""
+    return f' The FastAPI peer: {meta["peer"]}.' if meta.get('peer') else ''
 
 
 def write_markdown(path: Path, meta: dict[str, Any], results: list[Measurement], verdicts: list[Verdict]) -> None:
@@ -93,14 +98,16 @@ README_END = '<!-- bench:latest:end -->'
 def readme_block(meta: dict[str, Any], verdicts: list[Verdict]) -> str:
     lines = [
         README_START,
-        f'Latest full run: {meta["started"]}, {meta["server"]}, {meta["seconds_per_run"]:g} s per measurement '
-        f'in {meta.get("rounds", 1)} alternating rounds{callers_note(meta)}, on a shared 2-core machine.',
+        f'The latest full run: {meta["server"]}, {meta["seconds_per_run"]:g} s per measurement '
+        f'in {meta.get("rounds", 1)} alternating rounds{callers_note(meta)}, on a shared 2-core machine.'
+        + peer_note(meta),
         '',
         *targets_table(verdicts),
         '',
         '![throughput against concurrency](bench/results/latest.png)',
         '',
-        'Every measurement (1, 8 and 32 connections, p50, p99, errors): [latest.md](bench/results/latest.md).',
+        'Its date and every measurement (1, 8 and 32 connections, p50, p99, errors): '
+        '[latest.md](bench/results/latest.md).',
         README_END,
     ]
     return '\n'.join(lines)

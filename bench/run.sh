@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark in one command: tools, pinned requirements, then `python -m bench` (arguments passed on).
-#   bench/run.sh            full run (1, 8, 32 connections; about 4 minutes), writes bench/results/latest.*
+#   bench/run.sh            full run (1, 8, 32 connections; about 6 minutes), writes bench/results/latest.*
 #   bench/run.sh --quick    8 connections, 1 s each, under a minute: fails on any error, never on speed
 # Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust; BENCH_PG_HOST/PORT/USER change it), wrk, pgbench.
 set -euo pipefail

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,9 +12,12 @@ PGBOUNCER = 'app pgbouncer'  # the app with DEFAULT_DB_PGBOUNCER=transaction, th
 NOMETRICS = 'app direct nometrics'  # the same app and server with METRICS=0: the read only
 NOKEY = 'app direct, no key'  # the upsert sent without an Idempotency-Key, alternated with the keyed one
 MAIN_SERIES = frozenset({'app direct', 'app nginx', PGBOUNCER, NOMETRICS, NOKEY})
-# The targets measured for more than the production server (candidates, the bare read): one number each.
-READ_RATIO = 0.15  # read by key, against pgbench -M simple
-UPSERT_RATIO = 0.4  # the upsert in a transaction, against pgbench -M simple running it in BEGIN/END
+# The peer (bench/peer.py): the same read and upsert in FastAPI + asyncpg on uvicorn, with the
+# app's workers and pool size, alternated with the app round by round. The app is judged against
+# it; against pgbench (the physical limit: the machine, not the code, moved those ratios) only shown.
+PEER = 'fastapi peer'
+PEER_NORESET = 'fastapi peer, no reset'  # the same without asyncpg's reset query on release: shown
+PEER_RATIO = 1.2
 # example/foo against the WSGI hello on the same server: shown, no longer judged. It rewarded
 # coupling to the server's internals, and any faster server speeds the hello as much as the app.
 FOO_RATIO = 0.6
@@ -30,6 +32,7 @@ BATCH_READ_RATIO = 0.5
 BATCH_READ_MOONSHOT = 0.8
 BATCH_UPSERT_RATIO = 0.5
 KEYED_RATIO = 0.7
+P99_MS = 10.0  # the read's p99 at AT connections, from the app's own access records
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,21 +114,31 @@ OTHERS_NOTE = 0.05
 
 
 def p99_target(results: list[Measurement]) -> Verdict:
+    """The read's p99 in the app's own access records (the worst round's): the app's time, without
+    the load generator, the server's parsing and sending, or the kernel, all on the same cores."""
+    what, target = "read by key p99, the app's own", f'≤ {P99_MS:g} ms'
     mine = find(results, 'read', 'app direct', AT)
-    if mine is None:
-        return Verdict('read by key p99', '≤ 10 ms', 'not measured', 'SKIP')
-    measured = f'{mine.p99_ms:.2f} ms'
-    if APP_P99 in mine.detail:
-        measured += f" (the app's own: {mine.detail[APP_P99]:.2f} ms)"
-    worst = max(mine.detail.get('in_flight') or [mine.in_flight])
-    if implausible(worst, mine.connections):
-        measured += f" (wrk's latencies inconsistent: {worst:.0f} in flight on {mine.connections} connections)"
+    if mine is None or APP_P99 not in mine.detail:
+        return Verdict(what, target, 'not measured', 'SKIP')
+    measured = f'{mine.detail[APP_P99]:.2f} ms'
     others, kernel = mine.detail.get(OTHERS_CPU, 0.0), mine.detail.get(KERNEL_CPU, 0.0)
     if max(others, kernel) >= OTHERS_NOTE:
         measured += (
             f" (in its worst rounds other processes took {others:.0%} of the CPU, the kernel's threads {kernel:.0%})"
         )
-    return Verdict('read by key p99', '≤ 10 ms', measured, passed(mine.p99_ms <= 10))
+    return Verdict(what, target, measured, passed(mine.detail[APP_P99] <= P99_MS))
+
+
+def wrk_p99_figure(results: list[Measurement]) -> Verdict | None:
+    """The read's p99 as wrk saw it (INFO): the load generator and everything else on the cores included."""
+    mine = find(results, 'read', 'app direct', AT)
+    if mine is None:
+        return None
+    measured = f'{mine.p99_ms:.2f} ms'
+    worst = max(mine.detail.get('in_flight') or [mine.in_flight])
+    if implausible(worst, mine.connections):
+        measured += f" (wrk's latencies inconsistent: {worst:.0f} in flight on {mine.connections} connections)"
+    return Verdict("read by key p99, wrk's", 'no target', measured, 'INFO')
 
 
 def errors_target(results: list[Measurement]) -> Verdict:
@@ -154,68 +167,49 @@ def connections_target(stats: ServerStats | None) -> Verdict:
     )
 
 
+def figure(results: list[Measurement], what: str, top: tuple[str, str], bottom: tuple[str, str]) -> Verdict | None:
+    """`top` / `bottom` at AT connections, shown with no target; None when either was not measured."""
+    verdict = ratio_target(results, what, top, bottom, 1, True)
+    return None if verdict.status == 'SKIP' else Verdict(what, 'no target', verdict.measured, 'INFO')
+
+
+def candidate_figures(results: list[Measurement]) -> list[Verdict | None]:
+    """Every candidate server's read against pgbench and foo against its hello, for comparison (INFO)."""
+    names = sorted({r.series[4:] for r in results if r.series.startswith('app ') and r.series not in MAIN_SERIES})
+    figures: list[Verdict | None] = []
+    for name in names:
+        mine = find(results, 'read', f'app {name}', AT)
+        p99 = f'{mine.p99_ms:.2f} ms' if mine else 'not measured'
+        figures += [
+            figure(results, f'{name}: read by key vs pgbench', ('read', f'app {name}'), ('read', 'pgbench simple')),
+            figure(results, f'{name}: foo vs its hello', ('foo', f'app {name}'), ('foo', f'wsgi hello {name}')),
+            Verdict(f"{name}: read by key p99, wrk's", 'no target', p99, 'INFO'),
+        ]
+    return figures
+
+
 def passed(ok: bool) -> str:
     return 'PASS' if ok else 'FAIL'
 
 
-def candidate_figures(results: list[Measurement]) -> list[Verdict]:
-    """The speed targets' ratios for every candidate server measured, for comparison (INFO)."""
-    names = sorted({r.series[4:] for r in results if r.series.startswith('app ') and r.series not in MAIN_SERIES})
-    figures = []
-    for name in names:
-        read = ratio_target(
-            results, f'{name}: read by key', ('read', f'app {name}'), ('read', 'pgbench simple'), READ_RATIO, True
-        )
-        foo = ratio_target(
-            results, f'{name}: foo vs its hello', ('foo', f'app {name}'), ('foo', f'wsgi hello {name}'), FOO_RATIO, True
-        )
-        mine = find(results, 'read', f'app {name}', AT)
-        p99 = f'{mine.p99_ms:.2f} ms' if mine else 'not measured'
-        figures += [info(read), info(foo), Verdict(f'{name}: read by key p99', '≤ 10 ms', p99, 'INFO')]
-    return figures
-
-
-def floor_figures(results: list[Measurement]) -> list[Verdict]:
-    """Where the read target sits against what the server and driver alone reach (INFO)."""
-    if find(results, 'read', BARE, AT) is None:
-        return []
-    floor = ratio_target(
-        results,
-        'bare WSGI + psycopg2 read (no framework)',
-        ('read', BARE),
-        ('read', 'pgbench simple'),
-        READ_RATIO,
-        True,
-    )
-    framework = ratio_target(results, 'read by key, app / bare read', ('read', 'app direct'), ('read', BARE), 1, True)
-    return [info(floor), Verdict(framework.what, 'no target', framework.measured, 'INFO')]
-
-
-def info(verdict: Verdict) -> Verdict:
-    return Verdict(verdict.what, verdict.target, verdict.measured, 'INFO')
-
-
 def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verdict]:
-    checks: list[Callable[[], Verdict]] = [
-        lambda: ratio_target(
-            results, 'read by key, direct', ('read', 'app direct'), ('read', 'pgbench simple'), READ_RATIO, True
+    """The judged targets (PASS, FAIL, or SKIP when not measured), then the figures shown beside them (INFO)."""
+    judged = [
+        ratio_target(
+            results, 'read by key, app vs FastAPI peer', ('read', 'app direct'), ('read', PEER), PEER_RATIO, True
         ),
-        lambda: ratio_target(results, 'read by key, nginx', ('read', 'app nginx'), ('read', 'app direct'), 0.8, True),
-        lambda: ratio_target(
-            results,
-            'upsert in a transaction, direct',
-            ('upsert', 'app direct'),
-            ('upsert', 'pgbench simple'),
-            UPSERT_RATIO,
-            True,
+        ratio_target(
+            results, 'upsert, app vs FastAPI peer', ('upsert', 'app direct'), ('upsert', PEER), PEER_RATIO, True
         ),
-        lambda: ratio_target(
+        p99_target(results),
+        ratio_target(results, 'read by key, nginx', ('read', 'app nginx'), ('read', 'app direct'), 0.8, True),
+        ratio_target(
             results, 'read by key, pgbouncer', ('read', PGBOUNCER), ('read', 'app direct'), PGBOUNCER_RATIO, True
         ),
-        lambda: ratio_target(
+        ratio_target(
             results, 'upsert, pgbouncer', ('upsert', PGBOUNCER), ('upsert', 'app direct'), PGBOUNCER_RATIO, True
         ),
-        lambda: ratio_target(
+        ratio_target(
             results,
             'metrics cost: read with metrics vs without',
             ('read', 'app direct'),
@@ -223,7 +217,7 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
             METRICS_RATIO,
             True,
         ),
-        lambda: ratio_target(
+        ratio_target(
             results,
             '100 reads by key in one batch (actions/s)',
             ('batch_read', 'app direct'),
@@ -232,7 +226,7 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
             True,
             f'moonshot {BATCH_READ_MOONSHOT:g}x',
         ),
-        lambda: ratio_target(
+        ratio_target(
             results,
             '100 upserts in one batch (actions/s)',
             ('batch_upsert', 'app direct'),
@@ -240,7 +234,7 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
             BATCH_UPSERT_RATIO,
             True,
         ),
-        lambda: ratio_target(
+        ratio_target(
             results,
             'upsert with an Idempotency-Key vs without',
             ('upsert_keyed', 'app direct'),
@@ -248,15 +242,22 @@ def evaluate(results: list[Measurement], stats: ServerStats | None) -> list[Verd
             KEYED_RATIO,
             True,
         ),
-        lambda: rows_target(results),
-        lambda: p99_target(results),
-        lambda: errors_target(results),
-        lambda: memory_target(stats),
-        lambda: connections_target(stats),
+        rows_target(results),
+        errors_target(results),
+        memory_target(stats),
+        connections_target(stats),
     ]
-    foo = info(
-        ratio_target(
-            results, 'example/foo vs WSGI hello', ('foo', 'app direct'), ('foo', 'wsgi hello'), FOO_RATIO, True
-        )
-    )
-    return [check() for check in checks] + [foo] + floor_figures(results) + candidate_figures(results)
+    figures = [
+        figure(results, 'read by key, app vs pgbench simple', ('read', 'app direct'), ('read', 'pgbench simple')),
+        figure(results, 'upsert, app vs pgbench simple', ('upsert', 'app direct'), ('upsert', 'pgbench simple')),
+        figure(results, 'read by key, app vs the peer without reset', ('read', 'app direct'), ('read', PEER_NORESET)),
+        figure(results, 'upsert, app vs the peer without reset', ('upsert', 'app direct'), ('upsert', PEER_NORESET)),
+        wrk_p99_figure(results),
+        figure(results, 'example/foo vs WSGI hello', ('foo', 'app direct'), ('foo', 'wsgi hello')),
+        figure(
+            results, 'bare WSGI + psycopg2 read (no framework) vs pgbench', ('read', BARE), ('read', 'pgbench simple')
+        ),
+        figure(results, 'read by key, app vs bare read', ('read', 'app direct'), ('read', BARE)),
+        *candidate_figures(results),
+    ]
+    return judged + [verdict for verdict in figures if verdict is not None]
