@@ -6,6 +6,7 @@ fork, deletion, an unwritable directory). The multi-process checks are in test_l
 from __future__ import annotations
 
 import datetime
+import decimal
 import gc
 import json
 import logging
@@ -23,6 +24,8 @@ import pytest
 import yaml
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lib.core.config import ConfigError, load
 from lib.observability import logging_setup as logger
@@ -141,6 +144,123 @@ def test_timestamps_are_utc_with_milliseconds_cut_not_rounded(fraction: float) -
     fields = formatter.base_fields(created, 'INFO', 'dbapi', 'x', 1, 'MainThread')
     expected = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(timespec='milliseconds')
     assert fields['@timestamp'] == expected.replace('+00:00', 'Z')
+
+
+STATIC = {
+    'ecs.version': '8.11.0',
+    'service.name': 'dbapi',
+    'service.environment': 'testing',
+    'host.hostname': 'host',
+    'app': 'dbapi.dbapi',
+    'index_name': 'dbapi_testing',
+}
+STATIC_TEXT = ','.join(f'"{key}":"{value}"' for key, value in STATIC.items())
+
+
+def line_of(level: str, message: str, tail: str = '') -> str:
+    """A line as python-json-logger 4.2.0's OrjsonFormatter made it with the EcsFormatter of
+    0.1 (these lines were printed by it): `message` and `tail` are JSON text."""
+    head = f'{{"@timestamp":"2023-11-14T22:13:20.123Z","log.level":"{level}","log.logger":"dbapi.test",'
+    return f'{head}"message":{message},{STATIC_TEXT},"process.pid":4242,"process.thread.name":"MainThread"{tail}}}'
+
+
+def fixed_record(message: Any, args: tuple[Any, ...] = (), **options: Any) -> logging.LogRecord:
+    extra = options.pop('extra', {})
+    level, exc_info = options.pop('level', logging.INFO), options.pop('exc_info', None)
+    item = logging.LogRecord('dbapi.test', level, '/x/y.py', 7, message, args, exc_info, **options)
+    item.created, item.process, item.threadName = 1_700_000_000.1239, 4242, 'MainThread'
+    item.__dict__.update(extra)
+    return item
+
+
+def cached_text() -> logging.LogRecord:
+    item = fixed_record('cached')
+    item.exc_text = 'cached text'
+    return item
+
+
+ODD_VALUES = {'set': {1}, 'dec': decimal.Decimal('1.5'), 'bytes': b'\xff\x00', 'err': ValueError('v'), 'type': int}
+ODD_VALUES[7] = 'x'  # a key that is not a string
+# (record, the current request id, the line python-json-logger's formatter wrote for it)
+FORMATTED = [
+    (fixed_record('hello %s', ('world',)), None, line_of('info', '"hello world"')),
+    (
+        fixed_record({'event': 'x', 'n': 1, 'message': 'own', 'log.level': 'mine'}),
+        None,
+        line_of('mine', '"own"', ',"event":"x","n":1'),
+    ),
+    (
+        fixed_record('failed', exc_info=(KeyError, KeyError('k'), None), level=logging.ERROR),
+        'req-1',
+        line_of(
+            'error',
+            '"failed"',
+            ',"http.request.id":"req-1","error.type":"KeyError","error.message":"\'k\'"'
+            ',"error.stack_trace":"KeyError: \'k\'"',
+        ),
+    ),
+    (
+        fixed_record('here', sinfo='Stack (most recent call last):\n  fake'),
+        None,
+        line_of('info', '"here"', ',"error.stack_trace":"Stack (most recent call last):\\n  fake"'),
+    ),
+    (
+        fixed_record('GET / 200', extra={'ecs': {'http.request.id': 'ecs', 'event.duration': 12, 'x': None}}),
+        'req-2',
+        line_of('info', '"GET / 200"', ',"http.request.id":"ecs","event.duration":12,"x":null'),
+    ),
+    (fixed_record(b'caf\xe9'.decode('utf-8', 'surrogateescape')), None, line_of('info', '"caf\\udce9"')),
+    (
+        fixed_record(ODD_VALUES),
+        None,
+        line_of('info', '""', ',"set":"{1}","dec":"1.5","bytes":"_wA=","err":"ValueError: v","type":"int","7":"x"'),
+    ),
+    (
+        fixed_record({'exc_info': 'my trace', 'a': 1}, exc_info=(ValueError, ValueError('v'), None)),
+        None,
+        line_of('info', '""', ',"error.type":"ValueError","error.message":"v","error.stack_trace":"my trace","a":1'),
+    ),
+    (cached_text(), None, line_of('info', '"cached"', ',"error.stack_trace":"cached text"')),
+]
+
+
+@pytest.mark.parametrize(('item', 'request_id', 'expected'), FORMATTED)
+def test_the_formatter_writes_the_lines_python_json_logger_wrote(
+    item: logging.LogRecord, request_id: str | None, expected: str
+) -> None:
+    formatter = EcsFormatter(STATIC)
+    log_format.current_request_id.value = request_id
+    try:
+        assert formatter.format(item) == expected
+        assert formatter.line(item) == (expected + '\n').encode('utf-8')
+    finally:
+        log_format.current_request_id.value = None
+
+
+TEXT = st.text(st.characters(codec='utf-8') | st.sampled_from('"\\\n\udce9\x00'), max_size=12)
+VALUES = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | TEXT
+KEYS = st.sampled_from(['message', 'log.level', 'process.pid', 'http.request.id', 'app', 'x', 'event.duration']) | TEXT
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    message=TEXT,
+    extra=st.none() | st.dictionaries(KEYS, VALUES, max_size=5),
+    request_id=st.none() | TEXT,
+    level=st.sampled_from([logging.INFO, logging.ERROR, 5]),
+    thread=st.none() | TEXT,
+)
+def test_a_line_put_together_from_pieces_is_the_line_of_the_whole_dict(
+    message: str, extra: dict[str, Any] | None, request_id: str | None, level: int, thread: str | None
+) -> None:
+    formatter = EcsFormatter(STATIC)
+    item = fixed_record(message, level=level, extra={} if extra is None else {'ecs': extra})
+    item.threadName = thread  # type: ignore[assignment]
+    log_format.current_request_id.value = request_id
+    try:
+        assert formatter.line(item) == log_format.whole_line(formatter.fields(item))
+    finally:
+        log_format.current_request_id.value = None
 
 
 def test_made_up_actions_are_not_named_as_actions(small_app: Flask, log_dir: str) -> None:
@@ -476,6 +596,40 @@ def test_a_formatting_error_is_not_mistaken_for_a_write_failure(
     assert 'cannot write logs' not in err
     assert 'Logging error' in err  # the standard report of a bad call
     assert [r['message'] for r in read_lines(tmp_path)] == ['fine']
+
+
+SHORT_WRITE = """
+import logging, os, resource, signal, sys, time
+from lib.observability.logs import EcsFormatter, ProcessFileHandler, static_fields
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: EFBIG, not death
+handler = ProcessFileHandler(sys.argv[1], 'dbapi', 0, 0, spill=False)
+handler.setFormatter(EcsFormatter(static_fields('testing', 'dbapi')))
+def record(message, later=0.0):
+    item = logging.LogRecord('dbapi.test', logging.INFO, 'short_write.py', 1, message, None, None)
+    item.created += later
+    return item
+handler.handle(record('first'))
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(handler.path) + 30, hard))
+handler.handle(record('cut ' + 'x' * 100))  # 30 bytes written, then the disk is "full"
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+handler.handle(record('after', later=5))  # past the retry interval
+handler.close()
+"""
+
+
+def test_a_line_cut_by_a_full_disk_leaves_the_next_line_whole(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, '-c', SHORT_WRITE, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count('dbapi: cannot write logs to') == 1
+    [path] = log_paths(tmp_path)
+    first, cut, after, end = path.read_bytes().split(b'\n')
+    assert json.loads(first)['message'] == 'first'
+    assert len(cut) == 30 and cut.startswith(b'{"@timestamp":')
+    assert json.loads(after)['message'] == 'after'
+    assert end == b''
 
 
 def test_undecodable_text_still_makes_a_json_line(tmp_path: Path) -> None:

@@ -16,7 +16,9 @@ the request goes on. Opening is retried.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -25,30 +27,32 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Generic, TypeVar
 
-from pythonjsonlogger.core import LogData
-from pythonjsonlogger.orjson import OrjsonFormatter
+import orjson
 
 from lib.core import process
 from lib.core.config import APP_ID
 
 HOSTNAME = socket.gethostname()
+T = TypeVar('T')
 
 
-class SecondText:
+class SecondText(Generic[T]):
     """`make(second)`, kept until the second changes: every log line asks for its second's
     timestamp text, thousands of times a second."""
 
     __slots__ = ('kept', 'make')
 
-    def __init__(self, make: Callable[[int], str]) -> None:
+    def __init__(self, make: Callable[[int], T], empty: T) -> None:
         self.make = make
-        self.kept: tuple[int, str] = (-1, '')  # one tuple: a reader never sees a second with another's text
+        self.kept: tuple[int, T] = (-1, empty)  # one tuple: a reader never sees a second with another's text
 
-    def at(self, second: int) -> str:
+    def at(self, second: int) -> T:
         kept_second, text = self.kept
         if kept_second != second:
             text = self.make(second)
@@ -83,7 +87,7 @@ current_request_id = RequestIdSlot()
 
 
 # strftime once a second, not once a record
-_second_prefix = SecondText(lambda second: time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second)))
+_second_prefix = SecondText(lambda second: time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second)), '')
 # `.000Z` ... `.999Z`, looked up rather than formatted for every line
 _MILLIS_SUFFIX = tuple(f'.{millis:03d}Z' for millis in range(1000))
 
@@ -100,26 +104,102 @@ def static_fields(environment: str, process_id: str) -> dict[str, Any]:
     }
 
 
-class EcsFormatter(OrjsonFormatter):
-    """python-json-logger's orjson formatter, with the fields laid out as ECS."""
+class EcsFormatter(logging.Formatter):
+    """Each record as one ECS JSON object (`format`: the text; `line`: the bytes a file gets).
+
+    The fields, in order: `base_fields`; the error (`error.type`, `error.message`,
+    `error.stack_trace`, from the record's exception, cached `exc_text` or stack); a dict
+    message's own fields (`log.info({...})`: the message is then ''); the `extra={'ecs': {...}}`
+    fields. A later field of the same name replaces an earlier one's value in its place.
+
+    A line of a plain record (a text message, no error, extra fields named apart from the base
+    ones: every access record) is put together from pieces kept per second, per logger and
+    level, per process and thread; any other record, or a value orjson refuses, is made from
+    the whole dict of its fields (`fields`): the same line.
+    """
 
     def __init__(self, fields: Mapping[str, Any]) -> None:
         """`fields`: what every line carries (`static_fields`)."""
-        super().__init__(static_fields=dict(fields))
+        super().__init__()
+        self.static_fields = dict(fields)
+        self._base_keys = frozenset((*BASE_KEYS, *self.static_fields))
+        self._heads: dict[tuple[str, str], bytes] = {}
+        self._tails: dict[tuple[Any, Any], bytes] = {}
+        try:  # `,"ecs.version":"8.11.0",...`: the static fields' part of every line
+            self._static: bytes | None = b''.join(b',' + orjson.dumps({k: v})[1:-1] for k, v in fields.items())
+        except TypeError:
+            self._static = None  # a static field orjson refuses: every line is made whole
 
-    def add_fields(self, log_data: LogData, record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
-        log_data.update(
-            self.base_fields(
-                record.created, record.levelname, record.name, record.message, record.process, record.threadName
-            )
+    def format(self, record: logging.LogRecord) -> str:
+        return self.line(record)[:-1].decode('utf-8')
+
+    def line(self, record: logging.LogRecord) -> bytes:
+        """`format(record)` with its newline, encoded: what a file handler writes."""
+        extra = record.__dict__.get(FIELDS_ATTR)
+        if (
+            isinstance(record.msg, dict)
+            or record.exc_info
+            or record.exc_text
+            or record.stack_info
+            or self._static is None
+            or (extra and not self._base_keys.isdisjoint(extra))
+        ):
+            return whole_line(self.fields(record))
+        message = record.message = record.getMessage()
+        request_id = current_request_id.value
+        rest: dict[str, Any] | None = extra
+        if request_id is not None:
+            rest = {'http.request.id': request_id}
+            if extra:
+                rest.update(extra)
+        try:
+            created = record.created
+            second = int(created)
+            kept_second, prefix = _second_head.kept
+            if kept_second != second:
+                prefix = _second_head.at(second)
+            head = self._heads.get((record.levelname, record.name)) or self._head(record.levelname, record.name)
+            tail = self._tails.get((record.process, record.threadName)) or self._tail(record.process, record.threadName)
+            millis = _MILLIS_FIELD[int((created - second) * 1000)]
+            if not rest:
+                return b''.join((prefix, millis, head, orjson.dumps(message), self._static, tail, b'}\n'))
+            fields = orjson.dumps(rest)  # `{...}`: its members follow the base ones
+            return b''.join((prefix, millis, head, orjson.dumps(message), self._static, tail, b',', fields[1:], b'\n'))
+        except TypeError:  # a value orjson refuses
+            return whole_line(self.fields(record))
+
+    def _head(self, level: str, logger: str) -> bytes:
+        """`,"log.level":"info","log.logger":"dbapi.access","message":`"""
+        head = b',"log.level":%b,"log.logger":%b,"message":' % (orjson.dumps(level.lower()), orjson.dumps(logger))
+        if len(self._heads) < MAX_KEPT:
+            self._heads[level, logger] = head
+        return head
+
+    def _tail(self, pid: int | None, thread: str | None) -> bytes:
+        """`,"process.pid":1,"process.thread.name":"MainThread"`"""
+        tail = b',"process.pid":%b,"process.thread.name":%b' % (orjson.dumps(pid), orjson.dumps(thread))
+        if len(self._tails) < MAX_KEPT:
+            self._tails[pid, thread] = tail
+        return tail
+
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        """The record's fields, in the order the line shows them; sets `record.message`."""
+        message = record.msg
+        if isinstance(message, dict):
+            own: dict[Any, Any] | None = message
+            record.message = ''
+        else:
+            own = None
+            record.message = record.getMessage()
+        fields = self.base_fields(
+            record.created, record.levelname, record.name, record.message, record.process, record.threadName
         )
-        self._add_error(log_data, record, message_dict)
-        for key, value in message_dict.items():  # `log.info({...})`: a dict message's own fields
-            if key not in ('exc_info', 'stack_info'):
-                log_data[key] = value
-        fields = getattr(record, FIELDS_ATTR, None)
-        if fields:
-            log_data.update(fields)
+        if own is not None or record.exc_info or record.exc_text or record.stack_info:
+            self._add_error_and_own(fields, record, own)
+        extra = record.__dict__.get(FIELDS_ATTR)
+        if extra:
+            fields.update(extra)
+        return fields
 
     def base_fields(
         self, created: float, level: str, logger: str, message: str, pid: int | None, thread: str | None
@@ -129,9 +209,12 @@ class EcsFormatter(OrjsonFormatter):
         `@timestamp` is ISO-8601 in UTC with milliseconds and `Z`, as Elasticsearch's `date`
         reads it (built here, not by a function of its own: this runs for every line)."""
         second = int(created)
+        kept_second, prefix = _second_prefix.kept
+        if kept_second != second:
+            prefix = _second_prefix.at(second)
         fields = {
-            '@timestamp': _second_prefix.at(second) + _MILLIS_SUFFIX[int((created - second) * 1000)],
-            'log.level': level.lower(),
+            '@timestamp': prefix + _MILLIS_SUFFIX[int((created - second) * 1000)],
+            'log.level': _LEVELS.get(level) or level.lower(),
             'log.logger': logger,
             'message': message,
             **self.static_fields,
@@ -143,21 +226,66 @@ class EcsFormatter(OrjsonFormatter):
             fields['http.request.id'] = request_id
         return fields
 
-    @staticmethod
-    def _add_error(log_data: LogData, record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+    def _add_error_and_own(self, fields: dict[str, Any], record: logging.LogRecord, own: dict[Any, Any] | None) -> None:
+        """The error fields, then a dict message's own. A dict message's `exc_info` or
+        `stack_info` member is the trace in place of the record's."""
+        trace = own.get('exc_info') if own else None
+        if not trace and record.exc_info:
+            trace = self.formatException(record.exc_info)
+        if not trace and record.exc_text:
+            trace = record.exc_text
+        if not trace:
+            trace = own.get('stack_info') if own else None
+            if not trace and record.stack_info:
+                trace = self.formatStack(record.stack_info)
         error = record.exc_info[1] if record.exc_info else None
         if error is not None:
-            log_data['error.type'] = type(error).__qualname__
-            log_data['error.message'] = str(error)
-        trace = message_dict.get('exc_info') or message_dict.get('stack_info')
+            fields['error.type'] = type(error).__qualname__
+            fields['error.message'] = str(error)
         if trace:
-            log_data['error.stack_trace'] = trace
+            fields['error.stack_trace'] = trace
+        if own:
+            for key, value in own.items():
+                if key not in ('exc_info', 'stack_info'):
+                    fields[key] = value
 
-    def jsonify_log_record(self, log_data: LogData) -> str:
-        try:
-            return super().jsonify_log_record(log_data)
-        except TypeError:
-            return ascii_json(log_data)
+
+BASE_KEYS = ('@timestamp', 'log.level', 'log.logger', 'message', 'process.pid', 'process.thread.name')
+MAX_KEPT = 1024  # pieces of lines kept per formatter (loggers x levels, processes x threads)
+_LEVELS = {name: name.lower() for name in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')}
+# `{"@timestamp":"2026-12-05T10:00:00` of a second, and `.000Z"` ... `.999Z"`
+_second_head = SecondText(lambda second: b'{"@timestamp":"' + _second_prefix.at(second).encode('ascii'), b'')
+_MILLIS_FIELD = tuple(suffix.encode('ascii') + b'"' for suffix in _MILLIS_SUFFIX)
+
+
+def whole_line(fields: dict[str, Any]) -> bytes:
+    """The line of `fields`, made whole by orjson; what orjson refuses, by the stdlib."""
+    try:
+        return orjson.dumps(fields, default=encodable, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return (ascii_json(fields) + '\n').encode('utf-8')
+
+
+def encodable(value: Any) -> Any:
+    """A value orjson cannot encode, as it is written: an exception as `Type: message`, a
+    traceback as its text, bytes in URL-safe base64, an enum by its value(s), a class by its
+    name, anything else by `str` (or `repr`)."""
+    if isinstance(value, BaseException):
+        return f'{type(value).__name__}: {value}'
+    if isinstance(value, TracebackType):
+        return ''.join(traceback.format_tb(value)).strip()
+    if isinstance(value, (bytes, bytearray)):
+        return base64.urlsafe_b64encode(value).decode('utf-8')
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, enum.EnumMeta):
+        return [member.value for member in value]  # type: ignore[var-annotated]  # EnumMeta iterates Any
+    if isinstance(value, type):
+        return value.__name__
+    for text in (str, repr):
+        with contextlib.suppress(Exception):
+            return text(value)
+    return '__could_not_encode__'
 
 
 def ascii_json(log_data: Mapping[str, Any]) -> str:
@@ -226,16 +354,16 @@ class ProcessFileHandler(logging.Handler):
         self._reported = False
 
     def emit(self, record: logging.LogRecord) -> None:
+        formatter = self.formatter
         try:
-            text = self.format(record)
+            if isinstance(formatter, EcsFormatter):
+                line = formatter.line(record)
+            else:
+                line = (self.format(record) + '\n').encode('utf-8')
         except Exception:  # noqa: BLE001 - a bad record (wrong format args) is logging's usual report
             self.handleError(record)
             return
-        self.emit_line(text, record.created)
-
-    def emit_line(self, text: str, created: float) -> None:
-        """Write one formatted line (the caller holds `self.lock`, as `Handler.handle` does)."""
-        self.emit_bytes((text + '\n').encode('utf-8'), created)
+        self.emit_bytes(line, record.created)
 
     def emit_bytes(self, line: bytes, now: float) -> None:
         """Write one line already encoded, its newline included (the caller holds `self.lock`).
@@ -253,12 +381,16 @@ class ProcessFileHandler(logging.Handler):
             if self._torn:
                 line = b'\n' + line
                 self._torn = False
-            view = memoryview(line)
-            while view:
-                written = os.write(self._fd, view)  # type: ignore[arg-type]
-                self._size += written
-                view = view[written:]
-                self._torn = bool(view)
+            written = os.write(self._fd, line)  # type: ignore[arg-type]
+            self._size += written
+            if written < len(line):  # a short write (a full disk): the rest, or a torn line
+                self._torn = True
+                view = memoryview(line)[written:]
+                while view:
+                    written = os.write(self._fd, view)  # type: ignore[arg-type]
+                    self._size += written
+                    view = view[written:]
+                self._torn = False
         except OSError as error:
             self._failed(error, line)
 
