@@ -24,7 +24,7 @@ from lib.core.errors import MAX_NAME_IN_MESSAGE, ApiError
 from lib.core.json import dumps
 from lib.core.record import Answer
 from lib.db.connections import ConnSpec, rows_as
-from lib.pipeline.input import arguments
+from lib.pipeline.input import Loaders
 
 ALLOW_POST = {'Allow': 'POST'}
 STEP_MEMBERS = frozenset({'action', 'body'})
@@ -96,16 +96,17 @@ def check_method(method: str) -> None:
         raise ApiError(405, 'method-not-allowed', f'/batch is called with POST, not {method[:16]}', headers=ALLOW_POST)
 
 
-def check_step(index: int, raw: Mapping[str, Any], registry: Registry, caller: Caller) -> Step:
+def check_step(index: int, raw: Mapping[str, Any], registry: Registry, caller: Caller, loaders: Loaders) -> Step:
     """One step, ready to run: its action found (404), the caller's scope for it (403), its body
-    validated (422); an action in autocommit cannot join the batch's transaction (422)."""
+    validated by its schema's loader (422); an action in autocommit cannot join the batch's
+    transaction (422)."""
     name: str = raw['action']
     try:
         action = registry.find(name)
         if action is None:
             raise ApiError(404, 'not-found', f'there is no action {name[:MAX_NAME_IN_MESSAGE]!r}')
         authorize(caller, action.module, action.name)
-        kwargs = arguments(action.schema, raw['body'])
+        kwargs = loaders[action.schema](raw['body'])
         if action.conn is not None and action.conn.autocommit:
             raise ApiError(
                 422, 'autocommit-in-batch', 'the action runs in autocommit, so it cannot join the batch transaction'
@@ -153,9 +154,9 @@ def envelope(body: Mapping[str, Any], most: int) -> list[Mapping[str, Any]]:
     return [{'action': item['action'], 'body': item.get('body', {})} for item in raw_steps]
 
 
-def check_steps(body: Mapping[str, Any], registry: Registry, caller: Caller, most: int) -> list[Step]:
+def check_steps(body: Mapping[str, Any], registry: Registry, caller: Caller, most: int, loaders: Loaders) -> list[Step]:
     """Every step checked, in order; the first bad one is the answer."""
-    return [check_step(index, raw, registry, caller) for index, raw in enumerate(envelope(body, most))]
+    return [check_step(index, raw, registry, caller, loaders) for index, raw in enumerate(envelope(body, most))]
 
 
 def transaction_of(steps: list[Step]) -> ConnSpec | None:

@@ -1,15 +1,23 @@
 """The body and validation steps: the request body's framing checked, read, and parsed into a
-JSON object; then loaded by the action's marshmallow schema into keyword arguments."""
+JSON object; then loaded by the action's marshmallow schema into keyword arguments.
+
+marshmallow is the judge of every body, but a schema of simple fields gets a loader that returns
+what `Schema.load` would, without its machinery, for the bodies it can prove valid, and hands
+every other body to `Schema.load` (`simple_loader`). This file is marshmallow's adapter: the one
+place that reads a private name of it (`Schema._hooks`, to know a schema has no hooks);
+tests/test_fast_load.py fails when an upgrade changes what the loader relies on.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
-from marshmallow import Schema
+from marshmallow import RAISE, Schema, fields, missing
+from marshmallow.decorators import POST_LOAD, PRE_LOAD, VALIDATES, VALIDATES_SCHEMA
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from lib.core.errors import ApiError, bad_request
@@ -105,3 +113,128 @@ def arguments(schema: Schema | None, body: Mapping[str, Any]) -> dict[str, Any]:
     if body:
         NO_FIELDS.load(body)  # raises: every field is unknown
     return {}
+
+
+Load = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+# The fields a simple schema may hold, and the one type of value each loads as itself.
+SIMPLE_KINDS: dict[type[fields.Field[Any]], type] = {
+    fields.Integer: int,
+    fields.String: str,
+    fields.Email: str,
+    fields.Boolean: bool,
+}
+LOAD_HOOKS = (PRE_LOAD, POST_LOAD, VALIDATES, VALIDATES_SCHEMA)
+# The methods of Schema.load's path: a schema that overrides one is not simple.
+LOAD_PATH = ('load', '_do_load', '_deserialize', '_invoke_field_validators')
+
+# One field of a simple schema: (the body's key, the loaded key, the value's type, the field's
+# validators, required, load_default, allow_none).
+Plan = tuple[tuple[str, str, type, tuple[Callable[[Any], Any], ...], bool, Any, bool], ...]
+
+
+def simple_plan(schema: Schema) -> Plan | None:
+    """How to load `schema` without marshmallow, or None when it is not simple: only Integer,
+    String, Email and Boolean fields (exactly these classes, no pre_load/post_load functions, no
+    dotted names), no load hooks, unknown=RAISE, not many, not partial, Schema's own load path.
+    A marshmallow that no longer has what this reads makes every schema not simple."""
+    cls = type(schema)
+    try:
+        hooks = cls._hooks
+        if not isinstance(hooks, Mapping) or any(hooks.get(tag) for tag in LOAD_HOOKS):
+            return None
+        if any(getattr(cls, name) is not getattr(Schema, name) for name in LOAD_PATH):
+            return None
+        if schema.many or schema.partial not in (None, False) or schema.unknown != RAISE:
+            return None
+        if schema.dict_class is not dict:
+            return None
+        plan = []
+        for name, field in schema.load_fields.items():
+            kind = SIMPLE_KINDS.get(type(field))
+            key = field.data_key if field.data_key is not None else name
+            attribute = field.attribute or name
+            if kind is None or '.' in attribute or field.pre_load != [] or field.post_load != []:
+                return None
+            if kind is bool and not _loads_bools_as_themselves(field):
+                return None
+            validators = tuple(field.validators)
+            plan.append((key, attribute, kind, validators, field.required, field.load_default, field.allow_none))
+    except AttributeError:
+        return None
+    return tuple(plan)
+
+
+def _loads_bools_as_themselves(field: Any) -> bool:
+    """A Boolean loads True as True and False as False (its `truthy` and `falsy` sets allow it)."""
+    if not field.truthy:
+        return True
+    return True in field.truthy and False not in field.truthy and False in field.falsy
+
+
+class _Declined(Exception):
+    """The body is not one the simple loader can prove valid."""
+
+
+def simple_loader(schema: Schema, fallback: Load) -> Load | None:
+    """`schema.load` for a simple schema (`simple_plan`), or None for any other. A body whose
+    keys are all the schema's, whose present values are each of its field's type (None where the
+    field allows it) and pass the field's validators (called as marshmallow calls them: a False
+    return or an exception refuses), with every required field present, is loaded here: the
+    same dict, in the same order, `schema.load` returns. Every other body goes to `fallback`
+    (`schema.load`: marshmallow judges it, and words every refusal)."""
+    plan = simple_plan(schema)
+    if plan is None:
+        return None
+    known = frozenset(key for key, *_ in plan)
+
+    def load(body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            if type(body) is not dict or not known.issuperset(body):
+                raise _Declined
+            loaded: dict[str, Any] = {}
+            for key, attribute, kind, validators, required, default, allow_none in plan:
+                value = body.get(key, missing)
+                if type(value) is kind:
+                    for validator in validators:
+                        if validator(value) is False:
+                            raise _Declined
+                    loaded[attribute] = value
+                elif value is missing:
+                    if required:
+                        raise _Declined
+                    value = default() if callable(default) else default
+                    if value is not missing:
+                        loaded[attribute] = value
+                elif value is None and allow_none:
+                    loaded[attribute] = None
+                else:
+                    raise _Declined
+        except Exception:  # noqa: BLE001 - declined, or a validator refused: marshmallow judges the body
+            return fallback(body)
+        return loaded
+
+    return load
+
+
+def loader(schema: Schema | None) -> Load:
+    """The validation step of one schema: `arguments(schema, body)`, built once."""
+    if schema is None:
+        return _no_fields
+    return simple_loader(schema, schema.load) or schema.load
+
+
+def _no_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    return arguments(None, body)
+
+
+class Loaders(dict[Schema | None, Load]):
+    """Each action's schema -> its loader: built for the registry's actions when the pipeline is
+    made, and for any other schema the first time it is asked for."""
+
+    def __init__(self, schemas: Iterable[Schema | None] = ()) -> None:
+        super().__init__((schema, loader(schema)) for schema in schemas)
+
+    def __missing__(self, schema: Schema | None) -> Load:
+        load = self[schema] = loader(schema)
+        return load

@@ -41,7 +41,7 @@ from lib.db.connections import ConnSpec, Lending, Pools
 from lib.db.errors import database_problem
 from lib.db.pool import PoolError
 from lib.pipeline import batch
-from lib.pipeline.input import arguments, read_body
+from lib.pipeline.input import Loaders, read_body
 
 log = logging.getLogger('dbapi.errors')
 
@@ -107,6 +107,7 @@ class Pipeline:
         self.max_content_length = config.max_content_length
         self.batch_max_actions = config.batch_max_actions
         self.idempotency_ttl = config.idempotency_ttl
+        self.loaders = Loaders(action.schema for action in registry)
 
     def serve(
         self,
@@ -133,12 +134,12 @@ class Pipeline:
                 action = find_action(actions, module, route, method)
                 authorize(caller, action.module, action.name)
                 data, body = read_body(environ, self.max_content_length)
-                kwargs = arguments(action.schema, body)
+                kwargs = self.loaders[action.schema](body)
                 name, spec = action.name, action.conn
             else:
                 batch.check_method(method)
                 data, body = read_body(environ, self.max_content_length)
-                steps = batch.check_steps(body, self.registry, caller, self.batch_max_actions)
+                steps = batch.check_steps(body, self.registry, caller, self.batch_max_actions, self.loaders)
                 record.steps = [step.action.name for step in steps]
                 name, spec = BATCH, batch.transaction_of(steps)
             key = record.idempotency_key = idempotency.requested_key(environ)
