@@ -249,7 +249,7 @@ class ConnectionPool:
     def _reset(self, conn: Connection) -> bool:
         """Bring a returned connection back to idle, for the server and for psycopg2 alike; False
         when it must be dropped."""
-        status = conn.info.transaction_status
+        status = conn.get_transaction_status()  # not `conn.info`: that makes an object per call
         if status == TRANSACTION_STATUS_IDLE and conn.status == STATUS_READY:
             return True
         if status == TRANSACTION_STATUS_UNKNOWN:
@@ -257,13 +257,13 @@ class ConnectionPool:
         try:
             if conn.status != STATUS_READY:
                 conn.rollback()  # a transaction psycopg2 began (`with conn:` begins one even in autocommit)
-            if conn.info.transaction_status != TRANSACTION_STATUS_IDLE:
+            if conn.get_transaction_status() != TRANSACTION_STATUS_IDLE:
                 # One begun by SQL (lib.idempotency sends its own BEGIN), which psycopg2 never knew of.
                 with conn.cursor() as cursor:
                     cursor.execute('ROLLBACK')
         except psycopg2.Error:
             return False
-        return conn.info.transaction_status == TRANSACTION_STATUS_IDLE and conn.status == STATUS_READY
+        return conn.get_transaction_status() == TRANSACTION_STATUS_IDLE and conn.status == STATUS_READY
 
     def _discard(self, conn: Connection) -> None:
         with suppress(psycopg2.Error):

@@ -79,12 +79,14 @@ def settle_request_id(environ: WSGIEnviron) -> str:
     return request_id
 
 
+def fixed_headers(replica: str) -> tuple[tuple[str, str], ...]:
+    """The headers every response carries after its X-Request-ID, whichever part of the app answers."""
+    return (*RESPONSE_HEADERS.items(), *([(SERVED_BY_HEADER, replica)] if replica else []))
+
+
 def common_headers(request_id: str, replica: str) -> list[tuple[str, str]]:
     """The headers every response carries, whichever part of the app answers."""
-    headers = [(REQUEST_ID_HEADER, request_id), *RESPONSE_HEADERS.items()]
-    if replica:
-        headers.append((SERVED_BY_HEADER, replica))
-    return headers
+    return [(REQUEST_ID_HEADER, request_id), *fixed_headers(replica)]
 
 
 class Gateway:
@@ -105,6 +107,7 @@ class Gateway:
         self.records = records  # the last step: the access record, then the metrics
         self.compress_min_size = config.compress_min_size
         self.replica = config.replica_id
+        self.fixed_headers = fixed_headers(self.replica)
 
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
         record = RequestRecord(settle_request_id(environ), time.perf_counter_ns())
@@ -121,7 +124,8 @@ class Gateway:
                 environ[RECORD_KEY] = record
                 return self.via_flask(environ, start_response, record)
             body, headers = self.encode(environ, answer)
-            headers.extend(common_headers(record.request_id, self.replica))
+            headers.append((REQUEST_ID_HEADER, record.request_id))
+            headers.extend(self.fixed_headers)
             record.status = answer.status
             start_response(STATUS_LINES.get(answer.status, str(answer.status)), headers)
             record.sent = len(body)
