@@ -33,8 +33,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.extensions['compress'] = Compress(app)
     errors.init_app(app)
     db.init_app(app)
-    cli.init_app(app)  # flask --app app actions | new-module | apply-sql | openapi | new-token
-    app.register_blueprint(health.blueprint)
+    cli.init_app(app)  # flask --app app actions | new-module | migrate | new-migration | openapi | new-token
+    health.init_app(app)  # /health/live, /health/ready (and the migrations readiness waits for)
     for name in config['MODULES']:
         app.register_blueprint(import_module(name).blueprint)
     # GET /openapi.json and /docs: the contract, built once from the modules registered above.

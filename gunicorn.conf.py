@@ -68,15 +68,20 @@ def empty_metrics_dir() -> None:
 
 
 def on_starting(server: Any) -> None:
-    """Check the settings and the database connection budget, and empty the metrics directory,
-    before binding or forking."""
+    """Check the settings and the database connection budget, apply the migrations when
+    MIGRATE_ON_START=1, and empty the metrics directory, before binding or forking."""
     from lib.config import ConfigError  # imported here: gunicorn has put the app's dir on sys.path by now
+    from lib.migrations import MigrationError
     from lib.startup import check_master
 
     try:
         _, budgets = check_master(workers)
     except ConfigError as error:
         sys.stderr.write(f'dbapi: configuration error: {error}\n')
+        sys.stderr.flush()
+        sys.exit(3)
+    except MigrationError as error:  # MIGRATE_ON_START=1
+        sys.stderr.write(f'dbapi: migration failed: {error}\n')
         sys.stderr.flush()
         sys.exit(3)
     for budget in budgets:

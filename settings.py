@@ -76,6 +76,8 @@ METRICS = os.getenv('METRICS', '1')
 IDEMPOTENCY_TTL = os.getenv('IDEMPOTENCY_TTL', '86400')
 # The most actions one POST /batch may hold (README "Batches").
 BATCH_MAX_ACTIONS = os.getenv('BATCH_MAX_ACTIONS', '100')
+# 1: gunicorn's master applies the pending migrations before forking (docs/migrations.md).
+MIGRATE_ON_START = os.getenv('MIGRATE_ON_START', '0')
 
 # Database pools: one per named database per process.
 POOL_SIZE = os.getenv('POOL_SIZE', '4')
@@ -100,6 +102,9 @@ def _database(prefix: str) -> dict[str, str]:
         'pgbouncer': os.getenv(f'{prefix}_DB_PGBOUNCER', ''),
         'pgbouncer_pool_size': os.getenv(f'{prefix}_DB_PGBOUNCER_POOL_SIZE', ''),
         'pgbouncer_max_client_conn': os.getenv(f'{prefix}_DB_PGBOUNCER_MAX_CLIENT_CONN', ''),
+        # Where `migrate` connects instead (PostgreSQL itself when host and port are pgbouncer's).
+        'migrate_host': os.getenv(f'{prefix}_DB_MIGRATE_HOST', ''),
+        'migrate_port': os.getenv(f'{prefix}_DB_MIGRATE_PORT', ''),
     }
 
 

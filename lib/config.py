@@ -24,6 +24,7 @@ MIN_PRODUCTION_TOKEN_LENGTH = 24
 PGBOUNCER_MODES = ('transaction',)
 # A database's settings that describe how it is reached, not what libpq connects with.
 PGBOUNCER_KEYS = ('pgbouncer', 'pgbouncer_pool_size', 'pgbouncer_max_client_conn')
+MIGRATE_KEYS = ('migrate_host', 'migrate_port')  # where `migrate` connects instead (`<NAME>_DB_MIGRATE_*`)
 
 
 @cache
@@ -151,9 +152,38 @@ def check_databases(databases: Any) -> dict[str, dict[str, Any]]:
         checked[name] = {
             key: value
             for key, value in dict(params, port=port).items()
-            if value not in ('', None) and key not in PGBOUNCER_KEYS
+            if value not in ('', None) and key not in PGBOUNCER_KEYS + MIGRATE_KEYS
         }
     return checked
+
+
+def check_migrate_databases(databases: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Where `migrate` connects for each database: its own host and port unless
+    `<NAME>_DB_MIGRATE_HOST`/`_PORT` say otherwise (a session of its own, never pgbouncer's)."""
+    found = {}
+    for name, params in check_databases(databases).items():
+        raw, target = databases[name], dict(params)
+        if raw.get('migrate_host'):
+            target['host'] = raw['migrate_host']
+        if raw.get('migrate_port'):
+            target['port'] = parse_int(f'{name.upper()}_DB_MIGRATE_PORT', raw['migrate_port'], minimum=1)
+        found[name] = target
+    return found
+
+
+def migrate_params(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The connection `migrate` takes its lock on for database `name`: refused when that is the
+    transaction pooler the service goes through."""
+    target: dict[str, Any] = config['MIGRATE_DATABASES'][name]
+    served = config['DATABASES'][name]
+    same = (target.get('host'), target.get('port')) == (served.get('host'), served.get('port'))
+    if name in config['PGBOUNCER'] and same:
+        prefix = name.upper()
+        raise ConfigError(
+            f'{prefix}_DB_PGBOUNCER is set: migrate needs a session of its own, which a transaction pooler'
+            f' does not keep; set {prefix}_DB_MIGRATE_HOST and {prefix}_DB_MIGRATE_PORT to PostgreSQL itself'
+        )
+    return target
 
 
 def optional_int(name: str, value: Any) -> int | None:
@@ -212,6 +242,7 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         'METRICS': settings.METRICS,
         'IDEMPOTENCY_TTL': settings.IDEMPOTENCY_TTL,
         'BATCH_MAX_ACTIONS': settings.BATCH_MAX_ACTIONS,
+        'MIGRATE_ON_START': settings.MIGRATE_ON_START,
     }
     raw.update(overrides or {})
     environment = raw['ENVIRONMENT']
@@ -229,6 +260,8 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         JWT=None if jwt is None else JwtVerifier(jwt),
         DATABASES=check_databases(raw['DATABASES']),
         PGBOUNCER=check_pgbouncer(raw['DATABASES']),
+        MIGRATE_DATABASES=check_migrate_databases(raw['DATABASES']),
+        MIGRATE_ON_START=parse_flag(raw['MIGRATE_ON_START']),
         MODULES=list(raw['MODULES']),
         MAX_CONTENT_LENGTH=parse_int('MAX_CONTENT_LENGTH', raw['MAX_CONTENT_LENGTH'], minimum=1024),
         COMPRESS_MIN_SIZE=parse_int('COMPRESS_MIN_SIZE', raw['COMPRESS_MIN_SIZE']),

@@ -27,7 +27,9 @@ from typing import Any
 import psycopg2
 
 from lib import process
-from lib.config import ConfigError, Pgbouncer, build_config
+from lib.config import ConfigError, Pgbouncer, build_config, migrate_params
+from lib.decorators import DEFAULT_DATABASE
+from lib.migrations import MigrationError, by_database, migrate
 from lib.pgbouncer import limits_line
 
 PROBE_TIMEOUT_SECONDS = 3
@@ -229,12 +231,28 @@ def check_connection_budget(config: Mapping[str, Any], workers: int, replicas: i
 
 def check_master(workers: int) -> tuple[dict[str, Any], list[Budget]]:
     """Everything the master checks before forking; ConfigError names the bad setting.
-    The databases behind pgbouncer are named once, with what cannot work through it."""
+    The databases behind pgbouncer are named once, with what cannot work through it. With
+    MIGRATE_ON_START the pending migrations are applied last (MigrationError names the file)."""
     config = build_config()
     checked = check_connection_budget(config, workers, replicas_from_env())
     if config['PGBOUNCER']:
         logging.getLogger(STARTUP_LOGGER).info(limits_line(list(config['PGBOUNCER'])))
+    if config['MIGRATE_ON_START']:
+        migrate_at_start(config)
     return config, checked
+
+
+def migrate_at_start(config: Mapping[str, Any]) -> None:
+    """MIGRATE_ON_START=1: every database's pending migrations, under the same lock as
+    `flask --app app migrate` (replicas starting together apply each file once), before any
+    worker serves."""
+    log = logging.getLogger(STARTUP_LOGGER)
+    try:
+        planned = by_database(config['MODULES'], config['DATABASES'], DEFAULT_DATABASE)
+    except MigrationError as error:
+        raise ConfigError(str(error)) from None
+    for name, migrations in planned.items():
+        migrate(migrate_params(config, name), migrations, database=name, say=log.info)
 
 
 def announce_worker_ready(worker: Any) -> None:

@@ -20,7 +20,7 @@ from psycopg2 import errors, sql
 from app import create_app
 from lib.config import KNOWN_TOKENS, ConfigError, build_config
 from lib.db import Db
-from tests.conftest import ClosingClient
+from tests.conftest import ClosingClient, apply_migrations
 from tests.private_pg import PrivatePostgres, private_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,12 +287,14 @@ SAFETY_HEADERS = {'X-Content-Type-Options': 'nosniff', 'Cache-Control': 'no-stor
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     with private_postgres() as pg:
         database = pg.create_database('dbapi_headers')
+        modules = ['modules.example', 'tests.modules.probe']
+        apply_migrations(database, modules)  # ready: /health/ready answers 200
         app = create_app(
             {
                 'ENVIRONMENT': 'testing',
                 'BEARER': 'testing-token',
                 'DATABASES': {'default': database},
-                'MODULES': ['modules.example', 'tests.modules.probe'],
+                'MODULES': modules,
                 'MAX_CONTENT_LENGTH': 1024,
                 'LOGGING': _logs(tmp_path_factory.mktemp('headers')),
             }
