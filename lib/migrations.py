@@ -19,6 +19,7 @@ function that prints a line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -411,7 +412,7 @@ class Plan:
         return [row for key, row in self.applied.items() if key not in known]
 
     def refusal(self, baseline: bool = False) -> str | None:
-        """Why nothing may be applied, or None."""
+        """Why nothing may be applied (or, `baseline`, recorded), or None."""
         for migration, row in self.changed:
             when = row.applied_at.astimezone(UTC)
             return (
@@ -419,6 +420,8 @@ class Plan:
                 f' sha256 {row.sha256} applied, {migration.sha256} now; restore it and put the change'
                 ' in a new file. Nothing was applied'
             )
+        if baseline:
+            return None  # it records first files only, of modules with nothing applied: nothing runs
         latest: dict[str, Applied] = {}
         for row in self.applied.values():
             if row.module not in latest or row.version > latest[row.module].version:
@@ -430,7 +433,7 @@ class Plan:
                     f'{shown(migration.path)} is pending but {last.label} is already applied:'
                     f' number it after {last.version:04d}. Nothing was applied'
                 )
-            if not baseline and not split_statements(migration.text):
+            if not split_statements(migration.text):
                 return f'{shown(migration.path)} holds no SQL statement: write the change first. Nothing was applied'
             control = transaction_control(migration) if migration.transactional else None
             if control is not None:
@@ -598,9 +601,10 @@ def failure(migration: Migration, error: psycopg2.Error, statement: Statement | 
 
 
 def rollback(conn: Connection) -> None:
+    """End the file's transaction; a connection already lost has ended it."""
     if conn.closed:
         return
-    with conn.cursor() as cursor:
+    with contextlib.suppress(psycopg2.Error), conn.cursor() as cursor:
         cursor.execute('ROLLBACK')
 
 
@@ -612,7 +616,10 @@ def apply_in_transaction(conn: Connection, migration: Migration, holder: int, by
             row = cursor.fetchone()
             if not row or row[0] != holder:
                 rollback(conn)
-                raise MigrationError(f'{shown(migration.path)}: not run: the lock is held by another session')
+                raise MigrationError(
+                    f'{shown(migration.path)}: not run: its transaction is not on the session that holds the'
+                    ' migration lock (a transaction pooler between migrate and PostgreSQL?)'
+                )
             started = time.monotonic()
             cursor.execute(migration.text)
             seconds = time.monotonic() - started
@@ -672,32 +679,47 @@ def migrate(
     without running it; `dry_run`: only say what would be done). What was (or would be) done."""
     conn = connect(params, database)
     try:
-        if dry_run:
-            plan = read_plan(conn, migrations)
-            return chosen(plan, baseline, database, say, 'would record' if baseline else 'would apply')
-        check_session(conn, params, database)
-        holder = acquire_lock(conn, database, say)
-        with conn.cursor() as cursor:
-            cursor.execute(CREATE_TABLE)
-        plan = read_plan(conn, migrations)
-        todo = chosen(plan, baseline, database, None, '')
-        by = applied_by(conn)
-        for migration in todo:
-            if baseline:
-                with conn.cursor() as cursor:
-                    record(cursor, migration, 0.0, by, baseline=True)
-                say(f'{database}: recorded {migration.label} as applied without running it (baseline)')
-                continue
-            if migration.transactional:
-                seconds = apply_in_transaction(conn, migration, holder, by)
-            else:
-                seconds = apply_outside_transaction(conn, migration, by)
-            say(f'{database}: applied {migration.label} in {seconds * 1000:.0f} ms')
-        if not todo:
-            say(f'{database}: nothing to {"record" if baseline else "apply"}; {len(plan.applied)} applied')
-        return todo
+        return run(conn, params, migrations, database, baseline, dry_run, say)
+    except psycopg2.Error as error:  # reading the record, the lock, creating the table: not a file's
+        raise MigrationError(f'database {database!r} at {where(params)}: {first_line(error)}') from None
     finally:
         conn.close()  # the session's end releases the lock, whatever happened
+
+
+def run(
+    conn: Connection,
+    params: Mapping[str, Any],
+    migrations: Sequence[Migration],
+    database: str,
+    baseline: bool,
+    dry_run: bool,
+    say: Say,
+) -> list[Migration]:
+    """`migrate` on an open connection (see there)."""
+    if dry_run:
+        plan = read_plan(conn, migrations)
+        return chosen(plan, baseline, database, say, 'would record' if baseline else 'would apply')
+    check_session(conn, params, database)
+    holder = acquire_lock(conn, database, say)
+    with conn.cursor() as cursor:
+        cursor.execute(CREATE_TABLE)
+    plan = read_plan(conn, migrations)
+    todo = chosen(plan, baseline, database, None, '')
+    by = applied_by(conn)
+    for migration in todo:
+        if baseline:
+            with conn.cursor() as cursor:
+                record(cursor, migration, 0.0, by, baseline=True)
+            say(f'{database}: recorded {migration.label} as applied without running it (baseline)')
+            continue
+        if migration.transactional:
+            seconds = apply_in_transaction(conn, migration, holder, by)
+        else:
+            seconds = apply_outside_transaction(conn, migration, by)
+        say(f'{database}: applied {migration.label} in {seconds * 1000:.0f} ms')
+    if not todo:
+        say(f'{database}: nothing to {"record" if baseline else "apply"}; {len(plan.applied)} applied')
+    return todo
 
 
 def chosen(plan: Plan, baseline: bool, database: str, say: Say | None, verb: str) -> list[Migration]:
@@ -720,5 +742,7 @@ def status(params: Mapping[str, Any], migrations: Sequence[Migration], database:
     conn = connect(params, database)
     try:
         return read_plan(conn, migrations)
+    except psycopg2.Error as error:
+        raise MigrationError(f'database {database!r} at {where(params)}: {first_line(error)}') from None
     finally:
         conn.close()

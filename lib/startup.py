@@ -29,7 +29,7 @@ import psycopg2
 from lib import process
 from lib.config import ConfigError, Pgbouncer, build_config, migrate_params
 from lib.decorators import DEFAULT_DATABASE
-from lib.migrations import MigrationError, by_database, migrate
+from lib.migrations import Migration, MigrationError, by_database, migrate
 from lib.pgbouncer import limits_line
 
 PROBE_TIMEOUT_SECONDS = 3
@@ -234,23 +234,29 @@ def check_master(workers: int) -> tuple[dict[str, Any], list[Budget]]:
     The databases behind pgbouncer are named once, with what cannot work through it. With
     MIGRATE_ON_START the pending migrations are applied last (MigrationError names the file)."""
     config = build_config()
+    planned = planned_migrations(config)
     checked = check_connection_budget(config, workers, replicas_from_env())
     if config['PGBOUNCER']:
         logging.getLogger(STARTUP_LOGGER).info(limits_line(list(config['PGBOUNCER'])))
     if config['MIGRATE_ON_START']:
-        migrate_at_start(config)
+        migrate_at_start(config, planned)
     return config, checked
 
 
-def migrate_at_start(config: Mapping[str, Any]) -> None:
+def planned_migrations(config: Mapping[str, Any]) -> dict[str, list[Migration]]:
+    """Each database's migrations: a misnamed file or a module's leftover schema.sql stops the
+    master here, with one line, instead of every worker as it loads the app."""
+    try:
+        return by_database(config['MODULES'], config['DATABASES'], DEFAULT_DATABASE)
+    except MigrationError as error:
+        raise ConfigError(str(error)) from None
+
+
+def migrate_at_start(config: Mapping[str, Any], planned: Mapping[str, list[Migration]]) -> None:
     """MIGRATE_ON_START=1: every database's pending migrations, under the same lock as
     `flask --app app migrate` (replicas starting together apply each file once), before any
     worker serves."""
     log = logging.getLogger(STARTUP_LOGGER)
-    try:
-        planned = by_database(config['MODULES'], config['DATABASES'], DEFAULT_DATABASE)
-    except MigrationError as error:
-        raise ConfigError(str(error)) from None
     for name, migrations in planned.items():
         migrate(migrate_params(config, name), migrations, database=name, say=log.info)
 

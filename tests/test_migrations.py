@@ -477,3 +477,19 @@ def test_migrate_on_start_applies_them_once_when_two_replicas_start_together(
     lines = [r['message'] for s in services for r in read_lines(s.log_dir) if r['log.logger'] == 'dbapi.startup']
     assert sum(line.startswith('default: applied dbapi 0001_idempotency') for line in lines) == 1, lines
     assert sum(line.startswith('default: nothing to apply') for line in lines) == 1, lines
+
+
+def test_a_failing_migration_stops_the_start_with_one_line(fresh: dict[str, Any], packages: Path) -> None:
+    name = write_module(packages, {'0001_broken.sql': 'CREATE TABLE fine ();\nCREAT TABLE oops ();\n'})
+    service = Service(
+        fresh, str(packages), MIGRATE_ON_START='1', EXTRA_MODULES=name, PYTHONPATH=str(packages), WEB_CONCURRENCY='1'
+    )
+    with pytest.raises(RuntimeError, match='gunicorn exited at start'):
+        service.start()
+    assert service.process is not None and service.process.wait(WAIT_SECONDS) == 3
+    broken = packages / name / 'migrations' / '0001_broken.sql'
+    said = [line for line in service.stderr().splitlines() if line.startswith('dbapi:')]
+    assert said == [
+        f'dbapi: migration failed: {broken} line 2: syntax error at or near "CREAT"; nothing of it was applied'
+    ]
+    assert recorded(fresh, name) == [] and not relation(fresh, 'fine')
