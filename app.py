@@ -20,6 +20,7 @@ from lib.auth.jwt_verifier import JwtVerifier
 from lib.contract.openapi import document
 from lib.core.config import APP_ID, ConfigError, load
 from lib.db.connections import POOLS_KEY, Pools
+from lib.db.migrations import expected_migrations
 from lib.db.pool import ConnectionPool
 from lib.observability.access_log import AccessRecords
 from lib.observability.logging_setup import setup_logging
@@ -56,10 +57,11 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.url_map.merge_slashes = False
     app.after_request(compress_flask_response(config.compress_min_size))  # the gateway compresses actions'
     pools = app.extensions[POOLS_KEY] = Pools(config)
-    cli.init_app(app)
-    app.register_blueprint(health_blueprint(config, pools))
+    cli.init_app(app)  # flask --app app actions | new-module | migrate | new-migration | openapi | new-token
     for name in config.modules:
         app.register_blueprint(import_module(name).blueprint)
+    # /health/live, /health/ready: readiness waits for the migrations this code needs.
+    app.register_blueprint(health_blueprint(config, pools, expected_migrations(config)))
     registry = app.extensions[REGISTRY_KEY] = registry_of(app)
     verifier = None if config.jwt is None else JwtVerifier(config.jwt)
     pipeline = app.extensions[PIPELINE_KEY] = Pipeline(config, registry, callers_of(config), verifier, pools)

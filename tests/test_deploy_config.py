@@ -151,6 +151,32 @@ def test_the_pgbouncer_file_puts_a_pinned_transaction_pooler_between_api_and_pos
     assert int(own['QUERY_WAIT_TIMEOUT']) <= 5 and int(own['SERVER_LOGIN_RETRY']) <= 2
 
 
+DATABASE_KEYS = ('DEFAULT_DB_HOST', 'DEFAULT_DB_PORT', 'DEFAULT_DB_NAME', 'DEFAULT_DB_USER', 'DEFAULT_DB_PASS_FILE')
+
+
+def test_a_job_applies_the_migrations_once_per_rollout_to_the_api_s_database() -> None:
+    stack = deployed_stack()
+    api, job = stack['services']['api'], stack['services']['migrate']
+    assert job['deploy']['mode'] == 'replicated-job' and job['deploy']['replicas'] == 1
+    assert job['deploy']['restart_policy']['condition'] == 'on-failure'
+    assert job['command'] == ['flask', '--app', 'app', 'migrate']
+    assert job['image'] == api['image']  # the new VERSION's files: each deploy runs the job again
+    assert job['healthcheck'] == {'disable': True}  # the image's check asks for a server the job does not run
+    assert {key: job['environment'][key] for key in DATABASE_KEYS} == {
+        key: api['environment'][key] for key in DATABASE_KEYS
+    }
+    assert job['environment']['ENVIRONMENT'] == 'production' and 'MIGRATE_ON_START' not in api['environment']
+    assert {secret['source'] for secret in job['secrets']} == {'dbapi_bearer', 'dbapi_db_pass'}
+
+
+def test_with_pgbouncer_the_migrate_job_still_goes_straight_to_postgresql() -> None:
+    stack = deployed_stack(COMPOSE, PGBOUNCER_COMPOSE)
+    api, job = stack['services']['api']['environment'], stack['services']['migrate']['environment']
+    postgresql = (required_values()['DB_HOST'], '5432')
+    assert (job['DEFAULT_DB_HOST'], job['DEFAULT_DB_PORT']) == postgresql and 'DEFAULT_DB_PGBOUNCER' not in job
+    assert (api['DEFAULT_DB_MIGRATE_HOST'], api['DEFAULT_DB_MIGRATE_PORT']) == postgresql
+
+
 def test_the_pgbouncer_file_sizes_clients_and_its_pool() -> None:
     stack = deployed_stack(COMPOSE, PGBOUNCER_COMPOSE)['services']
     api, own = stack['api']['environment'], stack['pgbouncer']['environment']

@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 README = (REPO / 'README.md').read_text(encoding='utf-8')
 EXAMPLE_BLOCK = re.compile(r'<!-- file: (?P<path>[^ ]+) -->\n```[a-z]*\n(?P<code>.*?)```\n', re.DOTALL)
 EXAMPLE_FILES = sorted(
-    str(path.relative_to(REPO)) for path in (REPO / 'modules' / 'example').iterdir() if path.is_file()
+    str(path.relative_to(REPO))
+    for path in (REPO / 'modules' / 'example').rglob('*')
+    if path.is_file() and '__pycache__' not in path.parts
 )
 
 

@@ -194,8 +194,8 @@ def replay(claim: Claim, row: tuple[Any, ...]) -> Answer:
 def not_set_up(conn: Connection) -> ApiError:
     database = conn.info.dbname
     log.error(
-        "Idempotency-Key refused: database %r has no table dbapi_idempotency; apply dbapi's SQL to it:"
-        ' flask --app app apply-sql --database <its name>',
+        "Idempotency-Key refused: database %r has no table dbapi_idempotency; apply dbapi's migrations to it:"
+        ' flask --app app migrate --database <its name>',
         database,
     )
     return ApiError(500, 'idempotency-not-set-up', 'Idempotency-Key cannot be used yet; the logs say why')
