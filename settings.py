@@ -77,6 +77,13 @@ IDEMPOTENCY_TTL = os.getenv('IDEMPOTENCY_TTL', '86400')
 # The most actions one POST /batch may hold (README "Batches").
 BATCH_MAX_ACTIONS = os.getenv('BATCH_MAX_ACTIONS', '100')
 
+# Events (docs/events.md): the broker the relay publishes to (`flask --app app relay`; a URL
+# holding a password, so also EVENTS_AMQP_URL_FILE), how long delivered events are kept in
+# dbapi_outbox (seconds), and the port of the relay's own /metrics (0: none).
+EVENTS_AMQP_URL = _secret('EVENTS_AMQP_URL')
+EVENTS_RETENTION = os.getenv('EVENTS_RETENTION', str(7 * 24 * 3600))
+EVENTS_METRICS_PORT = os.getenv('EVENTS_METRICS_PORT', '9108')
+
 # Database pools: one per named database per process.
 POOL_SIZE = os.getenv('POOL_SIZE', '4')
 POOL_TIMEOUT = os.getenv('POOL_TIMEOUT', '5')

@@ -11,6 +11,7 @@ from lib.actions import module_blueprint
 from lib.db import Db, Row, connection, get_conn_from_dbname, get_db_from_conn, transactional
 from lib.decorators import DEFAULT_DATABASE, inject_conn, returns, use_schema
 from lib.errors import ApiError, conflict, not_found, unprocessable
+from lib.events.outbox import emit
 from lib.prepared import Prepared
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     'Row',
     'conflict',
     'connection',
+    'emit',
     'get_conn_from_dbname',
     'get_db_from_conn',
     'inject_conn',

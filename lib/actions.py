@@ -27,6 +27,7 @@ from lib.body import read_body
 from lib.db import give_back_borrowed
 from lib.decorators import CONN_ATTR, RETURNS_ATTR, SCHEMA_ATTR, ConnSpec
 from lib.errors import ApiError, to_problem
+from lib.events.outbox import EventType, declare
 from lib.idempotency import Claim, claim_of
 from lib.scope import RequestScope
 from lib.validation import arguments
@@ -120,11 +121,14 @@ def serve(
 
 
 class ModuleBlueprint(Blueprint):
-    """A module's blueprint, carrying its checked routes table."""
+    """A module's blueprint, carrying its checked routes table and its declared events."""
 
-    def __init__(self, module: str, import_name: str, actions: dict[str, Action]) -> None:
+    def __init__(
+        self, module: str, import_name: str, actions: dict[str, Action], events: tuple[EventType, ...] = ()
+    ) -> None:
         super().__init__(module, import_name, url_prefix=f'/{module}')
         self.actions = actions
+        self.events = events
 
 
 def module_blueprints(app: Flask) -> list[ModuleBlueprint]:
@@ -143,9 +147,17 @@ def module_actions(app: Flask) -> list[Action]:
     return [action for blueprint in module_blueprints(app) for action in blueprint.actions.values()]
 
 
-def module_blueprint(import_name: str, routes: Iterable[Mapping[str, Any]]) -> ModuleBlueprint:
+def module_events(app: Flask) -> list[EventType]:
+    """Every event the app's modules declare, in registration order (the AsyncAPI document, the CLI)."""
+    return [event for blueprint in module_blueprints(app) for event in blueprint.events]
+
+
+def module_blueprint(
+    import_name: str, routes: Iterable[Mapping[str, Any]], events: Iterable[Mapping[str, Any]] = ()
+) -> ModuleBlueprint:
     """The blueprint of the module package `import_name`: its `actions` table, and one POST url
-    rule per action so that Flask's url map (`flask routes`) lists every action.
+    rule per action so that Flask's url map (`flask routes`) lists every action. `events` are the
+    events its actions `emit` (lib.events.outbox: `dict(type='user.saved', schema=...)`).
 
     The rules carry no view function: `lib.gateway` answers every path under the module's
     prefix with `serve()`, so Flask's routing never dispatches one.
@@ -154,7 +166,7 @@ def module_blueprint(import_name: str, routes: Iterable[Mapping[str, Any]]) -> M
     if module in RESERVED_MODULES:
         raise ValueError(f'module name {module!r} is reserved')
     actions = build_actions(module, routes)
-    blueprint = ModuleBlueprint(module, import_name, actions)
+    blueprint = ModuleBlueprint(module, import_name, actions, declare(module, events))
     for route in actions:
         endpoint = route.replace('.', '_') or ROOT_ENDPOINT
         blueprint.add_url_rule(f'/{route}', endpoint, methods=['POST'], provide_automatic_options=False)

@@ -1,5 +1,5 @@
-"""Apply dbapi's own SQL (lib/idempotency.sql), then the `schema.sql` of every registered module,
-to a configured database.
+"""Apply dbapi's own SQL (lib/idempotency.sql, lib/sql/0002_outbox.sql), then the `schema.sql`
+of every registered module, to a configured database.
 
     python -m lib.apply_sql [--database default]
 
@@ -22,7 +22,10 @@ import settings
 from lib.config import ConfigError, check_databases
 
 SCHEMA_FILE = 'schema.sql'
-PROJECT_SQL = Path(__file__).with_name('idempotency.sql')  # the table of Idempotency-Key answers
+PROJECT_SQL = [
+    Path(__file__).with_name('idempotency.sql'),  # the table of Idempotency-Key answers
+    Path(__file__).parent / 'sql' / '0002_outbox.sql',  # the events' outbox (lib/events)
+]
 
 
 def schema_files(modules: Iterable[str]) -> list[Path]:
@@ -40,7 +43,7 @@ def schema_files(modules: Iterable[str]) -> list[Path]:
 def apply_sql(params: Mapping[str, Any], modules: Iterable[str], project: bool = True) -> list[Path]:
     """Run the files, each in its own transaction; the ones run. `project`: dbapi's own first."""
     applied = []
-    files = [PROJECT_SQL] if project else []
+    files = list(PROJECT_SQL) if project else []
     conn = psycopg2.connect(**params)
     try:
         for path in [*files, *schema_files(modules)]:

@@ -181,6 +181,15 @@ def check_pgbouncer(databases: Mapping[str, Mapping[str, Any]]) -> dict[str, Pgb
     return found
 
 
+def parse_amqp_url(raw: Any) -> str:
+    """EVENTS_AMQP_URL: empty (no relay in this deployment) or an amqp(s):// URL; the message
+    never repeats the URL, which may hold a password."""
+    url = str(raw or '').strip()
+    if url and (urlsplit(url).scheme not in {'amqp', 'amqps'} or not urlsplit(url).hostname):
+        raise ConfigError('EVENTS_AMQP_URL is not an amqp:// or amqps:// URL with a host')
+    return url
+
+
 def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The Flask config for one app: settings, then `overrides` (tests), all checked."""
     raw: dict[str, Any] = {
@@ -212,6 +221,9 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         'METRICS': settings.METRICS,
         'IDEMPOTENCY_TTL': settings.IDEMPOTENCY_TTL,
         'BATCH_MAX_ACTIONS': settings.BATCH_MAX_ACTIONS,
+        'EVENTS_AMQP_URL': settings.EVENTS_AMQP_URL,
+        'EVENTS_RETENTION': settings.EVENTS_RETENTION,
+        'EVENTS_METRICS_PORT': settings.EVENTS_METRICS_PORT,
     }
     raw.update(overrides or {})
     environment = raw['ENVIRONMENT']
@@ -244,6 +256,9 @@ def build_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         METRICS=parse_flag(raw['METRICS']),
         IDEMPOTENCY_TTL=parse_float('IDEMPOTENCY_TTL', raw['IDEMPOTENCY_TTL'], minimum=1.0, inclusive=True),
         BATCH_MAX_ACTIONS=parse_int('BATCH_MAX_ACTIONS', raw['BATCH_MAX_ACTIONS'], minimum=1),
+        EVENTS_AMQP_URL=parse_amqp_url(raw['EVENTS_AMQP_URL']),
+        EVENTS_RETENTION=parse_float('EVENTS_RETENTION', raw['EVENTS_RETENTION'], minimum=1.0, inclusive=True),
+        EVENTS_METRICS_PORT=parse_int('EVENTS_METRICS_PORT', raw['EVENTS_METRICS_PORT']),
     )
     del config['BEARER']  # only the parsed form stays, so the raw value cannot leak into a dump
     return config

@@ -22,6 +22,7 @@ from psycopg2.extras import RealDictCursor
 
 from lib import pgbouncer, process
 from lib.config import Pgbouncer
+from lib.events import outbox
 from lib.pool import ConnectionPool, PoolClosed
 from lib.prepared import Prepared, execute_prepared
 from lib.scope import RequestScope, current_scope
@@ -48,20 +49,26 @@ class HeldTransaction(RuntimeError):
 class PooledConnection(Connection):
     """A psycopg2 connection that remembers whether its rows should be dicts, and refuses to be
     committed or rolled back by an action while its transaction is the request's (`held`);
-    psycopg2's `with conn:` ends a transaction through these same methods."""
+    psycopg2's `with conn:` ends a transaction through these same methods. The events emitted in
+    its transaction are written by its commit, just before the COMMIT, and forgotten by its
+    rollback (lib.events.outbox)."""
 
     named: bool = True
     session_state = True  # lib/prepared.py may keep statements on it (not so behind pgbouncer)
     held: bool = False  # its transaction belongs to lib (lib.transaction): `transactional` nests in it
+    pending_events: list[outbox.Pending] | None = None  # events emitted in its transaction, not yet written
 
     def commit(self) -> None:
         if self.held:
             raise HeldTransaction('commit')
+        if self.pending_events:
+            outbox.flush(self)
         super().commit()
 
     def rollback(self) -> None:
         if self.held:
             raise HeldTransaction('roll back')
+        self.pending_events = None
         super().rollback()
 
 
@@ -164,7 +171,9 @@ def pools() -> Pools:
 def prepare(conn: Connection, named: bool, autocommit: bool, held: bool = False) -> Connection:
     """Set up a borrowed connection for its user; `held`: lib owns its transaction (commits it)."""
     conn.autocommit = autocommit  # client-side in psycopg2: no round trip
-    cast(PooledConnection, conn).held = held  # the pools open only PooledConnections
+    pooled = cast(PooledConnection, conn)  # the pools open only PooledConnections
+    pooled.held = held
+    pooled.pending_events = None  # events of an earlier borrower's transaction never reach this one's
     return rows_as(conn, named)
 
 
@@ -258,9 +267,11 @@ def savepoint(conn: Connection) -> Iterator[Db]:
     reuse one name: SQL's ROLLBACK TO and RELEASE name the newest savepoint of that name."""
     with conn.cursor() as cursor:
         cursor.execute('SAVEPOINT dbapi_transactional')
+    emitted = outbox.mark(conn)
     try:
         yield Db(conn)
     except BaseException:
+        outbox.truncate(conn, emitted)  # the block's events go with its writes
         # On a broken connection this fails too; the error the block raised is the one to tell.
         with suppress(psycopg2.Error), conn.cursor() as cursor:
             cursor.execute('ROLLBACK TO SAVEPOINT dbapi_transactional; RELEASE SAVEPOINT dbapi_transactional')

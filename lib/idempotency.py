@@ -33,6 +33,7 @@ from psycopg2.extensions import cursor as Cursor  # rows as tuples, whatever the
 from lib.answer import Served
 from lib.decorators import ConnSpec
 from lib.errors import ApiError, bad_request
+from lib.events import outbox
 from lib.pool import ConnectionPool
 from lib.prepared import Prepared, execute_prepared
 from lib.scope import RequestScope
@@ -243,6 +244,7 @@ def begin(conn: Connection, claim: Claim) -> Begun:
 def commit_with_answer(conn: Connection, claim: Claim, served: Served, begun: Begun) -> bool:
     """Store `served` and commit, the work's writes with it; False (rolled back) when a live
     answer was stored meanwhile by a request that committed after `begin` read."""
+    outbox.flush(conn)  # the events the work emitted, in its transaction
     params = {
         'caller': claim.caller,
         'key': claim.key,
@@ -270,7 +272,8 @@ def commit_with_answer(conn: Connection, claim: Claim, served: Served, begun: Be
 
 def rollback(conn: Connection) -> None:
     """End the claimed transaction without its writes (lib sent its BEGIN: psycopg2 does not
-    know of it)."""
+    know of it). The events the work emitted go with it."""
+    outbox.discard(conn)
     with conn.cursor() as cursor:
         cursor.execute('ROLLBACK')
 

@@ -44,6 +44,7 @@ from lib.actions import module_tables
 from lib.batch import NAME as BATCH
 from lib.config import project_version
 from lib.db import POOLS_KEY, Pools
+from lib.events.metrics import OutboxCollector
 from lib.pool import ConnectionPool, PoolError
 from lib.scope import RequestScope
 
@@ -194,6 +195,9 @@ class Metrics:
         self.sample_lock = threading.Lock()
         self.sampler_pid = 0
         self.lock = threading.Lock()
+        databases = list(app.config['DATABASES'])
+        # dbapi_outbox_pending and _oldest_age_seconds, read from each database at scrape time
+        self.outbox = OutboxCollector(lambda: [self.pools.get(name) for name in databases])
         LIVE_METRICS.add(self)
         BUILD_INFO.labels(project_version()).set(1)
         for database in app.config['DATABASES']:  # every series present from the start, at 0
@@ -389,10 +393,12 @@ class ReplicaProcesses(Collector):
 
 
 class Exposition(Collector):
-    """`source`'s families, with the stored duration gauges shown as the histogram they hold."""
+    """`source`'s families, with the stored duration gauges shown as the histogram they hold,
+    then those of `extra` (read at scrape time)."""
 
-    def __init__(self, source: Collector) -> None:
+    def __init__(self, source: Collector, *extra: Collector) -> None:
         self.source = source
+        self.extra = extra
 
     def collect(self) -> Iterable[Metric]:
         buckets: dict[tuple[str, str], list[tuple[str, float]]] = {}
@@ -412,18 +418,21 @@ class Exposition(Collector):
             ordered = sorted(by_le, key=lambda bucket: float(bucket[0]))
             histogram.add_metric(list(key), ordered, sums.get(key, 0.0))
         yield histogram
+        for collector in self.extra:
+            yield from collector.collect()
 
 
-def scrape_registry() -> Collector:
+def scrape_registry(*extra: Collector) -> Collector:
     """What a scrape answers: in multiprocess mode, every worker's files, the replica's processes
-    and the Python version; otherwise this process's registry (with its process collector)."""
+    and the Python version; otherwise this process's registry (with its process collector); then
+    `extra`."""
     if not MULTIPROCESS:
-        return Exposition(REGISTRY)
+        return Exposition(REGISTRY, *extra)
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
     PlatformCollector(registry=registry)
     registry.register(ReplicaProcesses())
-    return Exposition(registry)
+    return Exposition(registry, *extra)
 
 
 blueprint = Blueprint('metrics', __name__)
@@ -436,7 +445,7 @@ def scrape() -> Response:
     metrics.flush()
     metrics.sample_pools()
     encoder, content_type = choose_encoder(request.headers.get('Accept', ''))
-    return Response(encoder(scrape_registry()), content_type=content_type)
+    return Response(encoder(scrape_registry(metrics.outbox)), content_type=content_type)
 
 
 def init_app(app: Flask) -> None:

@@ -362,11 +362,12 @@ def test_apply_sql_applies_dbapi_own_sql_then_every_module_schema_to_a_fresh_dat
     assert result.exit_code == 0, result.output
     applied = [
         'applied lib/idempotency.sql',
+        'applied lib/sql/0002_outbox.sql',
         'applied modules/example/schema.sql',
         'applied tests/modules/probe/schema.sql',
     ]
     assert result.output.splitlines() == applied
-    assert {'dbapi_idempotency', 'users', 'probe_items', 'probe_log'} <= tables(params)
+    assert {'dbapi_idempotency', 'dbapi_outbox', 'users', 'probe_items', 'probe_log'} <= tables(params)
     assert runner.invoke(args=['apply-sql']).exit_code == 0  # re-runnable
 
 
@@ -389,8 +390,12 @@ def test_apply_sql_names_the_module_whose_file_fails_and_keeps_nothing_of_it(fre
     result = app.test_cli_runner().invoke(args=['apply-sql'])
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
-    assert lines[:2] == ['applied lib/idempotency.sql', 'applied modules/example/schema.sql']
-    assert lines[2].startswith('Error: broken_schema: schema.sql not applied: syntax error at or near "CREAT"')
-    assert len(lines) == 3
+    assert lines[:3] == [
+        'applied lib/idempotency.sql',
+        'applied lib/sql/0002_outbox.sql',
+        'applied modules/example/schema.sql',
+    ]
+    assert lines[3].startswith('Error: broken_schema: schema.sql not applied: syntax error at or near "CREAT"')
+    assert len(lines) == 4
     assert 'users' in tables(params)
     assert 'half_done' not in tables(params)
