@@ -39,6 +39,7 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as PlainCursor
 
 from lib.json import dumps
+from lib.prepared import Prepared, execute_prepared
 
 CHANNEL = 'dbapi_outbox'  # LISTEN/NOTIFY channel: "events were committed"
 # Routing keys of a topic exchange: dot-separated words; `*` and `#` are for bindings only.
@@ -217,6 +218,23 @@ INSERT = (
 )
 
 
+# One event, the common case: prepared once per connection. The materialized CTE takes the key's
+# lock (none for a NULL key: the function is strict) before the row takes its seq.
+INSERT_ONE = Prepared(
+    """
+WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(class)s, %(lock)s))
+INSERT INTO dbapi_outbox (id, type, key, key_lock, data, time)
+SELECT %(id)s, %(type)s, %(key)s, %(lock)s, %(data)s, statement_timestamp() FROM locked
+""",
+    id='uuid',
+    type='text',
+    key='text',
+    lock='integer',
+    data='json',
+    **{'class': 'integer'},
+)
+
+
 def flush_statement(events: list[Pending], notify: bool) -> tuple[str, dict[str, Any]]:
     """The SQL that writes `events`: the key locks in ascending order, the rows in emit order,
     and NOTIFY; one message, one round trip."""
@@ -246,7 +264,14 @@ def flush(conn: Connection) -> int:
     if not held:
         return 0
     setattr(conn, 'pending_events', None)  # noqa: B010 - lib's PooledConnection has it
-    statement, params = flush_statement(held, Notifier.due())
+    notify = Notifier.due()
     with conn.cursor(cursor_factory=PlainCursor) as cursor:
-        cursor.execute(statement, params)
+        if len(held) == 1:
+            event = held[0]
+            params = {'class': WRITE_LOCK_CLASS, 'id': event.id, 'type': event.type, 'key': event.key}
+            params.update(lock=event.lock, data=event.data)
+            execute_prepared(cursor, INSERT_ONE, params, after=f'; NOTIFY {CHANNEL}' if notify else '')
+        else:
+            statement, many = flush_statement(held, notify)
+            cursor.execute(statement, many)
     return len(held)
