@@ -164,6 +164,7 @@ class Relay:
 
     def run(self) -> None:
         """Relay until `stop`."""
+        logging.getLogger('pika').setLevel(logging.WARNING)  # a line per connection step otherwise
         log.info('relay started: outbox of %s to exchange %r', self.database.get('dbname'), self.exchange)
         try:
             while not self.stopping:
