@@ -351,4 +351,3 @@ def test_prometheus_scrapes_every_relay_on_the_port_it_serves() -> None:
     relay = deployed_stack()['services']['relay']
     assert discovery['names'] == ['tasks.relay']
     assert str(discovery['port']) == relay['environment']['EVENTS_METRICS_PORT']
-
