@@ -50,7 +50,7 @@ MAX_KEY_LENGTH = 1000
 # key. The two-key form never meets the one-key form lib.idempotency uses.
 WRITE_LOCK_CLASS = 0x64626501
 RELAY_LOCK_CLASS = 0x64626502
-NOTIFY_EVERY = 0.05  # seconds: the most often one process sends NOTIFY
+NOTIFY_EVERY = 0.1  # seconds: the most often one process sends NOTIFY
 
 
 class EventError(RuntimeError):

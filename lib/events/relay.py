@@ -73,11 +73,11 @@ MARK = 'UPDATE dbapi_outbox SET delivered_at = clock_timestamp() WHERE seq = ANY
 POLL = 'SELECT 0, EXISTS (SELECT 1 FROM dbapi_outbox WHERE delivered_at IS NULL)'
 PRUNE_AND_POLL = """
 WITH pruned AS (
-    DELETE FROM dbapi_outbox WHERE seq IN (
-        SELECT seq FROM dbapi_outbox
+    DELETE FROM dbapi_outbox WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM dbapi_outbox
         WHERE time < now() - make_interval(secs => %(retention)s)
           AND delivered_at < now() - make_interval(secs => %(retention)s)
-        LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+        LIMIT %(batch)s FOR UPDATE SKIP LOCKED))
     RETURNING 1)
 SELECT (SELECT count(*) FROM pruned), EXISTS (SELECT 1 FROM dbapi_outbox WHERE delivered_at IS NULL)
 """
