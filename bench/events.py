@@ -40,7 +40,7 @@ from bench.wrk import run_wrk
 from lib.events.broker import Message
 from lib.events.relay import Relay, Row
 
-AMQP_URL = 'amqp://guest:guest@127.0.0.1:5672/%2F'
+AMQP_URL = 'amqp://127.0.0.1:5672/%2F'
 UPSERT_TARGET = 0.8
 RELAY_TARGET = 0.5
 

@@ -21,7 +21,7 @@ import pytest
 from lib.events.relay import Relay
 from tests.tools import in_ci
 
-AMQP_URL = os.getenv('TEST_AMQP_URL', 'amqp://guest:guest@127.0.0.1:5672/%2F')
+AMQP_URL = os.getenv('TEST_AMQP_URL', 'amqp://127.0.0.1:5672/%2F')
 
 
 def blocking(url: str = AMQP_URL) -> pika.BlockingConnection:

@@ -36,7 +36,7 @@ class PrivateRabbit:
         self.directory.chmod(0o777)  # the node runs as the rabbitmq user
         self.node = f'dbapi-{uuid.uuid4().hex[:8]}@localhost'
         self.port = free_port()
-        self.url = f'amqp://guest:guest@127.0.0.1:{self.port}/%2F'
+        self.url = f'amqp://127.0.0.1:{self.port}/%2F'
         (self.directory / 'enabled_plugins').write_text('[].\n', encoding='utf-8')
         (self.directory / 'rabbitmq.conf').write_text(
             f'listeners.tcp.local = 127.0.0.1:{self.port}\n', encoding='utf-8'

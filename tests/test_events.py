@@ -7,6 +7,7 @@ a thread against an exchange of the test's own and reads what a consumer would g
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from marshmallow import Schema, fields
 
 from lib.config import ConfigError, build_config
 from lib.events import outbox
+from lib.events.cloudevent import document as cloudevent_document
 from lib.events.relay import Row, delivered
 from tests.amqp import Received, relay_thread, tap, undelivered, wait_delivered
 from tests.conftest import AUTH, MODULES, TOKEN, make_app, query, schema_database
@@ -78,6 +80,16 @@ def test_bar_emits_user_saved_with_its_commit(api: Any, db: Any) -> None:
     assert (type_, key, data) == ('user.saved', 'ada', {'name': 'ada', 'email': 'ada@example.com'})
     [(committed,)] = query(db, 'SELECT time FROM dbapi_outbox')
     assert before <= committed <= after
+
+
+def test_an_empty_key_orders_like_any_other_and_has_no_subject(api: Any, db: Any) -> None:
+    """example/bar takes an empty name (the schema allows it), so its key may be ''."""
+    assert api.post('/example/bar', {'name': ''}).status_code == 200
+    [(_, _, key, data)] = rows(db)
+    assert (key, data) == ('', {'name': '', 'email': ''})
+    [(time_,)] = query(db, 'SELECT time FROM dbapi_outbox')
+    document = json.loads(cloudevent_document('dbapi', 'x', 'user.saved', key, time_, json.dumps(data)))
+    assert 'subject' not in document
 
 
 def test_an_action_refused_after_emitting_emits_nothing(api: Any, db: Any) -> None:
@@ -325,7 +337,7 @@ def test_delivered_events_are_pruned_after_the_retention(events_database: Any, a
     query(db, "UPDATE dbapi_outbox SET delivered_at = now() - interval '2 hours' WHERE key = 'q'")
     from lib.events.relay import Relay
 
-    relay = Relay(events_database, 'amqp://guest:guest@127.0.0.1/', 'dbapi', retention=3600.0)
+    relay = Relay(events_database, 'amqp://127.0.0.1/', 'dbapi', retention=3600.0)
     relay.conn = psycopg2.connect(**events_database)
     relay.conn.autocommit = True
     try:

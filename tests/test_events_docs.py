@@ -19,7 +19,7 @@ import psycopg2
 from lib.cli import fields_text, schema_fields
 from lib.events.outbox import DECLARED
 from tests.amqp import AMQP_URL, blocking, relay_thread, tap, wait_delivered
-from tests.conftest import query
+from tests.conftest import AUTH, MODULES, make_app, query, schema_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / 'docs' / 'events.md').read_text(encoding='utf-8')
@@ -56,9 +56,17 @@ def read_lines(stream: Any, count: int, timeout: float = 30.0) -> list[str]:
     return lines
 
 
-def test_the_consumer_applies_each_event_once_and_drops_a_duplicate_by_its_id(
-    database: dict[str, Any], api: Any, tmp_path: Path
-) -> None:
+def test_the_consumer_applies_each_event_once_and_drops_a_duplicate_by_its_id(tmp_path: Path) -> None:
+    """On a database of its own: the relay sends only this test's events."""
+    with schema_database('dbapi_docs') as database:
+        app = make_app(database, str(tmp_path / 'logs'), MODULES=MODULES)
+        try:
+            run_the_consumer(database, app.test_client(), tmp_path)
+        finally:
+            app.extensions['dbapi.pools'].close()
+
+
+def run_the_consumer(database: dict[str, Any], client: Any, tmp_path: Path) -> None:
     script = tmp_path / 'consumer.py'
     script.write_text(consumer_code(), encoding='utf-8')
     queue = f'dbapi.test.consumer.{os.getpid()}.{time.monotonic_ns()}'
@@ -76,8 +84,10 @@ def test_the_consumer_applies_each_event_once_and_drops_a_duplicate_by_its_id(
         try:
             wait_for_queue(queue)
             with relay_thread(database, exchange.name):
-                first = api.post('/example/bar', {'name': 'docs-ada', 'email': 'old@example.com'})
-                second = api.post('/example/bar', {'name': 'docs-ada', 'email': 'new@example.com'})
+                first = client.post('/example/bar', json={'name': 'docs-ada', 'email': 'old@example.com'}, headers=AUTH)
+                second = client.post(
+                    '/example/bar', json={'name': 'docs-ada', 'email': 'new@example.com'}, headers=AUTH
+                )
                 assert first.status_code == second.status_code == 200
                 wait_delivered(database)
             replayed = query_outbox(database, 'docs-ada')[0][0]

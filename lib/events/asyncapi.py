@@ -17,8 +17,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema
 
 from lib.events import cloudevent
-from lib.events.broker import EXCHANGE
-from lib.events.outbox import EventType
+from lib.events.outbox import EXCHANGE, EventType
 
 ASYNCAPI_VERSION = '3.0.0'
 AMQP_BINDING = '0.3.0'

@@ -23,9 +23,10 @@ from pika.channel import Channel
 from pika.connection import Connection
 from pika.spec import Basic
 
+from lib.events.outbox import EXCHANGE
+
 log = logging.getLogger('dbapi.events')
 
-EXCHANGE = 'dbapi.events'
 PERSISTENT = pika.DeliveryMode.Persistent
 
 

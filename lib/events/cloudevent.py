@@ -5,7 +5,8 @@ event format), the AMQP message's whole body.
      "subject": "<key>", "time": "2026-12-05T09:00:00.123456Z",
      "datacontenttype": "application/json", "data": {...}}
 
-`subject` is left out for an event emitted without a key. `data` is the outbox row's JSON text,
+`subject` is left out for an event emitted without a key or with an empty one (CloudEvents
+wants a non-empty subject). `data` is the outbox row's JSON text,
 spliced in as it was written: the relay never parses it. The CloudEvents SDK reads these
 documents in the tests (`cloudevents.core.bindings.rabbitmq.from_structured`); it does not make
 them here because it costs about 20x more per event than this (docs/performance.md).
@@ -37,7 +38,7 @@ def document(source: str, event_id: str, type_: str, key: str | None, time: date
         'time': rfc3339(time),
         'datacontenttype': DATA_CONTENT_TYPE,
     }
-    if key is not None:
+    if key:
         attributes['subject'] = key
     head = orjson.dumps(attributes)
     return b''.join((head[:-1], b',"data":', data.encode(), b'}'))

@@ -42,6 +42,7 @@ from lib.json import dumps
 from lib.prepared import Prepared, execute_prepared
 
 CHANNEL = 'dbapi_outbox'  # LISTEN/NOTIFY channel: "events were committed"
+EXCHANGE = 'dbapi.events'  # the durable topic exchange the relay publishes to
 # Routing keys of a topic exchange: dot-separated words; `*` and `#` are for bindings only.
 TYPE = re.compile(r'[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)*')
 MAX_TYPE_LENGTH = 255  # AMQP's shortstr
@@ -160,8 +161,8 @@ def emit(conn: Connection, type: str, data: Any, key: str | None = None) -> str:
             f'emit({type!r}): no module declares this event type (declared: {known}); list it in the'
             " module's events: module_blueprint(__name__, routes, events=[dict(type=..., schema=...)])"
         )
-    if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or '\x00' in key):
-        raise EventError(f'emit({type!r}): key must be a non-empty string of at most {MAX_KEY_LENGTH} characters')
+    if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or '\x00' in key):
+        raise EventError(f'emit({type!r}): key must be a string of at most {MAX_KEY_LENGTH} characters, without NUL')
     if not hasattr(conn, 'pending_events') or not in_transaction(conn):
         raise EventError(
             f"emit({type!r}) needs the action's transaction: the connection is in autocommit or not one of lib's"
