@@ -30,6 +30,8 @@ Environment:
   PYTHON          the Python 3.11+ that creates .venv (default python3)
   MIGRATE_ON_START  1 (default): apply the pending migrations at start; 0: leave them to
                   `.venv/bin/flask --app app migrate` (readiness answers 503 until then)
+  RELAY           1: also run the events relay (flask --app app relay), publishing the outbox to
+                  EVENTS_AMQP_URL (env/local/.env: the machine's RabbitMQ); stopped with the API
 An existing PostgreSQL instead of the private one (in the shell, or in env/<ENVIRONMENT>/.env;
 the shell wins):
   DEFAULT_DB_HOST host name or IP; a path is a Unix socket directory (e.g. /var/run/postgresql)
@@ -59,6 +61,7 @@ pgdata=${LOCAL_PGDATA:-.local/pgdata}
 python=.venv/bin/python
 private_pg_started=0
 gunicorn_pid=''
+relay_pid=''
 stop_requested=0
 
 # step WHAT COMMAND...: run one step, its stdout shown; its stderr is kept and, when it fails,
@@ -86,6 +89,10 @@ step() {
 setting() { "$python" -c "from lib.core.config import databases_from, environment, secret; raw = environment(); print($1)"; }
 
 cleanup() {
+  if [ -n "$relay_pid" ] && kill -0 "$relay_pid" 2>/dev/null; then
+    kill -TERM "$relay_pid" 2>/dev/null || true # it finishes the batch in hand
+    wait "$relay_pid" 2>/dev/null || true
+  fi
   if [ -n "$gunicorn_pid" ] && kill -0 "$gunicorn_pid" 2>/dev/null; then
     kill -TERM "$gunicorn_pid" 2>/dev/null || true
     wait "$gunicorn_pid" 2>/dev/null || true
@@ -163,6 +170,14 @@ until listening; do
   fi
   sleep 0.1
 done
+
+if [ "${RELAY:-0}" = 1 ]; then
+  set -m
+  .venv/bin/flask --app app relay &
+  relay_pid=$!
+  set +m
+  echo "events relay started (pid $relay_pid): committed events go to the exchange dbapi.events of EVENTS_AMQP_URL"
+fi
 
 cat <<INFO
 

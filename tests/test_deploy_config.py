@@ -340,7 +340,7 @@ def test_the_stack_can_run_prometheus_beside_the_api_and_does_not_by_default() -
 
 def test_prometheus_scrapes_every_api_task_on_the_port_gunicorn_binds() -> None:
     scrape = yaml.safe_load((ROOT / 'deploy' / 'prometheus' / 'prometheus.yml').read_text())
-    (job,) = scrape['scrape_configs']
+    (job,) = [job for job in scrape['scrape_configs'] if job['job_name'] == 'dbapi']
     (discovery,) = job['dns_sd_configs']
     assert discovery['names'] == ['tasks.api'] and discovery['type'] == 'A'
     assert 'api' in deployed_stack()['services']
@@ -351,3 +351,28 @@ def test_prometheus_scrapes_every_api_task_on_the_port_gunicorn_binds() -> None:
 def test_the_image_carries_the_version_the_metrics_report() -> None:
     copied = re.findall(r'^COPY (.*) \./$', (ROOT / 'Dockerfile').read_text(), re.MULTILINE)
     assert any('pyproject.toml' in line.split() for line in copied), copied
+
+
+@pytest.mark.parametrize('files', [(COMPOSE,), (COMPOSE, PGBOUNCER_COMPOSE)], ids=['stack', 'with-pgbouncer'])
+def test_the_stack_runs_rabbitmq_and_two_relays_connected_directly_to_postgresql(files: tuple[Path, ...]) -> None:
+    stack = deployed_stack(*files)
+    relay, broker = stack['services']['relay'], stack['services']['rabbitmq']
+    assert relay['command'] == ['flask', '--app', 'app', 'relay']
+    assert relay['deploy']['replicas'] == 2 and broker['deploy']['replicas'] == 1
+    environment = relay['environment']
+    assert environment['DEFAULT_DB_HOST'] == 'value-of-db_host' and 'DEFAULT_DB_PGBOUNCER' not in environment
+    assert environment['EVENTS_AMQP_URL_FILE'] == '/run/secrets/dbapi_amqp_url'
+    assert {secret['source'] for secret in relay['secrets']} == {'dbapi_bearer', 'dbapi_db_pass', 'dbapi_amqp_url'}
+    assert seconds(relay['stop_grace_period']) > 30  # the relay's confirms wait at most 30 s (CONFIRM_TIMEOUT)
+    assert broker['image'].startswith('rabbitmq:') and broker['image'].split(':')[1][0].isdigit()
+    assert [secret['target'] for secret in broker['secrets']] == ['/etc/rabbitmq/conf.d/20-dbapi.conf']
+    assert '/var/lib/rabbitmq' in {volume['target'] for volume in broker['volumes']}
+
+
+def test_prometheus_scrapes_every_relay_on_the_port_it_serves() -> None:
+    scrape = yaml.safe_load((ROOT / 'deploy' / 'prometheus' / 'prometheus.yml').read_text())
+    (job,) = [job for job in scrape['scrape_configs'] if job['job_name'] == 'dbapi-relay']
+    (discovery,) = job['dns_sd_configs']
+    relay = deployed_stack()['services']['relay']
+    assert discovery['names'] == ['tasks.relay']
+    assert str(discovery['port']) == relay['environment']['EVENTS_METRICS_PORT']

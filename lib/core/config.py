@@ -70,6 +70,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('<NAME>_DB_MIGRATE_HOST', '', 'Where `migrate` connects instead: PostgreSQL itself, never pgbouncer'),
     Setting('<NAME>_DB_MIGRATE_PORT', '', "Its port (default: the database's own)"),
     Setting('MIGRATE_ON_START', '0', "1: gunicorn's master applies the pending migrations before forking"),
+    Setting('EVENTS_AMQP_URL', '', 'The broker the relay publishes events to (amqp://...); or EVENTS_AMQP_URL_FILE'),
+    Setting('EVENTS_RETENTION', str(7 * 24 * 3600), 'Seconds delivered events are kept in dbapi_outbox'),
+    Setting('EVENTS_METRICS_PORT', '9108', "The port of the relay's own /metrics (0: none)"),
     Setting('POOL_SIZE', '4', 'Connections per database per worker'),
     Setting('POOL_TIMEOUT', '5', 'Seconds a request waits for a free connection (then 503)'),
     Setting('POOL_MAX_LIFETIME', '1800', 'Seconds a connection lives (less a random 0-10%)'),
@@ -168,6 +171,15 @@ def parse_tokens(environment: str, raw: Any) -> tuple[bytes, ...]:
             if len(token) < MIN_PRODUCTION_TOKEN_LENGTH:
                 raise ConfigError(f'BEARER has a token shorter than {MIN_PRODUCTION_TOKEN_LENGTH} characters')
     return tuple(encoded)
+
+
+def parse_amqp_url(raw: Any) -> str:
+    """EVENTS_AMQP_URL: empty (no relay in this deployment) or an amqp(s):// URL; the message
+    never repeats the URL, which may hold a password."""
+    url = str(raw or '').strip()
+    if url and (urlsplit(url).scheme not in {'amqp', 'amqps'} or not urlsplit(url).hostname):
+        raise ConfigError('EVENTS_AMQP_URL is not an amqp:// or amqps:// URL with a host')
+    return url
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,6 +463,9 @@ class Config:
     openapi_servers: tuple[str, ...]
     metrics: bool
     migrate_on_start: bool
+    events_amqp_url: str = field(repr=False)  # may hold a password
+    events_retention: float
+    events_metrics_port: int
     log: LogSettings
     server: ServerSettings
 
@@ -528,6 +543,9 @@ def load(
         openapi_servers=parse_servers(get('OPENAPI_SERVERS')),
         metrics=parse_flag(get('METRICS')),
         migrate_on_start=parse_flag(get('MIGRATE_ON_START')),
+        events_amqp_url=parse_amqp_url(secret(raw, 'EVENTS_AMQP_URL')),
+        events_retention=parse_float('EVENTS_RETENTION', get('EVENTS_RETENTION'), minimum=1.0, inclusive=True),
+        events_metrics_port=parse_int('EVENTS_METRICS_PORT', get('EVENTS_METRICS_PORT')),
         log=parse_logging(raw, env, log_overrides),
         server=parse_server(raw),
     )

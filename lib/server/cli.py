@@ -7,6 +7,8 @@
     flask --app app new-migration MODULE NAME the next numbered migration file of MODULE (or dbapi)
     flask --app app openapi                   the OpenAPI document, as GET /openapi.json serves it
     flask --app app new-token NAME            a new token for caller NAME, and its line for CALLERS_FILE
+    flask --app app events [--json]           every declared event: its type, module and data's fields
+    flask --app app relay [--database]        deliver the outbox's committed events to RabbitMQ (lib/events)
 
 Everything `actions` shows is read from the app's action registry (lib.contract.registry), the
 same records that serve requests, so the listing cannot drift from what is served.
@@ -33,7 +35,7 @@ from marshmallow import Schema, fields
 from lib.auth.callers import CallersError, check_caller_name, token_digest
 from lib.contract.openapi import document
 from lib.contract.registry import RESERVED_MODULES, Action, Registry
-from lib.core.config import BASE_DIR, Config, ConfigError
+from lib.core.config import APP_ID, BASE_DIR, DEFAULT_DATABASE, Config, ConfigError
 from lib.db.migrations import (
     OWN_DIRECTORY,
     OWN_MODULE,
@@ -148,6 +150,69 @@ def actions_command(as_json: bool) -> None:
         click.echo(table(rows))
     else:
         click.echo('no actions: MODULES registers no module')
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+@click.command('events')
+@click.option('--json', 'as_json', is_flag=True, help='Print a JSON list instead of a table.')
+@with_appcontext
+def events_command(as_json: bool) -> None:
+    """List every event the modules declare: its type, module and data's fields.
+
+    What `emit` accepts and the relay publishes to the exchange dbapi.events (routing key = the
+    type); GET /asyncapi.json is the same list as an AsyncAPI document.
+    """
+    rows: list[dict[str, Any]] = [
+        {'type': event.type, 'module': event.module, 'fields': schema_fields(event.schema)}
+        for event in registry().events
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo('no events: no module declares any (module_blueprint(..., events=[...]))')
+        return
+    lines: list[tuple[str, str, str]] = [('TYPE', 'MODULE', 'FIELDS')]
+    lines += [(row['type'], row['module'], fields_text(row['fields'])) for row in rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(2)]
+    for line in lines:
+        click.echo(f'{line[0].ljust(widths[0])}  {line[1].ljust(widths[1])}  {line[2]}'.rstrip())
+
+
+@click.command('relay')
+@click.option('--database', default=DEFAULT_DATABASE, show_default=True, help='The database whose outbox to relay.')
+@click.option('--exchange', default='dbapi.events', show_default=True, help='The topic exchange to publish to.')
+@with_appcontext
+def relay_command(database: str, exchange: str) -> None:
+    """Deliver the committed events of the outbox to RabbitMQ, until SIGTERM.
+
+    Publishes each event to the durable topic exchange (routing key = its type) with publisher
+    confirms, as a CloudEvents JSON document; one or more relays may run (docs/events.md). The
+    broker is EVENTS_AMQP_URL; its counters are on EVENTS_METRICS_PORT (0: off).
+    """
+    from prometheus_client import start_http_server
+
+    from lib.events.metrics import RELAY_REGISTRY
+    from lib.events.relay import Relay
+
+    settings = config()
+    if not settings.events_amqp_url:
+        raise click.ClickException('EVENTS_AMQP_URL is not set: the relay needs the broker to publish to')
+    if database not in settings.databases:
+        raise click.ClickException(f'no database named {database!r} (known: {", ".join(settings.databases)})')
+    if database in settings.pgbouncer:
+        raise click.ClickException(
+            f'database {database!r} is reached through pgbouncer in transaction mode, where LISTEN cannot work:'
+            f' give the relay a direct connection ({database.upper()}_DB_HOST/_PORT of PostgreSQL itself)'
+        )
+    if settings.events_metrics_port:
+        start_http_server(settings.events_metrics_port, registry=RELAY_REGISTRY)
+    url, retention = settings.events_amqp_url, settings.events_retention
+    relay = Relay(dict(settings.databases[database].params), url, APP_ID, retention, exchange)
+    relay.install_signals()
+    relay.run()
 
 
 # --- new-module ----------------------------------------------------------------------------
@@ -428,6 +493,8 @@ def init_app(app: Flask) -> None:
         new_migration_command,
         openapi_command,
         new_token_command,
+        events_command,
+        relay_command,
     )
     for command in commands:
         app.cli.add_command(command)

@@ -1,6 +1,6 @@
 """The routes Flask serves for the infrastructure, outside the POST space and without a token:
-health (`/health/live`, `/health/ready`), the contract (`/openapi.json` and its page `/docs`,
-while API_DOCS is on) and `/metrics` (while METRICS is on).
+health (`/health/live`, `/health/ready`), the contracts (`/openapi.json` and its page `/docs`,
+and the events' `/asyncapi.json`, while API_DOCS is on) and `/metrics` (while METRICS is on).
 
 Readiness is the gate of a rolling update: a replica whose code needs a migration that its
 database has not recorded answers 503 naming it, so no request reaches code whose tables or
@@ -41,6 +41,7 @@ READY_TIMEOUT_SECONDS = 2.0
 STATES = ('ok', 'unavailable', 'migrations pending')
 OK, UNAVAILABLE, PENDING = STATES
 DOCUMENT_PATH = '/openapi.json'
+ASYNCAPI_PATH = '/asyncapi.json'
 PAGE_PATH = '/docs'
 # Swagger UI's options (its `config` object). No online validator badge: nothing leaves the page.
 PAGE_CONFIG = {
@@ -136,14 +137,20 @@ def not_ready(checks: Mapping[str, str], pending: Mapping[str, list[str]]) -> Ap
     return ApiError(503, 'database-unavailable', f'database {down} not answering')
 
 
-def docs_blueprints(app: Flask, document: bytes) -> None:
-    """GET /openapi.json (`document`, built once) and its page, GET /docs."""
+def docs_blueprints(app: Flask, document: bytes, events: bytes) -> None:
+    """GET /openapi.json (`document`, built once) and its page, GET /docs; GET /asyncapi.json
+    (`events`, the AsyncAPI document of the declared events)."""
     blueprint = Blueprint('openapi', __name__)
 
     @blueprint.get(DOCUMENT_PATH)
     def openapi_json() -> Response:
         """The OpenAPI document, built once when the app was made."""
         return Response(document, mimetype=JSON_MIMETYPE)
+
+    @blueprint.get(ASYNCAPI_PATH)
+    def asyncapi_json() -> Response:
+        """The AsyncAPI document of the declared events, built once when the app was made."""
+        return Response(events, mimetype=JSON_MIMETYPE)
 
     app.register_blueprint(blueprint)
     app.register_blueprint(get_swaggerui_blueprint(PAGE_PATH, DOCUMENT_PATH, config=PAGE_CONFIG, blueprint_name='docs'))
