@@ -89,6 +89,22 @@ def on_starting(server: Any) -> None:
     empty_metrics_dir()
 
 
+# What SIGHUP reloads: the project's own code (scripts/devloop.py sends it when a file changes).
+PROJECT_PACKAGES = frozenset({'app', 'settings', 'lib', 'modules'})
+
+
+def on_reload(server: Any) -> None:
+    """SIGHUP, before the new workers are forked: the master imported settings and lib for its
+    checks, and a forked worker would inherit those copies. Forgotten here, every new worker imports
+    the project's code as it is now (a module added to MODULES, a changed lib); the master keeps
+    the objects it already holds."""
+    import importlib
+
+    for name in [name for name in sys.modules if name.split('.')[0] in PROJECT_PACKAGES]:
+        del sys.modules[name]
+    importlib.invalidate_caches()  # a new module's directory is seen at once
+
+
 def post_worker_init(worker: Any) -> None:
     from lib.startup import announce_worker_ready
 

@@ -16,7 +16,13 @@ BASE_DIR = Path(__file__).resolve().parent
 
 APP_ID = 'dbapi'
 ENVIRONMENT = os.getenv('ENVIRONMENT', 'local')
+# Local only: where `scripts/serve.sh` serves from (its private PostgreSQL), written while it runs,
+# so `flask --app app ...` in another shell reaches the same database. Below the process
+# environment, above env/local/.env.
+LOCAL_DATABASE_RECORD = BASE_DIR / '.local' / 'database.env'
 
+if ENVIRONMENT == 'local':
+    load_dotenv(dotenv_path=LOCAL_DATABASE_RECORD, override=False)
 load_dotenv(dotenv_path=BASE_DIR / 'env' / ENVIRONMENT / '.env', override=False)
 
 
@@ -33,7 +39,6 @@ PROCESS_ID = os.getenv('PROCESS_ID', APP_ID)
 REPLICA_ID = os.getenv('REPLICA_ID', '')
 LOG_LEVEL = os.getenv('LOG_LEVEL', 'INFO').upper()
 LOG_DIR = os.getenv('LOG_DIR', str(BASE_DIR / 'logs'))
-LOG_PATH = os.getenv('LOG_PATH', os.path.join(LOG_DIR, f'{APP_ID}.log'))
 LOG_STDOUT = os.getenv('LOG_STDOUT', '0')
 LOG_MAX_BYTES = os.getenv('LOG_MAX_BYTES', str(50 * 1024 * 1024))
 LOG_BACKUP_COUNT = os.getenv('LOG_BACKUP_COUNT', '5')

@@ -29,7 +29,7 @@ from marshmallow import Schema, fields
 
 import settings
 from lib.actions import RESERVED_MODULES, Action, module_actions
-from lib.apply_sql import apply_sql
+from lib.apply_sql import apply_sql, schema_files
 from lib.callers import CallersError, check_caller_name, token_digest
 from lib.openapi import document
 
@@ -233,9 +233,10 @@ def new_module_command(name: str, root: Path) -> None:
         click.echo(f'settings.py: MODULES is not the expected list; add this line to it:\n    {entry!r},', err=True)
     else:
         click.echo(done)
-    click.echo(
-        f'next: flask --app app apply-sql, then pytest tests/test_module_{name}.py; the action is POST /{name}/add_item'
-    )
+    # The commands as typed at the project root; a running scripts/serve.sh serves the module within seconds.
+    click.echo('next: scripts/flask --app app apply-sql   (scripts/serve.sh does it for you while it runs)')
+    click.echo(f'      scripts/test.sh tests/test_module_{name}.py')
+    click.echo(f'      POST /{name}/add_item is the action')
 
 
 # --- apply-sql -----------------------------------------------------------------------------
@@ -247,6 +248,12 @@ def shown(path: Path) -> str:
 
 def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def sql_line(error: psycopg2.Error) -> str:
+    """`, line N` of the statement PostgreSQL points at (libpq's `LINE N:`), when it says."""
+    found = re.search(r'^LINE (\d+):', str(error), re.MULTILINE)
+    return f', line {found[1]}' if found else ''
 
 
 @click.command('apply-sql')
@@ -270,7 +277,8 @@ def apply_sql_command(database: str) -> None:
         try:
             applied = apply_sql(databases[database], [module], project=False)
         except psycopg2.Error as error:
-            raise click.ClickException(f'{module}: schema.sql not applied: {first_line(error)}') from None
+            [path] = schema_files([module])
+            raise click.ClickException(f'{shown(path)}{sql_line(error)}: not applied: {first_line(error)}') from None
         for path in applied:
             click.echo(f'applied {shown(path)}')
 

@@ -390,7 +390,7 @@ def test_apply_sql_names_the_module_whose_file_fails_and_keeps_nothing_of_it(fre
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
     assert lines[:2] == ['applied lib/idempotency.sql', 'applied modules/example/schema.sql']
-    assert lines[2].startswith('Error: broken_schema: schema.sql not applied: syntax error at or near "CREAT"')
+    assert lines[2].startswith(f'Error: {package}/schema.sql, line 2: not applied: syntax error at or near "CREAT"')
     assert len(lines) == 3
     assert 'users' in tables(params)
     assert 'half_done' not in tables(params)

@@ -1,4 +1,4 @@
--- The table the example module needs; applied by `python -m lib.apply_sql`.
+-- The table the example module needs; applied by `flask --app app apply-sql`.
 CREATE TABLE IF NOT EXISTS users (
     email varchar(256) NOT NULL,
     name varchar(256) UNIQUE NOT NULL
