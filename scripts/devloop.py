@@ -9,9 +9,10 @@ process, on the files as they are now: the app is built (every module imported, 
 checked), then `flask --app app apply-sql` applies dbapi's own SQL and every module's
 schema.sql. Only when both pass does it send SIGHUP to the master, which starts new workers on
 the new code and retires the old ones once they have answered what they hold (gunicorn.conf.py's
-`on_reload` makes the master forget the project's modules, so each new worker imports them
-afresh). When either fails it prints one line naming the file and the error, and the workers
-already running keep serving the code they loaded.
+`on_reload` imports the project's code in the master, once, and every new worker inherits it:
+a file saved broken while the workers boot cannot stop the server). When either fails it prints
+one line naming the file and the error, and the workers already running keep serving the code
+they loaded.
 
 Why not gunicorn's own --reload: a worker watches only the files it has imported (a new module
 is not one, and the master's copy of settings.py never changes), a syntax error is served as a
