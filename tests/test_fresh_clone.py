@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from subprocess import PIPE, STDOUT
 
 import psutil
 import psycopg2
@@ -101,6 +102,7 @@ def test_readme_first_command_serves_from_a_fresh_clone_and_its_dev_loop_runs() 
     clone = Path(tempfile.mkdtemp(prefix='dbapi-fresh-clone-')).resolve()
     pgdata = clone / '.local' / 'pgdata'
     served = None
+    dev_install = None
     try:
         subprocess.run(['git', 'clone', '--quiet', str(ROOT), str(clone)], check=True, capture_output=True, timeout=120)
         readme = (clone / 'README.md').read_text(encoding='utf-8')
@@ -132,6 +134,12 @@ def test_readme_first_command_serves_from_a_fresh_clone_and_its_dev_loop_runs() 
         wait_for(f'a 200 from {name}', lambda: run_curl(call)[0] == '200', served, SERVED_WITHIN_SECONDS)
         assert gunicorn_master(served) == master, 'gunicorn was restarted'
         assert f'serve.sh: applied modules/{name}/schema.sql' in served.output()
+        # The module's test, last, starts by installing requirements-dev.txt into the new .venv
+        # (scripts/test.sh runs scripts/bootstrap.sh): the same install, started now, runs beside
+        # the steps below that wait on serve.sh, and scripts/test.sh then finds it done.
+        dev_install = subprocess.Popen(
+            ['scripts/bootstrap.sh', 'requirements-dev.txt'], cwd=clone, env=user_env(), stdout=PIPE, stderr=STDOUT
+        )
 
         # A broken file: one line naming it, and the code from before keeps serving.
         for path, broken, named in (
@@ -174,6 +182,8 @@ def test_readme_first_command_serves_from_a_fresh_clone_and_its_dev_loop_runs() 
         assert run_curl(call)[0] == '200', served.output()
 
         # The module's test, with the command the scaffold printed.
+        installed, _ = dev_install.communicate(timeout=DEV_TEST_TIMEOUT_SECONDS)
+        assert dev_install.returncode == 0, installed.decode(errors='replace')[-3000:]
         done = run_in(clone, module_test, timeout=DEV_TEST_TIMEOUT_SECONDS)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert re.search(r'\b4 passed\b', done.stdout), done.stdout[-3000:]
@@ -186,6 +196,9 @@ def test_readme_first_command_serves_from_a_fresh_clone_and_its_dev_loop_runs() 
         assert not (clone / '.local' / 'database.env').exists(), 'the record outlived the server'
         assert 'Traceback' not in served.output(), served.output()  # gunicorn drained: no worker cut short
     finally:
+        if dev_install is not None and dev_install.poll() is None:
+            dev_install.kill()
+            dev_install.wait()
         if served is not None:
             served.kill()
             shutil.rmtree(served.stdout.parent, ignore_errors=True)
