@@ -34,8 +34,10 @@ from typing import Any
 import psycopg2
 import pytest
 import requests
+from click.testing import CliRunner
 
 import lib
+from lib.cli import new_module_command
 from tests.conftest import AUTH, LEDGER, query, schema_database
 from tests.service import Service, running_service
 
@@ -250,6 +252,19 @@ def test_the_retrying_client_writes_once_and_answers_what_was_stored(
         conn.close()
     assert rows == [('docs',)]
     assert keys == [(200,), (409,)]  # each write's answer stored under its own key
+
+
+# --- what the scaffold prints -------------------------------------------------------------
+
+
+def test_the_testing_page_shows_what_new_module_prints(tmp_path: Path) -> None:
+    for folder in ('modules', 'tests'):
+        (tmp_path / folder).mkdir()
+    result = CliRunner().invoke(new_module_command, ['orders', '--root', str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    printed = result.stdout[result.stdout.index('next:') :]
+    [shown] = [b.code for b in blocks(ROOT / 'docs' / 'testing-modules.md') if b.code.startswith('next:')]
+    assert shown == printed
 
 
 # --- the configuration table: every setting, and only settings -----------------------------
