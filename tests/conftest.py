@@ -44,14 +44,14 @@ def served_pg(record: Path) -> dict[str, Any] | None:
     return {'host': host, 'port': int(port), 'user': values.get('DEFAULT_DB_USER') or 'postgres'}
 
 
-def pg_server(record: Path = SERVE_RECORD) -> dict[str, Any]:
+def pg_server(record: Path = SERVE_RECORD, default: dict[str, Any] = DEFAULT_PG) -> dict[str, Any]:
     """Where the tests create their databases: TEST_PG_HOST, _PORT, _USER when any is set; else
     127.0.0.1:5432 when it answers; else the private PostgreSQL of a running scripts/serve.sh
     (a new checkout's `scripts/test.sh tests/test_module_x.py` with nothing else installed)."""
     chosen = {
-        'host': os.getenv('TEST_PG_HOST', DEFAULT_PG['host']),
-        'port': int(os.getenv('TEST_PG_PORT', str(DEFAULT_PG['port']))),
-        'user': os.getenv('TEST_PG_USER', DEFAULT_PG['user']),
+        'host': os.getenv('TEST_PG_HOST', default['host']),
+        'port': int(os.getenv('TEST_PG_PORT', str(default['port']))),
+        'user': os.getenv('TEST_PG_USER', default['user']),
     }
     if any(os.getenv(f'TEST_PG_{name}') for name in ('HOST', 'PORT', 'USER')):
         return chosen
