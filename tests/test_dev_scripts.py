@@ -4,7 +4,6 @@ one a running scripts/serve.sh recorded). serve.sh's reloads run in tests/test_f
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -13,21 +12,13 @@ import pytest
 
 from tests.conftest import pg_server
 from tests.private_pg import free_port
-from tests.test_serve import ROOT, user_env
+from tests.test_serve import ROOT, assert_help_runs_nothing, user_env
 
 TEST_SH = 'scripts/test.sh'
 
 
 def test_test_sh_help_prints_usage_and_runs_nothing(tmp_path: Path) -> None:
-    (tmp_path / 'scripts').mkdir()
-    shutil.copy(ROOT / TEST_SH, tmp_path / TEST_SH)  # alone: any step it tried would fail or leave a trace
-    for flag in ('--help', '-h'):
-        done = subprocess.run([TEST_SH, flag], cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=30)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith('Usage: scripts/test.sh'), done.stdout
-        assert 'scripts/test.sh tests/test_module_orders.py' in done.stdout
-        assert done.stderr == ''
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == ['scripts', TEST_SH]
+    assert_help_runs_nothing(TEST_SH, tmp_path, ('scripts/test.sh tests/test_module_orders.py', '-k', 'TEST_PG_HOST'))
 
 
 def test_test_sh_with_a_file_runs_that_file_and_no_linter() -> None:

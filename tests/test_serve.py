@@ -180,17 +180,22 @@ def kept_record() -> Iterator[Path]:
         record.write_bytes(before)
 
 
-def test_help_prints_usage_and_starts_nothing(tmp_path: Path) -> None:
-    (tmp_path / 'scripts').mkdir()
-    shutil.copy(ROOT / SERVE, tmp_path / SERVE)  # alone: any step it tried would fail or leave a trace
+def assert_help_runs_nothing(script: str, directory: Path, names: tuple[str, ...]) -> None:
+    """`script --help` and `-h` print its usage, naming each of `names`, and do nothing else."""
+    (directory / 'scripts').mkdir()
+    shutil.copy(ROOT / script, directory / script)  # alone: any step it tried would fail or leave a trace
     for flag in ('--help', '-h'):
-        done = subprocess.run([SERVE, flag], cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=30)
+        done = subprocess.run([script, flag], cwd=directory, env=user_env(), capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith('Usage: scripts/serve.sh'), done.stdout
-        for name in USAGE_NAMES:
+        assert done.stdout.startswith(f'Usage: {script}'), done.stdout
+        for name in names:
             assert name in done.stdout, name
         assert done.stderr == ''
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == ['scripts', SERVE]
+    assert sorted(str(p.relative_to(directory)) for p in directory.rglob('*')) == ['scripts', script]
+
+
+def test_help_prints_usage_and_starts_nothing(tmp_path: Path) -> None:
+    assert_help_runs_nothing(SERVE, tmp_path, USAGE_NAMES)
 
 
 def test_an_unknown_argument_is_refused_with_one_line(tmp_path: Path) -> None:
