@@ -475,12 +475,23 @@ class Config:
         return {name: db.pgbouncer for name, db in self.databases.items() if db.pgbouncer is not None}
 
 
+# Local only: where `scripts/serve.sh` serves from (its private PostgreSQL), written while it runs,
+# so `flask --app app ...` in another shell of the checkout reaches the same database.
+LOCAL_DATABASE_RECORD = Path('.local') / 'database.env'
+
+
 def environment(base_dir: Path = BASE_DIR, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The process environment over `env/<ENVIRONMENT>/.env`: what every setting is read from."""
+    """The process environment over `env/<ENVIRONMENT>/.env` (and, in local mode, over serve.sh's
+    record of its private database): what every setting is read from."""
     process = dict(os.environ if environ is None else environ)
     name = process.get('ENVIRONMENT') or 'local'
-    from_file = {k: v for k, v in dotenv_values(base_dir / 'env' / name / '.env').items() if v is not None}
-    return {**from_file, **process, 'ENVIRONMENT': name}
+    files = [base_dir / 'env' / name / '.env']
+    if name == 'local':
+        files.append(base_dir / LOCAL_DATABASE_RECORD)
+    merged: dict[str, str] = {}
+    for path in files:
+        merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    return {**merged, **process, 'ENVIRONMENT': name}
 
 
 def extra_modules(raw: Mapping[str, Any]) -> list[str]:

@@ -330,9 +330,10 @@ def new_module_command(name: str, root: Path) -> None:
         click.echo(f'settings.py: MODULES is not the expected list; add this line to it:\n    {entry!r},', err=True)
     else:
         click.echo(done)
-    click.echo(
-        f'next: flask --app app migrate, then pytest tests/test_module_{name}.py; the action is POST /{name}/add_item'
-    )
+    # The commands as typed at the project root; a running scripts/serve.sh serves the module within seconds.
+    click.echo('next: scripts/flask --app app migrate   (scripts/serve.sh does it for you while it runs)')
+    click.echo(f'      scripts/test.sh tests/test_module_{name}.py')
+    click.echo(f'      POST /{name}/add_item is the action')
 
 
 # --- migrate -------------------------------------------------------------------------------
