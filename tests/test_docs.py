@@ -19,6 +19,8 @@ errexit and pipefail, at the repository root.
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -26,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import PIPE
@@ -35,9 +38,10 @@ import psycopg2
 import pytest
 import requests
 from click.testing import CliRunner
-from lib.cli import new_module_command
 
 import lib
+from lib.core import config
+from lib.server.cli import new_module_command
 from tests.conftest import AUTH, LEDGER, query, schema_database
 from tests.service import Service, running_service
 
@@ -141,8 +145,70 @@ def test_every_excerpt_says_why() -> None:
 
 def test_the_site_shows_every_file_of_the_example_module() -> None:
     shown = sorted(marker_arg(b) for b in marked('file') if b.page.name == 'writing-modules.md')
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / 'modules' / 'example').iterdir() if p.is_file())
+    files = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / 'modules' / 'example').rglob('*')
+        if p.is_file() and '__pycache__' not in p.parts
+    )
+    assert 'modules/example/migrations/0001_initial.sql' in files
     assert shown == files
+
+
+# --- what the pages name ------------------------------------------------------------------
+
+HISTORY = 'performance.md'  # the measurement history names the engine's files as they were then
+LIB_PATH = re.compile(r'(?<![\w/.-])(lib/[\w/]+\.(?:py|sql))')
+LIB_NAME = re.compile(r'(?<![\w/.-])(lib(?:\.[a-z_]+)+)')
+GONE = re.compile(r'apply-sql|apply_sql|schema\.sql')  # migrations replaced them (issue 31)
+ADOPTING = '## Adopting a database built by `schema.sql`'  # docs/migrations.md: how to leave them
+
+
+def current_pages() -> list[Path]:
+    return [page for page in PAGES if page.name != HISTORY]
+
+
+def test_the_pages_name_the_engine_s_files_where_they_are_now() -> None:
+    """`lib/x.py` exists and is not a 0.1 path kept for one release (lib/_deprecated.py)."""
+    for page in current_pages():
+        for path in LIB_PATH.findall(page.read_text(encoding='utf-8')):
+            assert (ROOT / path).is_file(), f'{page.name} names {path}, which does not exist'
+            assert 'lib._deprecated' not in (ROOT / path).read_text(encoding='utf-8'), f'{page.name}: {path} moved'
+
+
+def longest_module(parts: list[str]) -> int:
+    """How many of the dotted `parts` name a module (`lib.db.connections.savepoint`: 3)."""
+    for count in range(len(parts), 0, -1):
+        try:
+            if importlib.util.find_spec('.'.join(parts[:count])) is not None:
+                return count
+        except ModuleNotFoundError:  # a name inside a module, not a package
+            continue
+    raise AssertionError(f'{".".join(parts)} names no module')
+
+
+def test_the_pages_name_modules_and_names_of_lib_that_exist() -> None:
+    for page in current_pages():
+        for dotted in set(LIB_NAME.findall(page.read_text(encoding='utf-8'))):
+            parts = dotted.split('.')
+            found = longest_module(parts)
+            with warnings.catch_warnings():  # the 0.1 paths the architecture page names warn when imported
+                warnings.simplefilter('ignore', DeprecationWarning)
+                obj: Any = importlib.import_module('.'.join(parts[:found]))
+            for attribute in parts[found:]:
+                assert hasattr(obj, attribute), f'{page.name} names {dotted}, which does not exist'
+                obj = getattr(obj, attribute)
+
+
+def test_one_way_to_apply_sql_the_migrations() -> None:
+    """apply-sql and schema.sql are gone: only docs/migrations.md names them, to say how to leave them."""
+    for page in current_pages():
+        text = page.read_text(encoding='utf-8')
+        for block in blocks(page):  # a file shown whole or in part is the code's, checked equal to it
+            if MARKER.match(block.marker) and block.marker.startswith(('<!-- file:', '<!-- from:')):
+                text = text.replace(block.code, '')
+        if page.name == 'migrations.md':
+            text = text[: text.index(ADOPTING)]
+        assert GONE.findall(text) == [], f'{page.relative_to(ROOT)} still names {GONE.findall(text)}'
 
 
 # --- running the runnable blocks -----------------------------------------------------------
@@ -269,44 +335,91 @@ def test_the_testing_page_shows_what_new_module_prints(tmp_path: Path) -> None:
 
 # --- the configuration table: every setting, and only settings -----------------------------
 
-SETTING_READ = re.compile(r"""(?:os\.getenv|os\.environ\.get|_secret)\(\s*'([A-Z][A-Z0-9_]*)'""")
-DATABASE_READ = re.compile(r"""f'\{prefix\}(_DB_[A-Z0-9_]+)'""")
+# One database's setting, as the docs spell it (`DEFAULT_DB_HOST`, `<NAME>_DB_HOST`) and as the
+# recording below meets it (`OTHER_DB_HOST`, a second database): one setting of every database.
+DATABASE_SETTING = re.compile(r'^(?:DEFAULT|OTHER|<NAME>)_DB_')
+DOCUMENTED_NAME = re.compile(r'`((?:<NAME>|[A-Z])[A-Z0-9_]*)`')
+# A variable read anywhere but lib.core.config.load() (which the recording covers); not a write.
+DIRECT_READ = re.compile(
+    r"""(?:os\.getenv|os\.environ\.get)\(\s*'([A-Z][A-Z0-9_]*)'|os\.environ\[\s*'([A-Z][A-Z0-9_]*)'\s*\](?!\s*=[^=])"""
+)
 
 
-def settings_read() -> set[str]:
-    """Every variable the service reads: settings.py, gunicorn.conf.py and lib (the master's checks)."""
-    names: set[str] = set()
-    settings_text = (ROOT / 'settings.py').read_text(encoding='utf-8')
-    names |= set(SETTING_READ.findall(settings_text))
-    names |= {f'DEFAULT{suffix}' for suffix in DATABASE_READ.findall(settings_text)}
-    for prefixed, name in re.findall(r"_secret\(\s*f?'(\{prefix\})?([A-Z0-9_]+)'", settings_text):
-        names.add(f'{"DEFAULT" if prefixed else ""}{name}_FILE')  # the Docker-secret form
-    for path in [ROOT / 'gunicorn.conf.py', *sorted((ROOT / 'lib').rglob('*.py'))]:
-        names |= set(SETTING_READ.findall(path.read_text(encoding='utf-8')))
-    return names
+def as_setting(name: str) -> str:
+    return DATABASE_SETTING.sub('<NAME>_DB_', name)
+
+
+class Recording(dict[str, Any]):
+    """The environment `load()` reads from, noting every name it asks for."""
+
+    asked: set[str]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+
+def read_by_load(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Every name `lib.core.config.load()` asks the environment for, with two databases
+    configured, in the spelling of the docs."""
+    recording = Recording()
+    recording.asked = set()
+    real = config.environment
+
+    def environment(*args: Any, **kwargs: Any) -> dict[str, str]:
+        recording.update(real(*args, **kwargs))
+        return recording
+
+    monkeypatch.setattr(config, 'environment', environment)
+    environ = {'ENVIRONMENT': 'testing', 'DEFAULT_DB_NAME': 'docs', 'OTHER_DB_NAME': 'other', 'BEARER': 'testing-token'}
+    loaded = config.load(environ=environ)
+    assert set(loaded.databases) == {'default', 'other'}
+    return {as_setting(name) for name in recording.asked}
+
+
+def read_directly() -> set[str]:
+    """Variables read from the process environment outside the configuration object."""
+    paths = [ROOT / 'app.py', ROOT / 'settings.py', ROOT / 'gunicorn.conf.py', *sorted((ROOT / 'lib').rglob('*.py'))]
+    found = (DIRECT_READ.findall(path.read_text(encoding='utf-8')) for path in paths)
+    return {call or item for matches in found for call, item in matches}
 
 
 def documented(page: Path) -> set[str]:
-    """The names in the first column of the page's settings table(s)."""
+    """The names in the first column of the page's settings tables, as settings."""
     names = set()
     for line in page.read_text(encoding='utf-8').splitlines():
         cells = line.split('|')
         if len(cells) > 3 and cells[1].strip().startswith('`'):
-            names |= set(re.findall(r'`([A-Z][A-Z0-9_]*)`', cells[1]))
+            names |= {as_setting(name) for name in DOCUMENTED_NAME.findall(cells[1])}
     return names
 
 
-def test_the_configuration_page_documents_every_setting_and_only_settings() -> None:
-    read = settings_read()
-    assert {'BEARER_FILE', 'DEFAULT_DB_PASS_FILE', 'DEFAULT_DB_HOST', 'API_REPLICAS', 'BIND'} <= read
+def every_setting(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """SETTINGS, checked against what the code reads, with the `_FILE` form of each secret."""
+    listed = {setting.name for setting in config.SETTINGS}
+    read = read_by_load(monkeypatch)
+    secrets = {name for name in read if name.endswith('_FILE') and name.removesuffix('_FILE') in listed}
+    assert sorted(read - secrets - listed) == [], 'read by load(), not in SETTINGS'
+    assert sorted(listed - read) == [], 'in SETTINGS, read by nothing'
+    assert sorted(read_directly() - listed) == [], 'read from the environment outside load(), not in SETTINGS'
+    return listed | secrets
+
+
+def test_the_configuration_page_documents_every_setting_and_only_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = every_setting(monkeypatch)
+    assert {'BEARER_FILE', '<NAME>_DB_PASS_FILE', 'EVENTS_AMQP_URL_FILE', '<NAME>_DB_HOST', 'BIND'} <= settings
     shown = documented(ROOT / 'docs' / 'configuration.md')
-    assert sorted(read - shown) == [], 'read by the code, not on docs/configuration.md'
-    assert sorted(shown - read) == [], 'on docs/configuration.md, read by nothing'
+    assert sorted(settings - shown) == [], 'a setting of the code, not on docs/configuration.md'
+    assert sorted(shown - settings) == [], 'on docs/configuration.md, not a setting of the code'
 
 
 def test_the_readme_configuration_table_is_a_part_of_the_full_one() -> None:
     readme = documented(ROOT / 'README.md')
-    assert {'ENVIRONMENT', 'BEARER', 'DEFAULT_DB_HOST', 'WEB_CONCURRENCY'} <= readme
+    assert {'ENVIRONMENT', 'BEARER', '<NAME>_DB_HOST', 'WEB_CONCURRENCY'} <= readme
     assert sorted(readme - documented(ROOT / 'docs' / 'configuration.md')) == []
 
 

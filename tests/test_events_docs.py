@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / 'docs' / 'events.md').read_text(encoding='utf-8')
 
 
+CONSUMER = '<!-- run by tests/test_events_docs.py -->'  # the marker before the consumer's block
+
+
 def consumer_code() -> str:
     section = DOC[DOC.index('## Consuming events') :]
-    start = section.index('```python\n') + len('```python\n')
+    start = section.index(f'{CONSUMER}\n```python\n') + len(f'{CONSUMER}\n```python\n')
     return section[start : section.index('```', start)]
 
 

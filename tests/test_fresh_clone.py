@@ -1,9 +1,10 @@
 """The README as a new user follows it, in a fresh `git clone` of this repository with nothing
 prepared (no .venv, no .local, no logs, no DEFAULT_DB_* anywhere): its first command serves, then
 its dev-loop block, run as written from a second shell while serve.sh runs: a module scaffolded
-by the CLI is served without a restart, a broken file is named while the old code keeps serving,
-the CLI's SQL command reaches serve.sh's private PostgreSQL, and the module's test passes with the
-command the scaffold printed.
+by the CLI is served without a restart (serve.sh applies its first migration), a broken Python
+file and a broken migration are named while the old code keeps serving, a migration written with
+`new-migration` is applied on save, `migrate --status` from the second shell reads serve.sh's
+private PostgreSQL, and the module's test passes with the command the scaffold printed.
 
 The clone holds only what is committed, as CI's checkout does. pip's cache is reused (the
 environment's PIP_* settings are kept), so the new .venv costs what a user's second clone would.
@@ -29,7 +30,6 @@ import psutil
 import psycopg2
 import pytest
 from dotenv import dotenv_values
-from psycopg2 import sql
 
 from tests.test_serve import (
     ADA,
@@ -52,6 +52,8 @@ DEV_TEST_TIMEOUT_SECONDS = 180  # pip checks requirements-dev.txt, then pytest r
 SHELL_FENCE = re.compile(r'^```(sh|bash|shell|console)?\s*$')
 DEV_LOOP = '<!-- run by tests/test_fresh_clone.py -->'  # the README's dev-loop block, run here
 README_URL = 'http://127.0.0.1:8000'
+CLI = ['scripts/flask', '--app', 'app']
+MIGRATE = [*CLI, 'migrate']  # the one way SQL is applied; serve.sh runs it on every change
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(START_TIMEOUT_SECONDS + DEV_TEST_TIMEOUT_SECONDS + 180)]
 
@@ -95,6 +97,30 @@ def gunicorn_master(served: Served) -> int:
     return master
 
 
+def edit_and_wait(served: Served, path: Path, text: str, named: str = '', error: str = '') -> None:
+    """Save `path` as `text`, then wait for the watcher's verdict: with `named`, its one line
+    `serve.sh: not reloaded: <named>...` (holding `error`) while the code from before serves;
+    without, the workers reloaded on the file."""
+    reloads = served.output().count('reloading the workers')
+    refusals = served.stderr.read_text().count('serve.sh: not reloaded: ')
+    path.write_text(text, encoding='utf-8')
+    if not named:
+        wait_for(
+            f'the reload of {path.name}',
+            lambda: served.output().count('reloading the workers') > reloads,
+            served,
+            RELOAD_TIMEOUT_SECONDS,
+        )
+        return
+    wait_for(f'the error naming {named}', lambda: named in served.stderr.read_text(), served, RELOAD_TIMEOUT_SECONDS)
+    lines = served.stderr.read_text().splitlines()
+    [line] = [line for line in lines if named in line]
+    assert line.startswith(f'serve.sh: not reloaded: {named}') and line.endswith('from before)'), line
+    assert error in line, line
+    assert served.output().count('reloading the workers') == reloads, 'reloaded on a broken file'
+    assert served.stderr.read_text().count('serve.sh: not reloaded: ') > refusals
+
+
 def run_in(clone: Path, words: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """A command typed in a second shell of the clone: the user's environment, nothing set."""
     return subprocess.run(words, cwd=clone, env=user_env(), capture_output=True, text=True, timeout=timeout)
@@ -128,11 +154,11 @@ def test_readme_first_command_serves_from_a_fresh_clone_and_its_dev_loop_runs() 
         readme = (clone / 'README.md').read_text(encoding='utf-8')
         command = readme_first_command(readme)
         assert command == FIRST_COMMAND, f'the README starts with {command!r} now: run that here instead'
-        serve, scaffold, call, apply_sql, module_test = readme_dev_loop(readme)
+        serve, scaffold, call, migrate_status, module_test = readme_dev_loop(readme)
         assert serve == [FIRST_COMMAND]
         assert scaffold[:4] == ['scripts/flask', '--app', 'app', 'new-module'], scaffold
         assert call[0] == 'curl' and README_URL in ' '.join(call), call
-        assert apply_sql == ['scripts/flask', '--app', 'app', 'apply-sql'], apply_sql
+        assert migrate_status == [*MIGRATE, '--status'], migrate_status
         for fresh in ('.venv', '.local', 'logs'):
             assert not (clone / fresh).exists(), fresh
         port = free_port()
@@ -149,34 +175,39 @@ def test_readme_first_command_serves_from_a_fresh_clone_and_its_dev_loop_runs() 
         assert done.returncode == 0, done.stdout + done.stderr
         printed = [line.removeprefix('next:').strip() for line in done.stdout.splitlines()]
         assert shlex.join(module_test) in printed, done.stdout  # the README runs what it printed
-        assert any(line.startswith(shlex.join(apply_sql)) for line in printed), done.stdout
+        assert any(line.startswith(shlex.join(MIGRATE)) for line in printed), done.stdout
         call = [word.replace(README_URL, f'http://127.0.0.1:{port}') for word in call]
         wait_for(f'a 200 from {name}', lambda: run_curl(call)[0] == '200', served, SERVED_WITHIN_SECONDS)
         assert gunicorn_master(served) == master, 'gunicorn was restarted'
-        assert f'serve.sh: applied modules/{name}/schema.sql' in served.output()
+        assert re.search(rf'^serve\.sh: default: applied {name} 0001_initial in \d+ ms$', served.output(), re.M)
 
-        # A broken file: one line naming it, and the code from before keeps serving.
-        for path, broken, named in (
-            (f'modules/{name}/actions.py', 'def broken(:\n', f'modules/{name}/actions.py, line '),
-            (f'modules/{name}/schema.sql', 'CREAT TABLE oops ();\n', f'modules/{name}/schema.sql, line '),
-        ):
-            good = (clone / path).read_text(encoding='utf-8')
-            reloads = served.output().count('reloading the workers')
-            (clone / path).write_text(good + broken, encoding='utf-8')
-            wait_for(f'the error naming {path}', lambda named=named: named in served.stderr.read_text(), served, 60)
-            [line] = [line for line in served.stderr.read_text().splitlines() if named in line]
-            assert line.startswith(f'serve.sh: not reloaded: {named}') and line.endswith('from before)'), line
-            assert run_curl(call)[0] == '200', served.output()
-            (clone / path).write_text(good, encoding='utf-8')
-            wait_for(
-                'the reload of the fixed file',
-                lambda reloads=reloads: served.output().count('reloading the workers') > reloads,
-                served,
-                RELOAD_TIMEOUT_SECONDS,
-            )
+        # A broken Python file: one line naming it, and the code from before keeps serving.
+        path = f'modules/{name}/actions.py'
+        good = (clone / path).read_text(encoding='utf-8')
+        edit_and_wait(served, clone / path, good + 'def broken(:\n', f'{path}, line ', 'SyntaxError')
+        assert run_curl(call)[0] == '200', served.output()
+        edit_and_wait(served, clone / path, good)
+
+        # A migration, as the README says: new-migration in shell 2 writes the next file, which
+        # holds only comments (refused, nothing applied); saved broken, it is named with
+        # PostgreSQL's message and nothing of it is applied; saved right, it is applied and served.
+        done = run_in(clone, [*CLI, 'new-migration', name, 'add_note'], timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        path = f'modules/{name}/migrations/0002_add_note.sql'
+        assert done.stdout.startswith(f'created {path}'), done.stdout
+        empty = f'serve.sh: not reloaded: {path} holds no SQL statement'
+        wait_for('the refusal of the migration without SQL', lambda: empty in served.stderr.read_text(), served, 60)
+        header = (clone / path).read_text(encoding='utf-8')
+        broken = f'ALTR TABLE {name}_items ADD COLUMN note text;\n'
+        edit_and_wait(served, clone / path, header + broken, f'{path} line 4: syntax error at or near "ALTR"', '')
+        assert run_curl(call)[0] == '200', served.output()
+        fixed = f"ALTER TABLE {name}_items ADD COLUMN note text NOT NULL DEFAULT '';\n"
+        edit_and_wait(served, clone / path, header + fixed)
+        assert re.search(rf'^serve\.sh: default: applied {name} 0002_add_note in \d+ ms$', served.output(), re.M)
         assert gunicorn_master(served) == master, 'gunicorn was restarted'
 
-        # The CLI's SQL command, from a second process, reaches serve.sh's private PostgreSQL.
+        # The README's migrate --status, from a second process, reads serve.sh's private
+        # PostgreSQL: the rows it shows are the ones there, written by serve.sh's own runs.
         record = dotenv_values(clone / '.local' / 'database.env')
         private = dict(host=record['DEFAULT_DB_HOST'], port=record['DEFAULT_DB_PORT'], user='postgres')
         assert private['host'] == str(pgdata), record
@@ -184,15 +215,24 @@ def test_readme_first_command_serves_from_a_fresh_clone_and_its_dev_loop_runs() 
         conn.autocommit = True
         try:
             with conn.cursor() as cursor:
-                cursor.execute(sql.SQL('DROP TABLE {}').format(sql.Identifier(f'{name}_items')))
-            done = run_in(clone, apply_sql, timeout=120)
-            assert done.returncode == 0, done.stdout + done.stderr
-            assert f'applied modules/{name}/schema.sql' in done.stdout.splitlines()
-            with conn.cursor() as cursor:
-                cursor.execute('SELECT to_regclass(%s) IS NOT NULL', [f'{name}_items'])
-                assert cursor.fetchone() == (True,)
+                cursor.execute(
+                    'SELECT version, applied_by FROM dbapi_migrations WHERE module = %s ORDER BY version', [name]
+                )
+                applied = cursor.fetchall()
+                cursor.execute(
+                    'SELECT column_name FROM information_schema.columns WHERE table_name = %s AND column_name = %s',
+                    [f'{name}_items', 'note'],
+                )
+                assert cursor.fetchall() == [('note',)]  # 0002_add_note, applied by serve.sh's watcher
         finally:
             conn.close()
+        assert [version for version, _ in applied] == [1, 2], applied
+        done = run_in(clone, migrate_status, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        for (_, applied_by), stem in zip(applied, ('0001_initial', '0002_add_note'), strict=True):
+            [row] = [line for line in done.stdout.splitlines() if f' {name} {stem} ' in line]
+            assert re.search(rf'^default +{name} {stem} +applied .* by {re.escape(applied_by)}$', row), row
+        assert 'pending' not in done.stdout, done.stdout
         assert run_curl(call)[0] == '200', served.output()
 
         # The module's test, with the command the scaffold printed.

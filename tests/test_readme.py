@@ -38,5 +38,5 @@ def test_every_link_of_the_readme_reaches_a_file() -> None:
 
 
 def test_one_way_to_apply_sql_and_to_run_the_cli() -> None:
-    assert 'lib.apply_sql' not in README
+    assert re.findall(r'apply-sql|apply_sql|schema\.sql', README) == [], 'flask --app app migrate applies SQL'
     assert re.findall(r'(?<![/\w])flask --app', README) == [], 'the CLI is scripts/flask'
