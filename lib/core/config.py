@@ -257,7 +257,7 @@ class Database:
 DATABASE_KEYS = {
     'NAME': 'dbname',
     'USER': 'user',
-    'PASS': 'password',
+    'PASS': 'password',  # nosec B105 - libpq's parameter name, not a password
     'HOST': 'host',
     'PORT': 'port',
     'PGBOUNCER': 'pgbouncer',
