@@ -24,7 +24,8 @@ COPY env ./env
 USER dbapi
 EXPOSE 8000
 VOLUME ["/src/logs"]
-# Ready = every configured database answers SELECT 1 (GET /health/ready, 503 otherwise).
+# Ready = every configured database answers and has recorded the migrations this code needs
+# (GET /health/ready, 503 otherwise).
 HEALTHCHECK --interval=10s --timeout=4s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=3).status != 200)"]
 # start.sh execs gunicorn: SIGTERM reaches its master, which drains in-flight requests.

@@ -12,15 +12,19 @@ from collections.abc import Mapping
 from importlib import import_module
 from typing import Any
 
+import orjson
 from flask import Flask
 
 import settings
 from lib.auth.callers import callers_of
 from lib.auth.jwt_verifier import JwtVerifier
 from lib.contract.openapi import document
-from lib.core.config import APP_ID, ConfigError, load
+from lib.core.config import APP_ID, ConfigError, load, project_version
 from lib.db.connections import POOLS_KEY, Pools
+from lib.db.migrations import expected_migrations
 from lib.db.pool import ConnectionPool
+from lib.events import asyncapi
+from lib.events.metrics import OutboxCollector
 from lib.observability.access_log import AccessRecords
 from lib.observability.logging_setup import setup_logging
 from lib.observability.metrics import MeteredRecords, Metrics
@@ -56,19 +60,24 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.url_map.merge_slashes = False
     app.after_request(compress_flask_response(config.compress_min_size))  # the gateway compresses actions'
     pools = app.extensions[POOLS_KEY] = Pools(config)
-    cli.init_app(app)
-    app.register_blueprint(health_blueprint(config, pools))
+    cli.init_app(app)  # flask --app app actions | new-module | migrate | new-migration | openapi | new-token
     for name in config.modules:
         app.register_blueprint(import_module(name).blueprint)
+    # /health/live, /health/ready: readiness waits for the migrations this code needs.
+    app.register_blueprint(health_blueprint(config, pools, expected_migrations(config)))
     registry = app.extensions[REGISTRY_KEY] = registry_of(app)
     verifier = None if config.jwt is None else JwtVerifier(config.jwt)
     pipeline = app.extensions[PIPELINE_KEY] = Pipeline(config, registry, callers_of(config), verifier, pools)
     init_error_handlers(app, pipeline)
     if config.api_docs:
-        docs_blueprints(app, document(registry, config, health_operations(app)))
+        events = asyncapi.document(registry.events, project_version(), APP_ID)
+        events_document = orjson.dumps(events, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+        docs_blueprints(app, document(registry, config, health_operations(app)), events_document)
     records = AccessRecords(config.proxy_hops)
     if config.metrics:
-        metrics = app.extensions[METRICS_KEY] = Metrics(config, pools.stats)
+        # dbapi_outbox_pending and _oldest_age_seconds: read from each database at scrape time
+        outbox = OutboxCollector(lambda: [pools.get(name) for name in config.databases])
+        metrics = app.extensions[METRICS_KEY] = Metrics(config, pools.stats, [outbox])
         ConnectionPool.observer = metrics  # every pool of the process: the series are the process's
         app.register_blueprint(metrics_blueprint(metrics))
         records = MeteredRecords(config.proxy_hops, metrics)

@@ -6,6 +6,7 @@ stops the master with one line before it binds or forks (and `on_starting` check
 connection budget), instead of every worker crash-looping.
 """
 
+import contextlib
 import os
 import shutil
 import sys
@@ -14,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 # gunicorn has put the repository on sys.path before reading this file.
+import settings
 from lib.core.config import ConfigError, load
 
 try:
     # Not named `config`: gunicorn reads every module name that is one of its settings.
-    dbapi = load()  # the modules do not count here: each worker's app loads them
+    dbapi = load(settings.MODULES)
 except ConfigError as error:
     sys.stderr.write(f'dbapi: configuration error: {error}\n')
     sys.exit(3)
@@ -80,14 +82,19 @@ def empty_metrics_dir() -> None:
 
 
 def on_starting(server: Any) -> None:
-    """Check the settings and the database connection budget, and empty the metrics directory,
-    before binding or forking."""
+    """Check the settings and the database connection budget, apply the migrations when
+    MIGRATE_ON_START=1, and empty the metrics directory, before binding or forking."""
+    from lib.db.migrations import MigrationError
     from lib.server.startup import check_master
 
     try:
-        _, budgets = check_master(workers)
+        budgets = check_master(dbapi, workers)
     except ConfigError as error:
         sys.stderr.write(f'dbapi: configuration error: {error}\n')
+        sys.stderr.flush()
+        sys.exit(3)
+    except MigrationError as error:  # MIGRATE_ON_START=1
+        sys.stderr.write(f'dbapi: migration failed: {error}\n')
         sys.stderr.flush()
         sys.exit(3)
     for budget in budgets:
@@ -98,6 +105,85 @@ def on_starting(server: Any) -> None:
                 'connection budget of %s: %d of %d connections', budget.server, budget.needed, budget.usable
             )
     empty_metrics_dir()
+
+
+# The project's own code: what SIGHUP reloads (scripts/devloop.py sends it when a file changes).
+PROJECT_PACKAGES = frozenset({'app', 'settings', 'lib', 'modules'})
+
+
+def project_modules() -> dict[str, Any]:
+    return {name: module for name, module in sys.modules.items() if name.split('.')[0] in PROJECT_PACKAGES}
+
+
+def metrics_of(modules: dict[str, Any]) -> list[Any]:
+    """The Prometheus metrics these modules define: each registered once in the default registry,
+    so a module imported again must not find its earlier self there."""
+    from prometheus_client import Counter, Enum, Gauge, Histogram, Info, Summary
+
+    kinds = (Counter, Enum, Gauge, Histogram, Info, Summary)
+    found = {
+        id(value): value for module in modules.values() for value in vars(module).values() if isinstance(value, kinds)
+    }
+    return list(found.values())
+
+
+def unregister(metrics: list[Any]) -> None:
+    from prometheus_client import REGISTRY
+
+    for metric in metrics:
+        with contextlib.suppress(KeyError):  # never registered (a module that failed half way)
+            REGISTRY.unregister(metric)
+
+
+def import_project() -> None:
+    """Import app, settings and every module of MODULES in the master (no app is created, no
+    connection opened): the workers forked next inherit this code instead of reading the files
+    while they boot, so a file saved broken meanwhile cannot stop the server."""
+    import importlib
+
+    importlib.invalidate_caches()  # a new module's directory is seen at once
+    fresh_settings = importlib.import_module('settings')
+    importlib.import_module('app')
+    for name in fresh_settings.MODULES:
+        importlib.import_module(name)
+
+
+def when_ready(server: Any) -> None:
+    """Local development (scripts/serve.sh reloads on every change): the first workers inherit
+    the code too. Elsewhere each worker imports it after the fork, as before."""
+    if dbapi.environment == 'local':
+        try:
+            import_project()
+        except Exception as error:  # noqa: BLE001 - the workers will say it, each with its traceback
+            server.log.error('the code does not import: %s: %s', type(error).__name__, error)
+
+
+def on_reload(server: Any) -> None:
+    """SIGHUP, before the new workers are forked: the master imports the project's code as it is
+    now, and every new worker inherits it. When it does not import, the master keeps the modules
+    it had and the new workers run the code from before."""
+    previous = project_modules()
+    previous_metrics = metrics_of(previous)
+    unregister(previous_metrics)
+    for name in previous:
+        del sys.modules[name]
+    try:
+        import_project()
+    except Exception as error:  # noqa: BLE001 - any import error: the code from before stays
+        from prometheus_client import REGISTRY
+
+        failed = project_modules()
+        unregister(metrics_of(failed))
+        for name in failed:
+            del sys.modules[name]
+        sys.modules.update(previous)
+        for metric in previous_metrics:
+            REGISTRY.register(metric)
+        server.log.error(
+            'reload: the code does not import (%s: %s): the new workers run the code from before',
+            type(error).__name__,
+            error,
+        )
 
 
 def post_worker_init(worker: Any) -> None:

@@ -305,7 +305,7 @@ def start_peers(stack: ExitStack, run: Run, env: dict[str, str], tmp: Path) -> s
     scenarios = tuple(scenario for scenario in PEER_SCENARIOS if scenario in run.plan.scenarios)
     if not run.plan.peers or not scenarios:
         return ''
-    workers, pool_size = int(gunicorn_setting(env, 'workers')), int(setting(env, 'settings.POOL_SIZE'))
+    workers, pool_size = int(gunicorn_setting(env, 'workers')), int(setting(env, 'config.pool_size'))
     for series in run.plan.peers:
         settings = peer_env(env, run.token, pool_size, tmp / 'peer', reset=series != PEER_NORESET)
         run.urls[series] = stack.enter_context(serve(series, peer_command(workers), settings, tmp, '/health')).url

@@ -68,8 +68,8 @@ def initialise(name: str) -> None:
 
 
 def apply_dbapi_sql(name: str) -> None:
-    """dbapi's own SQL (dbapi_idempotency, for Idempotency-Key) and the served modules' schema.sql,
-    applied by `flask --app app apply-sql` as a deployment applies them. A process of its own:
+    """dbapi's own migrations (dbapi_idempotency, for Idempotency-Key) and the served modules',
+    applied by `flask --app app migrate` as a deployment applies them. A process of its own:
     bench.micro sets the settings for its own app after this runs."""
     env = {k: v for k, v in os.environ.items() if not k.endswith(('_DB_NAME', '_DB_HOST', '_DB_PORT', '_DB_USER'))}
     env.update(
@@ -79,10 +79,10 @@ def apply_dbapi_sql(name: str) -> None:
         DEFAULT_DB_USER=PG['user'],
         EXTRA_MODULES='modules.bench',
     )
-    command = [str(VENV_BIN / 'flask'), '--app', 'app', 'apply-sql']
+    command = [str(VENV_BIN / 'flask'), '--app', 'app', 'migrate']
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f'flask --app app apply-sql on {name} exited {done.returncode}: {done.stderr.strip()}')
+        raise RuntimeError(f'flask --app app migrate on {name} exited {done.returncode}: {done.stderr.strip()}')
 
 
 def stored_keys(name: str) -> int:

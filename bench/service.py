@@ -23,6 +23,7 @@ PATHS = {
     'batch_read': '/batch',
     'batch_upsert': '/batch',
     'upsert_keyed': '/bench/upsert',  # with an Idempotency-Key of its own on every request
+    'upsert_event': '/bench/upsert_event',  # the same upsert emitting one event (bench.events)
 }
 BATCH = 100  # actions per batch request (BATCH_MAX_ACTIONS's default), and per pgbench batch transaction
 ACTIONS = {'batch_read': BATCH, 'batch_upsert': BATCH}  # actions per request of a scenario; 1 if not named

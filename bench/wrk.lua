@@ -40,6 +40,7 @@ local bodies = {
   end,
 }
 bodies.upsert_keyed = bodies.upsert
+bodies.upsert_event = bodies.upsert
 local make_body = bodies[scenario]
 if make_body == nil then error("unknown BENCH_SCENARIO " .. scenario) end
 local keyed = scenario == "upsert_keyed"

@@ -12,6 +12,7 @@ from lib.core.config import DEFAULT_DATABASE
 from lib.core.errors import ApiError, conflict, not_found, unprocessable
 from lib.db.connections import connection, get_conn_from_dbname, transactional
 from lib.db.sql import Db, Prepared, Row, get_db_from_conn
+from lib.events.outbox import emit
 from lib.web.blueprints import module_blueprint
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     'Row',
     'conflict',
     'connection',
+    'emit',
     'get_conn_from_dbname',
     'get_db_from_conn',
     'inject_conn',

@@ -15,6 +15,11 @@ command -v envsubst >/dev/null 2>&1 || missing+=(gettext-base)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # valgrind (callgrind, callgrind_annotate): `python -m bench instructions` counts instructions per request.
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+# RabbitMQ: the events tests publish to the machine's broker (.ci/run starts it) and run a node of
+# their own; Node.js and npm run the AsyncAPI parser (scripts/asyncapi_parser.sh installs it).
+[ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing ${missing[*]}: run 'sudo apt-get install ${missing[*]}'" >&2
@@ -28,4 +33,5 @@ if command -v service >/dev/null 2>&1; then
   service nginx stop >/dev/null 2>&1 || true
   service pgbouncer stop >/dev/null 2>&1 || true
   service prometheus stop >/dev/null 2>&1 || true
+  # RabbitMQ's package starts the machine's node, which the tests use: it is left running.
 fi

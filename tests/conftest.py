@@ -6,27 +6,61 @@ Each test session makes its own database and drops it at the end. Nothing is moc
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault('ENVIRONMENT', 'testing')
 
 import psycopg2
 import pytest
+from dotenv import dotenv_values
 from flask import Flask
 from flask.testing import FlaskClient
 from psycopg2 import sql
 
 from app import create_app
-from lib.apply_sql import apply_sql
+from lib.db.migrations import Migration, discover, migrate
 
-PG = {
-    'host': os.getenv('TEST_PG_HOST', '127.0.0.1'),
-    'port': int(os.getenv('TEST_PG_PORT', '5432')),
-    'user': os.getenv('TEST_PG_USER', 'postgres'),
-}
+DEFAULT_PG = {'host': '127.0.0.1', 'port': 5432, 'user': 'postgres'}
+SERVE_RECORD = Path(__file__).resolve().parent.parent / '.local' / 'database.env'  # settings.py reads it too
+
+
+def answers(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0
+
+
+def served_pg(record: Path) -> dict[str, Any] | None:
+    """The private PostgreSQL a running scripts/serve.sh recorded, when its socket is there."""
+    values = dotenv_values(record) if record.is_file() else {}
+    host, port = values.get('DEFAULT_DB_HOST'), values.get('DEFAULT_DB_PORT')
+    if not host or not port or not (Path(host) / f'.s.PGSQL.{port}').exists():
+        return None
+    return {'host': host, 'port': int(port), 'user': values.get('DEFAULT_DB_USER') or 'postgres'}
+
+
+def pg_server(record: Path = SERVE_RECORD, default: dict[str, Any] = DEFAULT_PG) -> dict[str, Any]:
+    """Where the tests create their databases: TEST_PG_HOST, _PORT, _USER when any is set; else
+    127.0.0.1:5432 when it answers; else the private PostgreSQL of a running scripts/serve.sh
+    (a new checkout's `scripts/test.sh tests/test_module_x.py` with nothing else installed)."""
+    chosen = {
+        'host': os.getenv('TEST_PG_HOST', default['host']),
+        'port': int(os.getenv('TEST_PG_PORT', str(default['port']))),
+        'user': os.getenv('TEST_PG_USER', default['user']),
+    }
+    if any(os.getenv(f'TEST_PG_{name}') for name in ('HOST', 'PORT', 'USER')):
+        return chosen
+    if answers(chosen['host'], chosen['port']):
+        return chosen
+    return served_pg(record) or chosen
+
+
+PG = pg_server()
 TOKEN = 'testing-token'
 AUTH = {'Authorization': f'Bearer {TOKEN}'}
 MODULES = ['modules.example', 'tests.modules.probe']
@@ -59,12 +93,18 @@ def drop_database(name: str) -> None:
         conn.close()
 
 
+def apply_migrations(params: dict[str, Any], modules: list[str], own: bool = True) -> list[Migration]:
+    """dbapi's migrations (unless not `own`), then the modules', applied by the engine as `migrate` does."""
+    migrations = [m for m in discover(modules) if own or m.module != 'dbapi']
+    return migrate(params, migrations, say=lambda line: None)
+
+
 @contextmanager
 def schema_database(prefix: str = 'dbapi_test', modules: list[str] = MODULES) -> Iterator[dict[str, Any]]:
-    """A new database with every module's schema applied, dropped when the block ends."""
+    """A new database with dbapi's and every module's migrations applied, dropped when the block ends."""
     name = create_database(prefix)
     params = dict(PG, dbname=name)
-    apply_sql(params, modules)
+    apply_migrations(params, modules)
     try:
         yield params
     finally:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from lib.apply_sql import apply_sql
 from scripts.topology import Nginx, find_nginx
 from tests import figures
+from tests.conftest import apply_migrations
 from tests.private_pg import private_postgres
 from tests.service import Service, running_service
 
@@ -175,7 +175,7 @@ def exchange(port: int, request: bytes, timeout: float = 20) -> Answer:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     with private_postgres() as pg:
         database = pg.create_database('dbapi_bad_http')
-        apply_sql(database, MODULES)
+        apply_migrations(database, MODULES)
         log_dir = str(tmp_path_factory.mktemp('bad-http'))
         with running_service(database, log_dir, WEB_CONCURRENCY=2) as running:
             yield running

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
 from app import create_app
-from lib.apply_sql import apply_sql
 from tests import figures
+from tests.conftest import apply_migrations
 from tests.private_pg import private_postgres
 
 MODULES = ['modules.example', 'tests.modules.probe']
@@ -60,7 +60,7 @@ COSTLY = examples(600)  # most reach PostgreSQL
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
     with private_postgres() as pg:
         database = pg.create_database('dbapi_bad_input')
-        apply_sql(database, MODULES)
+        apply_migrations(database, MODULES)
         application = create_app(
             {
                 'ENVIRONMENT': 'testing',

@@ -1,4 +1,4 @@
-"""The Flask CLI commands of lib/cli.py, run on the project's app fixtures and, end to end, with
+"""The Flask CLI commands of lib/server/cli.py, run on the project's app fixtures and, end to end, with
 `flask --app app` and pytest in a copy of the working tree."""
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from marshmallow import Schema, fields
 from lib import module_blueprint
 from lib.contract.declarations import inject_conn, use_schema
 from lib.db.connections import POOLS_KEY
+from lib.db.migrations import discover
 from lib.server.cli import RESERVED_NAMES, new_module_command
 from lib.web.blueprints import registry_of
 from lib.web.flask_app import REGISTRY_KEY
-from tests.conftest import PG, create_database, drop_database, make_app, query
+from tests.conftest import MODULES, PG, create_database, drop_database, make_app, query
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -151,12 +152,13 @@ def test_new_module_writes_the_package_and_its_test_and_registers_it(app, root):
     result = app.test_cli_runner().invoke(args=['new-module', 'orders', '--root', str(root)])
     assert result.exit_code == 0, result.output
     package = root / 'modules' / 'orders'
-    written = ['__init__.py', 'actions.py', 'routes.py', 'schema.sql', 'schemas.py', 'sql.py']
+    written = ['__init__.py', 'actions.py', 'migrations', 'routes.py', 'schemas.py', 'sql.py']
     assert sorted(path.name for path in package.iterdir()) == written
+    assert [path.name for path in (package / 'migrations').iterdir()] == ['0001_initial.sql']
     assert (root / 'tests' / 'test_module_orders.py').is_file()
     assert listed_modules(root / 'settings.py') == ['modules.example', 'modules.orders']
     assert "    'modules.orders',\n]\n" in (root / 'settings.py').read_text(encoding='utf-8')
-    assert 'CREATE TABLE IF NOT EXISTS orders_items' in (package / 'schema.sql').read_text(encoding='utf-8')
+    assert 'CREATE TABLE orders_items' in (package / 'migrations' / '0001_initial.sql').read_text(encoding='utf-8')
     assert '%(code)s' in (package / 'sql.py').read_text(encoding='utf-8')
     for path in package.glob('*.py'):
         assert 'flask' not in path.read_text(encoding='utf-8').lower(), f'{path.name} imports Flask'
@@ -317,12 +319,12 @@ def test_flask_app_actions_lists_the_scaffolded_action(copy):
     ]
 
 
-def test_flask_app_apply_sql_creates_the_scaffolded_table(copy):
+def test_flask_app_migrate_creates_the_scaffolded_table(copy):
     name = create_database('dbapi_cli')
     try:
-        result = run_in(copy, str(BIN / 'flask'), '--app', 'app', 'apply-sql', DEFAULT_DB_NAME=name)
+        result = run_in(copy, str(BIN / 'flask'), '--app', 'app', 'migrate', DEFAULT_DB_NAME=name)
         assert result.returncode == 0, result.stderr
-        assert f'applied modules/{SCAFFOLDED}/schema.sql' in result.stdout.splitlines()
+        assert f'default: applied {SCAFFOLDED} 0001_initial' in without_timings(result.stdout)
         conn = psycopg2.connect(dbname=name, **PG)
         try:
             assert query(conn, 'SELECT to_regclass(%s) IS NOT NULL', [f'{SCAFFOLDED}_items']) == [(True,)]
@@ -332,7 +334,7 @@ def test_flask_app_apply_sql_creates_the_scaffolded_table(copy):
         drop_database(name)
 
 
-# --- apply-sql -----------------------------------------------------------------------------
+# --- migrate -------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -357,48 +359,67 @@ def tables(params: dict[str, Any]) -> set[str]:
     return {row[0] for row in rows}
 
 
-def test_apply_sql_applies_dbapi_own_sql_then_every_module_schema_to_a_fresh_database(fresh):
+def without_timings(output: str) -> list[str]:
+    return [re.sub(r' in \d+ ms$', '', line) for line in output.splitlines()]
+
+
+def test_migrate_applies_dbapi_own_migrations_then_every_module_s_to_a_fresh_database(fresh):
     app, params = fresh
     assert tables(params) == set()
     runner = app.test_cli_runner()
-    result = runner.invoke(args=['apply-sql'])
+    result = runner.invoke(args=['migrate'])
     assert result.exit_code == 0, result.output
-    applied = [
-        'applied lib/idempotency.sql',
-        'applied modules/example/schema.sql',
-        'applied tests/modules/probe/schema.sql',
-    ]
-    assert result.output.splitlines() == applied
-    assert {'dbapi_idempotency', 'users', 'probe_items', 'probe_log'} <= tables(params)
-    assert runner.invoke(args=['apply-sql']).exit_code == 0  # re-runnable
+    served = discover(MODULES)  # dbapi's own files first (more come with later features), then the modules'
+    assert [m.module for m in served][-2:] == ['example', 'probe']
+    assert without_timings(result.output) == [f'default: applied {m.label}' for m in served]
+    assert {'dbapi_migrations', 'dbapi_idempotency', 'users', 'probe_items', 'probe_log'} <= tables(params)
+    again = runner.invoke(args=['migrate'])
+    assert (again.exit_code, again.output) == (0, f'default: nothing to apply; {len(served)} applied\n')
 
 
-def test_apply_sql_refuses_an_unknown_database_naming_it(fresh):
+def test_migrate_status_lists_applied_and_pending_per_module_and_exits_0(fresh):
     app, params = fresh
-    result = app.test_cli_runner().invoke(args=['apply-sql', '--database', 'nope'])
+    runner = app.test_cli_runner()
+    before = runner.invoke(args=['migrate', '--status'])
+    assert before.exit_code == 0, before.output
+    assert [COLUMNS.split(line) for line in before.output.splitlines()] == [
+        ['DATABASE', 'MIGRATION', 'STATE'],
+        *(
+            ['default', m.label, 'pending' + ('' if m.transactional else ' (no-transaction)')]
+            for m in discover(MODULES)
+        ),
+    ]
+    assert tables(params) == set()  # --status reads only
+    assert runner.invoke(args=['migrate', '--database', 'default']).exit_code == 0
+    after = runner.invoke(args=['migrate', '--status'])
+    assert after.exit_code == 0
+    states = [COLUMNS.split(line)[2] for line in after.output.splitlines()[1:]]
+    assert all(re.fullmatch(r'applied \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC in \d+ ms, by .+ pid \d+', s) for s in states)
+
+
+def test_migrate_refuses_an_unknown_database_naming_it(fresh):
+    app, params = fresh
+    result = app.test_cli_runner().invoke(args=['migrate', '--database', 'nope'])
     assert result.exit_code != 0
     assert result.output.strip() == "Error: no database named 'nope' (known: default)"
     assert tables(params) == set()
 
 
-def test_apply_sql_names_the_module_whose_file_fails_and_keeps_nothing_of_it(fresh, tmp_path, monkeypatch):
-    _, params = fresh
-    package = tmp_path / 'broken_schema'
-    package.mkdir()
-    (package / '__init__.py').write_text(
-        'from lib import module_blueprint\n\nblueprint = module_blueprint(__name__, [])\n'
-    )
-    (package / 'schema.sql').write_text('CREATE TABLE half_done (id int);\nCREAT TABLE oops ();\n', encoding='utf-8')
+def test_new_migration_writes_the_next_numbered_file_of_the_module(database, tmp_path, monkeypatch):
+    package = tmp_path / 'numbered'
+    (package / 'migrations').mkdir(parents=True)
+    blueprint = 'from lib import module_blueprint\n\nblueprint = module_blueprint(__name__, [])\n'
+    (package / '__init__.py').write_text(blueprint, encoding='utf-8')
+    (package / 'migrations' / '0007_first.sql').write_text('SELECT 1;\n', encoding='utf-8')
     monkeypatch.syspath_prepend(str(tmp_path))
-    app = make_app(params, str(tmp_path), MODULES=['modules.example', 'broken_schema'])
-    try:
-        result = app.test_cli_runner().invoke(args=['apply-sql'])
-    finally:
-        app.extensions[POOLS_KEY].close()
-    assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
-    assert lines[:2] == ['applied lib/idempotency.sql', 'applied modules/example/schema.sql']
-    assert lines[2].startswith('Error: broken_schema: schema.sql not applied: syntax error at or near "CREAT"')
-    assert len(lines) == 3
-    assert 'users' in tables(params)
-    assert 'half_done' not in tables(params)
+    app = make_app(database, str(tmp_path / 'logs'), MODULES=['numbered'])
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=['new-migration', 'numbered', 'add_email'])
+    assert result.exit_code == 0, result.output
+    written = package / 'migrations' / '0008_add_email.sql'
+    assert result.output.startswith(f'created {written}: write the change')
+    assert written.read_text(encoding='utf-8').startswith('-- numbered 0008_add_email: ')
+    bad = runner.invoke(args=['new-migration', 'numbered', 'Add-Email'])
+    assert bad.exit_code != 0 and "migration name 'Add-Email' is invalid" in bad.output
+    unknown = runner.invoke(args=['new-migration', 'nope', 'x'])
+    assert unknown.output.strip() == "Error: no module named 'nope' in MODULES (known: dbapi, numbered)"

@@ -151,6 +151,32 @@ def test_the_pgbouncer_file_puts_a_pinned_transaction_pooler_between_api_and_pos
     assert int(own['QUERY_WAIT_TIMEOUT']) <= 5 and int(own['SERVER_LOGIN_RETRY']) <= 2
 
 
+DATABASE_KEYS = ('DEFAULT_DB_HOST', 'DEFAULT_DB_PORT', 'DEFAULT_DB_NAME', 'DEFAULT_DB_USER', 'DEFAULT_DB_PASS_FILE')
+
+
+def test_a_job_applies_the_migrations_once_per_rollout_to_the_api_s_database() -> None:
+    stack = deployed_stack()
+    api, job = stack['services']['api'], stack['services']['migrate']
+    assert job['deploy']['mode'] == 'replicated-job' and job['deploy']['replicas'] == 1
+    assert job['deploy']['restart_policy']['condition'] == 'on-failure'
+    assert job['command'] == ['flask', '--app', 'app', 'migrate']
+    assert job['image'] == api['image']  # the new VERSION's files: each deploy runs the job again
+    assert job['healthcheck'] == {'disable': True}  # the image's check asks for a server the job does not run
+    assert {key: job['environment'][key] for key in DATABASE_KEYS} == {
+        key: api['environment'][key] for key in DATABASE_KEYS
+    }
+    assert job['environment']['ENVIRONMENT'] == 'production' and 'MIGRATE_ON_START' not in api['environment']
+    assert {secret['source'] for secret in job['secrets']} == {'dbapi_bearer', 'dbapi_db_pass'}
+
+
+def test_with_pgbouncer_the_migrate_job_still_goes_straight_to_postgresql() -> None:
+    stack = deployed_stack(COMPOSE, PGBOUNCER_COMPOSE)
+    api, job = stack['services']['api']['environment'], stack['services']['migrate']['environment']
+    postgresql = (required_values()['DB_HOST'], '5432')
+    assert (job['DEFAULT_DB_HOST'], job['DEFAULT_DB_PORT']) == postgresql and 'DEFAULT_DB_PGBOUNCER' not in job
+    assert (api['DEFAULT_DB_MIGRATE_HOST'], api['DEFAULT_DB_MIGRATE_PORT']) == postgresql
+
+
 def test_the_pgbouncer_file_sizes_clients_and_its_pool() -> None:
     stack = deployed_stack(COMPOSE, PGBOUNCER_COMPOSE)['services']
     api, own = stack['api']['environment'], stack['pgbouncer']['environment']
@@ -314,7 +340,7 @@ def test_the_stack_can_run_prometheus_beside_the_api_and_does_not_by_default() -
 
 def test_prometheus_scrapes_every_api_task_on_the_port_gunicorn_binds() -> None:
     scrape = yaml.safe_load((ROOT / 'deploy' / 'prometheus' / 'prometheus.yml').read_text())
-    (job,) = scrape['scrape_configs']
+    (job,) = [job for job in scrape['scrape_configs'] if job['job_name'] == 'dbapi']
     (discovery,) = job['dns_sd_configs']
     assert discovery['names'] == ['tasks.api'] and discovery['type'] == 'A'
     assert 'api' in deployed_stack()['services']
@@ -325,3 +351,28 @@ def test_prometheus_scrapes_every_api_task_on_the_port_gunicorn_binds() -> None:
 def test_the_image_carries_the_version_the_metrics_report() -> None:
     copied = re.findall(r'^COPY (.*) \./$', (ROOT / 'Dockerfile').read_text(), re.MULTILINE)
     assert any('pyproject.toml' in line.split() for line in copied), copied
+
+
+@pytest.mark.parametrize('files', [(COMPOSE,), (COMPOSE, PGBOUNCER_COMPOSE)], ids=['stack', 'with-pgbouncer'])
+def test_the_stack_runs_rabbitmq_and_two_relays_connected_directly_to_postgresql(files: tuple[Path, ...]) -> None:
+    stack = deployed_stack(*files)
+    relay, broker = stack['services']['relay'], stack['services']['rabbitmq']
+    assert relay['command'] == ['flask', '--app', 'app', 'relay']
+    assert relay['deploy']['replicas'] == 2 and broker['deploy']['replicas'] == 1
+    environment = relay['environment']
+    assert environment['DEFAULT_DB_HOST'] == 'value-of-db_host' and 'DEFAULT_DB_PGBOUNCER' not in environment
+    assert environment['EVENTS_AMQP_URL_FILE'] == '/run/secrets/dbapi_amqp_url'
+    assert {secret['source'] for secret in relay['secrets']} == {'dbapi_bearer', 'dbapi_db_pass', 'dbapi_amqp_url'}
+    assert seconds(relay['stop_grace_period']) > 30  # the relay's confirms wait at most 30 s (CONFIRM_TIMEOUT)
+    assert broker['image'].startswith('rabbitmq:') and broker['image'].split(':')[1][0].isdigit()
+    assert [secret['target'] for secret in broker['secrets']] == ['/etc/rabbitmq/conf.d/20-dbapi.conf']
+    assert '/var/lib/rabbitmq' in {volume['target'] for volume in broker['volumes']}
+
+
+def test_prometheus_scrapes_every_relay_on_the_port_it_serves() -> None:
+    scrape = yaml.safe_load((ROOT / 'deploy' / 'prometheus' / 'prometheus.yml').read_text())
+    (job,) = [job for job in scrape['scrape_configs'] if job['job_name'] == 'dbapi-relay']
+    (discovery,) = job['dns_sd_configs']
+    relay = deployed_stack()['services']['relay']
+    assert discovery['names'] == ['tasks.relay']
+    assert str(discovery['port']) == relay['environment']['EVENTS_METRICS_PORT']

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from lib.apply_sql import apply_sql
 from scripts.topology import Topology, find_nginx, topology
 from tests import figures
-from tests.conftest import AUTH, LEDGER
+from tests.conftest import AUTH, LEDGER, apply_migrations
 from tests.private_pg import PrivatePostgres, find_bin_dir, private_postgres
 from tests.tools import require_tool
 
@@ -61,7 +60,7 @@ def pg() -> Iterator[PrivatePostgres]:
         bin_dir = None
     require_tool(bin_dir, 'PostgreSQL')
     with private_postgres() as server:
-        apply_sql(server.create_database(DBNAME), ['modules.example', LEDGER])  # dbapi_idempotency first
+        apply_migrations(server.create_database(DBNAME), ['modules.example', LEDGER])  # dbapi_idempotency first
         yield server
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import requests
 
-from lib.apply_sql import apply_sql
 from tests import figures
+from tests.conftest import apply_migrations
 from tests.pg_watch import SessionSampler, idle_in_transaction, service_sessions
 from tests.private_pg import PrivatePostgres, private_postgres
 from tests.service import Service, running_service
@@ -44,7 +44,7 @@ restart_modes: set[str] = set()
 @pytest.fixture(scope='module')
 def pg() -> Iterator[PrivatePostgres]:
     with private_postgres() as server:
-        apply_sql(server.create_database('dbapi_faults'), MODULES)
+        apply_migrations(server.create_database('dbapi_faults'), MODULES)
         yield server
 
 

@@ -17,9 +17,19 @@ import psycopg2
 import pytest
 from flask import Flask
 
-from lib.apply_sql import apply_sql
 from lib.db.idempotency import SWEEPER, sweep
-from tests.conftest import AUTH, MODULES, PG, TOKEN, Api, create_database, drop_database, make_app, query
+from tests.conftest import (
+    AUTH,
+    MODULES,
+    PG,
+    TOKEN,
+    Api,
+    apply_migrations,
+    create_database,
+    drop_database,
+    make_app,
+    query,
+)
 from tests.ledger import app_fixture, fresh_ledger, ledger_app, notes, stored
 from tests.logs import access_records, read_lines
 from tests.modules.ledger import actions
@@ -246,7 +256,7 @@ def test_the_access_record_names_the_key_and_the_replay(api: Api, ledger, log_di
 def test_without_the_table_the_client_gets_a_500_and_the_log_says_how_to_fix_it(log_dir: str) -> None:
     name = create_database('dbapi_no_table')
     params = dict(PG, dbname=name)
-    apply_sql(params, MODULES, project=False)  # the modules' tables, not dbapi's own
+    apply_migrations(params, MODULES, own=False)  # the modules' tables, not dbapi's own
     application = make_app(params, log_dir)
     try:
         response = application.test_client().post(
@@ -258,7 +268,7 @@ def test_without_the_table_the_client_gets_a_500_and_the_log_says_how_to_fix_it(
     assert response.status_code == 500
     assert response.get_json()['type'] == 'urn:dbapi:problem:idempotency-not-set-up'
     errors = [r for r in read_lines(log_dir) if r.get('log.level') == 'error']
-    assert any('flask --app app apply-sql' in json.dumps(r) for r in errors)
+    assert any('flask --app app migrate' in json.dumps(r) for r in errors)
 
 
 def test_a_keyed_request_starts_the_sweep_in_the_background(

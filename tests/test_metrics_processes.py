@@ -145,7 +145,7 @@ def test_promtool_unit_tests_the_alerts() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     tested = set(re.findall(r'alertname: (\w+)', (DEPLOY / 'alerts.test.yml').read_text()))
     defined = set(re.findall(r'- alert: (\w+)', (DEPLOY / 'alerts.yml').read_text()))
-    assert tested == defined and len(defined) == 5
+    assert tested == defined and len(defined) == 6
 
 
 class Prometheus:

@@ -356,7 +356,7 @@ def test_api_docs_off_serves_neither_but_the_cli_still_prints(database: dict[str
     app = make_app(database, log_dir, API_DOCS='0')
     try:
         client = app.test_client()
-        for path in ('/openapi.json', '/docs', '/docs/', '/docs/swagger-ui.css'):
+        for path in ('/openapi.json', '/asyncapi.json', '/docs', '/docs/', '/docs/swagger-ui.css'):
             answer = client.get(path)
             assert answer.status_code == 404 and answer.mimetype == 'application/problem+json', path
         result = app.test_cli_runner().invoke(args=['openapi'])

@@ -10,6 +10,9 @@ and the restarts of pgbouncer and of PostgreSQL behind it.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,16 +22,16 @@ from typing import Any
 
 import psycopg2
 import pytest
+import requests
 from flask import Flask
 
-from lib.apply_sql import apply_sql
 from lib.core.config import ConfigError, load
 from lib.db.connections import connection, transactional
 from lib.db.sql import Db, names_prepared_on
 from lib.server import startup
 from lib.server.startup import STARTUP_LOGGER, check_connection_budget
 from scripts.topology import PgBouncer, find_pgbouncer, wait_until
-from tests.conftest import AUTH, MODULES, make_app
+from tests.conftest import AUTH, MODULES, apply_migrations, make_app
 from tests.logs import read_lines
 from tests.private_pg import PrivatePostgres, private_postgres
 from tests.service import Service, running_service
@@ -56,7 +59,7 @@ SERVICE_ENV = {
 @pytest.fixture(scope='module')
 def pg() -> Iterator[PrivatePostgres]:
     with private_postgres({'max_connections': str(MAX_CONNECTIONS)}) as server:
-        apply_sql(server.create_database(DBNAME), POOLER_MODULES)
+        apply_migrations(server.create_database(DBNAME), POOLER_MODULES)
         yield server
 
 
@@ -458,3 +461,58 @@ def test_no_server_session_is_left_idle_in_transaction(pg: PrivatePostgres, boun
     """Runs last: what every test above left behind pgbouncer."""
     assert sessions_idle_in_transaction(pg) == []
     assert all(row['cl_waiting'] == 0 for row in bouncer.show('POOLS')), bouncer.show('POOLS')
+
+
+# --- migrations: the service through pgbouncer, migrate straight to PostgreSQL ------------------
+
+MIGRATE_DB = 'dbapi_pgbouncer_migrate'
+FLASK = Path(sys.executable).parent / 'flask'
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def migrate_command(bouncer: PgBouncer, **env: str) -> subprocess.CompletedProcess[str]:
+    """`flask --app app migrate` with the service's settings: its database is pgbouncer's address."""
+    settings = {
+        **os.environ,
+        'ENVIRONMENT': 'testing',
+        'EXTRA_MODULES': SERVICE_ENV['EXTRA_MODULES'],
+        'DEFAULT_DB_HOST': '127.0.0.1',
+        'DEFAULT_DB_PORT': str(bouncer.port),
+        'DEFAULT_DB_NAME': MIGRATE_DB,
+        'DEFAULT_DB_USER': bouncer.user,
+        'DEFAULT_DB_PGBOUNCER': 'transaction',
+        **env,
+    }
+    command = [str(FLASK), '--app', 'app', 'migrate']
+    return subprocess.run(command, cwd=ROOT, env=settings, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_service_serves_through_pgbouncer_while_migrate_goes_direct(
+    bouncer: PgBouncer, pg: PrivatePostgres, log_dir: str
+) -> None:
+    pg.create_database(MIGRATE_DB)
+    recorded = 'SELECT count(*) FROM pg_tables WHERE tablename = %s'
+    with running_service(bouncer.params(MIGRATE_DB), log_dir, **SERVICE_ENV) as service:
+        ready = f'{service.url}/health/ready'
+        pending = requests.get(ready, timeout=10)  # read through pgbouncer
+        assert pending.status_code == 503 and 'dbapi 0001_idempotency' in pending.json()['pending']['default']
+
+        refused = migrate_command(bouncer)
+        assert refused.returncode != 0
+        assert refused.stderr.strip() == (
+            'Error: DEFAULT_DB_PGBOUNCER is set: migrate needs a session of its own, which a transaction pooler'
+            ' does not keep; set DEFAULT_DB_MIGRATE_HOST and DEFAULT_DB_MIGRATE_PORT to PostgreSQL itself'
+        )
+        undeclared = migrate_command(bouncer, DEFAULT_DB_PGBOUNCER='')  # nobody said it is a pooler: found out
+        assert undeclared.returncode != 0
+        assert undeclared.stderr.strip().startswith(
+            f"Error: database 'default': migrate reached 127.0.0.1:{bouncer.port}/{MIGRATE_DB} through a"
+            ' transaction pooler (pgbouncer?)'
+        ), undeclared.stderr
+        assert pg.query(recorded, ['dbapi_migrations'], dbname=MIGRATE_DB) == [(0,)]
+
+        direct = migrate_command(bouncer, DEFAULT_DB_MIGRATE_HOST=pg.host, DEFAULT_DB_MIGRATE_PORT=str(pg.port))
+        assert direct.returncode == 0, direct.stderr
+        assert direct.stdout.startswith('default: applied dbapi 0001_idempotency'), direct.stdout
+        wait_until(lambda: requests.get(ready, timeout=10).status_code == 200, 30, 'ready after migrate')
+        assert call(service, '/probe/write_note', {'note': note()}).status == 200

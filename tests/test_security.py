@@ -21,7 +21,7 @@ from app import create_app
 from lib.auth.callers import callers_of
 from lib.core.config import KNOWN_TOKENS, Config, ConfigError, load
 from lib.db.sql import Db
-from tests.conftest import ClosingClient
+from tests.conftest import ClosingClient, apply_migrations
 from tests.private_pg import PrivatePostgres, private_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,12 +288,14 @@ SAFETY_HEADERS = {'X-Content-Type-Options': 'nosniff', 'Cache-Control': 'no-stor
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     with private_postgres() as pg:
         database = pg.create_database('dbapi_headers')
+        modules = ['modules.example', 'tests.modules.probe']
+        apply_migrations(database, modules)  # ready: /health/ready answers 200
         app = create_app(
             {
                 'ENVIRONMENT': 'testing',
                 'BEARER': 'testing-token',
                 'DATABASES': {'default': database},
-                'MODULES': ['modules.example', 'tests.modules.probe'],
+                'MODULES': modules,
                 'MAX_CONTENT_LENGTH': 1024,
                 'LOGGING': _logs(tmp_path_factory.mktemp('headers')),
             }

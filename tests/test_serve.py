@@ -166,17 +166,36 @@ def scratch() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_help_prints_usage_and_starts_nothing(tmp_path: Path) -> None:
-    (tmp_path / 'scripts').mkdir()
-    shutil.copy(ROOT / SERVE, tmp_path / SERVE)  # alone: any step it tried would fail or leave a trace
+@pytest.fixture
+def kept_record() -> Iterator[Path]:
+    """serve.sh records its private PostgreSQL in the checkout's .local/database.env (settings.py
+    reads it in local mode): these tests run serve.sh in this checkout, so the record a
+    developer's own serve.sh wrote is put back afterwards, and none is left behind."""
+    record = ROOT / '.local' / 'database.env'
+    before = record.read_bytes() if record.exists() else None
+    yield record
+    if before is None:
+        record.unlink(missing_ok=True)
+    else:
+        record.write_bytes(before)
+
+
+def assert_help_runs_nothing(script: str, directory: Path, names: tuple[str, ...]) -> None:
+    """`script --help` and `-h` print its usage, naming each of `names`, and do nothing else."""
+    (directory / 'scripts').mkdir()
+    shutil.copy(ROOT / script, directory / script)  # alone: any step it tried would fail or leave a trace
     for flag in ('--help', '-h'):
-        done = subprocess.run([SERVE, flag], cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=30)
+        done = subprocess.run([script, flag], cwd=directory, env=user_env(), capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith('Usage: scripts/serve.sh'), done.stdout
-        for name in USAGE_NAMES:
+        assert done.stdout.startswith(f'Usage: {script}'), done.stdout
+        for name in names:
             assert name in done.stdout, name
         assert done.stderr == ''
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == ['scripts', SERVE]
+    assert sorted(str(p.relative_to(directory)) for p in directory.rglob('*')) == ['scripts', script]
+
+
+def test_help_prints_usage_and_starts_nothing(tmp_path: Path) -> None:
+    assert_help_runs_nothing(SERVE, tmp_path, USAGE_NAMES)
 
 
 def test_an_unknown_argument_is_refused_with_one_line(tmp_path: Path) -> None:
@@ -187,7 +206,7 @@ def test_an_unknown_argument_is_refused_with_one_line(tmp_path: Path) -> None:
     ]
 
 
-def test_an_unreachable_database_stops_serve_with_one_line_naming_it(tmp_path: Path) -> None:
+def test_an_unreachable_database_stops_serve_with_one_line_naming_it(tmp_path: Path, kept_record: Path) -> None:
     port = free_port()
     env = user_env(DEFAULT_DB_HOST='127.0.0.1', DEFAULT_DB_PORT='1', PORT=str(port), LOG_DIR=str(tmp_path))
     done = subprocess.run([SERVE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=START_TIMEOUT_SECONDS)
@@ -200,7 +219,7 @@ def test_an_unreachable_database_stops_serve_with_one_line_naming_it(tmp_path: P
     assert not listens(port)
 
 
-def test_sigterm_stops_gunicorn_then_the_private_postgres_serve_started(scratch: Path) -> None:
+def test_sigterm_stops_gunicorn_then_the_private_postgres_serve_started(scratch: Path, kept_record: Path) -> None:
     pgdata = scratch / 'not' / 'yet' / 'pgdata'  # serve.sh makes the missing parents
     port = free_port()
     env = user_env(PORT=str(port), LOCAL_PGDATA=str(pgdata), LOG_DIR=str(scratch / 'logs'), WEB_CONCURRENCY='2')
@@ -210,16 +229,19 @@ def test_sigterm_stops_gunicorn_then_the_private_postgres_serve_started(scratch:
         assert 'token: local-dev-token' in served.output()
         assert run_curl(curl) == ('200', [ADA]), served.output()
         assert postgres_processes(pgdata), served.output()
+        assert f'DEFAULT_DB_HOST={pgdata}' in kept_record.read_text(), 'the other shells are not told where it is'
         assert served.stop(signal.SIGTERM, group=False) == 0, served.output()
         assert not listens(port)
         assert postgres_processes(pgdata) == [], served.output()
         assert 'Stopped the private PostgreSQL' in served.output()
+        assert not kept_record.exists(), 'the record outlived the server serve.sh stopped'
+        assert 'serve.sh: ' not in served.stderr.read_text(), served.output()  # the watcher said nothing
     finally:
         served.kill()
         kill_postgres(pgdata)
 
 
-def test_a_private_postgres_already_running_is_left_running(scratch: Path) -> None:
+def test_a_private_postgres_already_running_is_left_running(scratch: Path, kept_record: Path) -> None:
     pgdata = scratch / 'pgdata'
     helper = [sys.executable, '-m', 'scripts.local_postgres']
     env = user_env(PORT=str(free_port()), LOCAL_PGDATA=str(pgdata), LOG_DIR=str(scratch / 'logs'), WEB_CONCURRENCY='1')

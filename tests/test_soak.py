@@ -24,9 +24,9 @@ import psutil
 import pytest
 import requests
 
-from lib.apply_sql import apply_sql
 from scripts.topology import Topology, find_nginx, topology
 from tests import figures
+from tests.conftest import apply_migrations
 from tests.pg_watch import SERVICE_SESSIONS, SessionSampler
 from tests.private_pg import PrivatePostgres, private_postgres
 
@@ -87,7 +87,7 @@ def require_nginx() -> None:
 @pytest.fixture(scope='module')
 def pg() -> Iterator[PrivatePostgres]:
     with private_postgres({'max_connections': '50'}) as server:
-        apply_sql(server.create_database('dbapi_soak'), MODULES)
+        apply_migrations(server.create_database('dbapi_soak'), MODULES)
         yield server
 
 

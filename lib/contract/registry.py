@@ -16,6 +16,7 @@ from marshmallow import Schema
 
 from lib.contract.declarations import CONN_ATTR, RETURNS_ATTR, SCHEMA_ATTR
 from lib.db.connections import ConnSpec
+from lib.events.outbox import EventType
 
 BATCH = 'batch'  # POST /batch: the module name it reserves, and its Idempotency-Key's action
 BATCH_PATH = f'/{BATCH}'
@@ -59,9 +60,15 @@ def build_actions(module: str, routes: Iterable[Mapping[str, Any]]) -> dict[str,
 class Registry:
     """Every module's actions, by module and route, in registration order."""
 
-    def __init__(self, tables: Mapping[str, Mapping[str, Action]], packages: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tables: Mapping[str, Mapping[str, Action]],
+        packages: Mapping[str, str] | None = None,
+        events: Iterable[EventType] = (),
+    ) -> None:
         self.modules: dict[str, Mapping[str, Action]] = dict(tables)  # module -> route -> Action
         self.packages = dict(packages or {})  # module -> its package's import name (`modules.example`)
+        self.events = list(events)  # the events the modules declare (the AsyncAPI document, the CLI)
 
     def __iter__(self) -> Iterator[Action]:
         for actions in self.modules.values():

@@ -67,6 +67,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('<NAME>_DB_PGBOUNCER', '', '`transaction` when the host and port are pgbouncer in transaction mode'),
     Setting('<NAME>_DB_PGBOUNCER_POOL_SIZE', '', "pgbouncer's pool for the start-up check, if its console is closed"),
     Setting('<NAME>_DB_PGBOUNCER_MAX_CLIENT_CONN', '', "pgbouncer's max_client_conn, if its console is closed"),
+    Setting('<NAME>_DB_MIGRATE_HOST', '', 'Where `migrate` connects instead: PostgreSQL itself, never pgbouncer'),
+    Setting('<NAME>_DB_MIGRATE_PORT', '', "Its port (default: the database's own)"),
+    Setting('MIGRATE_ON_START', '0', "1: gunicorn's master applies the pending migrations before forking"),
+    Setting('EVENTS_AMQP_URL', '', 'The broker the relay publishes events to (amqp://...); or EVENTS_AMQP_URL_FILE'),
+    Setting('EVENTS_RETENTION', str(7 * 24 * 3600), 'Seconds delivered events are kept in dbapi_outbox'),
+    Setting('EVENTS_METRICS_PORT', '9108', "The port of the relay's own /metrics (0: none)"),
     Setting('POOL_SIZE', '4', 'Connections per database per worker'),
     Setting('POOL_TIMEOUT', '5', 'Seconds a request waits for a free connection (then 503)'),
     Setting('POOL_MAX_LIFETIME', '1800', 'Seconds a connection lives (less a random 0-10%)'),
@@ -167,6 +173,15 @@ def parse_tokens(environment: str, raw: Any) -> tuple[bytes, ...]:
     return tuple(encoded)
 
 
+def parse_amqp_url(raw: Any) -> str:
+    """EVENTS_AMQP_URL: empty (no relay in this deployment) or an amqp(s):// URL; the message
+    never repeats the URL, which may hold a password."""
+    url = str(raw or '').strip()
+    if url and (urlsplit(url).scheme not in {'amqp', 'amqps'} or not urlsplit(url).hostname):
+        raise ConfigError('EVENTS_AMQP_URL is not an amqp:// or amqps:// URL with a host')
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class JwtSettings:
     jwks_url: str
@@ -222,20 +237,37 @@ class Database:
     name: str
     params: Mapping[str, Any]  # dbname, user, password, host, port: as psycopg2.connect takes them
     pgbouncer: Pgbouncer | None = None
+    migrate: Mapping[str, Any] | None = None  # where `migrate` connects: params, host and port replaced
+
+    def migrate_params(self) -> Mapping[str, Any]:
+        """The connection `migrate` takes its session lock on: refused when that is the transaction
+        pooler the service goes through (a pooler keeps no session of its own)."""
+        target = self.migrate or self.params
+        same = (target.get('host'), target.get('port')) == (self.params.get('host'), self.params.get('port'))
+        if self.pgbouncer is not None and same:
+            prefix = self.name.upper()
+            raise ConfigError(
+                f'{prefix}_DB_PGBOUNCER is set: migrate needs a session of its own, which a transaction pooler'
+                f' does not keep; set {prefix}_DB_MIGRATE_HOST and {prefix}_DB_MIGRATE_PORT to PostgreSQL itself'
+            )
+        return target
 
 
 # A database's settings by their environment suffix, and the key each has in an override's mapping.
 DATABASE_KEYS = {
     'NAME': 'dbname',
     'USER': 'user',
-    'PASS': 'password',
+    'PASS': 'password',  # nosec B105 - libpq's parameter name, not a password
     'HOST': 'host',
     'PORT': 'port',
     'PGBOUNCER': 'pgbouncer',
     'PGBOUNCER_POOL_SIZE': 'pgbouncer_pool_size',
     'PGBOUNCER_MAX_CLIENT_CONN': 'pgbouncer_max_client_conn',
+    'MIGRATE_HOST': 'migrate_host',
+    'MIGRATE_PORT': 'migrate_port',
 }
 PGBOUNCER_KEYS = ('pgbouncer', 'pgbouncer_pool_size', 'pgbouncer_max_client_conn')
+MIGRATE_KEYS = ('migrate_host', 'migrate_port')  # where `migrate` connects instead
 
 
 def optional_int(name: str, value: Any) -> int | None:
@@ -251,14 +283,19 @@ def parse_database(name: str, given: Mapping[str, Any]) -> Database:
     params = {
         key: value
         for key, value in dict(given, port=port).items()
-        if value not in ('', None) and key not in PGBOUNCER_KEYS
+        if value not in ('', None) and key not in PGBOUNCER_KEYS + MIGRATE_KEYS
     }
+    migrate = dict(params)
+    if given.get('migrate_host'):
+        migrate['host'] = given['migrate_host']
+    if given.get('migrate_port'):
+        migrate['port'] = parse_int(f'{prefix}_DB_MIGRATE_PORT', given['migrate_port'], minimum=1)
     mode = str(given.get('pgbouncer') or '').strip()
     if not mode:
         for key in PGBOUNCER_KEYS[1:]:
             if given.get(key) not in ('', None):
                 raise ConfigError(f'{prefix}_DB_{key.upper()} is set but {prefix}_DB_PGBOUNCER is not')
-        return Database(name, params)
+        return Database(name, params, None, migrate)
     if mode not in PGBOUNCER_MODES:
         raise ConfigError(
             f"{prefix}_DB_PGBOUNCER={mode!r} must be 'transaction' (pgbouncer's transaction pooling) or empty"
@@ -268,7 +305,7 @@ def parse_database(name: str, given: Mapping[str, Any]) -> Database:
         optional_int(f'{prefix}_DB_PGBOUNCER_POOL_SIZE', given.get('pgbouncer_pool_size')),
         optional_int(f'{prefix}_DB_PGBOUNCER_MAX_CLIENT_CONN', given.get('pgbouncer_max_client_conn')),
     )
-    return Database(name, params, pgbouncer)
+    return Database(name, params, pgbouncer, migrate)
 
 
 def databases_from(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -425,6 +462,10 @@ class Config:
     api_docs: bool
     openapi_servers: tuple[str, ...]
     metrics: bool
+    migrate_on_start: bool
+    events_amqp_url: str = field(repr=False)  # may hold a password
+    events_retention: float
+    events_metrics_port: int
     log: LogSettings
     server: ServerSettings
 
@@ -434,12 +475,23 @@ class Config:
         return {name: db.pgbouncer for name, db in self.databases.items() if db.pgbouncer is not None}
 
 
+# Local only: where `scripts/serve.sh` serves from (its private PostgreSQL), written while it runs,
+# so `flask --app app ...` in another shell of the checkout reaches the same database.
+LOCAL_DATABASE_RECORD = Path('.local') / 'database.env'
+
+
 def environment(base_dir: Path = BASE_DIR, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The process environment over `env/<ENVIRONMENT>/.env`: what every setting is read from."""
+    """The process environment over `env/<ENVIRONMENT>/.env` (and, in local mode, over serve.sh's
+    record of its private database): what every setting is read from."""
     process = dict(os.environ if environ is None else environ)
     name = process.get('ENVIRONMENT') or 'local'
-    from_file = {k: v for k, v in dotenv_values(base_dir / 'env' / name / '.env').items() if v is not None}
-    return {**from_file, **process, 'ENVIRONMENT': name}
+    files = [base_dir / 'env' / name / '.env']
+    if name == 'local':
+        files.append(base_dir / LOCAL_DATABASE_RECORD)
+    merged: dict[str, str] = {}
+    for path in files:
+        merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    return {**merged, **process, 'ENVIRONMENT': name}
 
 
 def extra_modules(raw: Mapping[str, Any]) -> list[str]:
@@ -501,6 +553,10 @@ def load(
         api_docs=parse_flag(get('API_DOCS')),
         openapi_servers=parse_servers(get('OPENAPI_SERVERS')),
         metrics=parse_flag(get('METRICS')),
+        migrate_on_start=parse_flag(get('MIGRATE_ON_START')),
+        events_amqp_url=parse_amqp_url(secret(raw, 'EVENTS_AMQP_URL')),
+        events_retention=parse_float('EVENTS_RETENTION', get('EVENTS_RETENTION'), minimum=1.0, inclusive=True),
+        events_metrics_port=parse_int('EVENTS_METRICS_PORT', get('EVENTS_METRICS_PORT')),
         log=parse_logging(raw, env, log_overrides),
         server=parse_server(raw),
     )

@@ -53,20 +53,31 @@ class HeldTransaction(RuntimeError):
 class PooledConnection(Connection):
     """A psycopg2 connection that remembers whether its rows should be dicts, and refuses to be
     committed or rolled back by an action while its transaction is the request's (`held`);
-    psycopg2's `with conn:` ends a transaction through these same methods."""
+    psycopg2's `with conn:` ends a transaction through these same methods. The events emitted in
+    its transaction (`pending_events`) are written by its commit, just before the COMMIT, and
+    forgotten by its rollback."""
 
     named: bool = True
     session_state = True  # lib.db.sql may keep prepared statements on it (not so behind pgbouncer)
     held: bool = False  # its transaction belongs to dbapi (the transaction step): `transactional` nests in it
+    pending_events: list[Any] | None = None  # emitted in its transaction, not yet written (lib.events.outbox)
+
+    def write_events(self) -> None:
+        """Write `pending_events` in the transaction. lib.events.outbox installs the writer (the db
+        layer cannot import the events layer above it); until then none can have been emitted."""
+        raise RuntimeError('events were emitted but lib.events.outbox is not loaded to write them')
 
     def commit(self) -> None:
         if self.held:
             raise HeldTransaction('commit')
+        if self.pending_events:
+            self.write_events()
         super().commit()
 
     def rollback(self) -> None:
         if self.held:
             raise HeldTransaction('roll back')
+        self.pending_events = None
         super().rollback()
 
 
@@ -198,7 +209,9 @@ def pools() -> Pools:
 def prepare(conn: Connection, named: bool, autocommit: bool, held: bool = False) -> Connection:
     """Set up a borrowed connection for its user; `held`: dbapi owns its transaction (commits it)."""
     conn.autocommit = autocommit  # client-side in psycopg2: no round trip
-    cast(PooledConnection, conn).held = held  # the pools open only PooledConnections
+    pooled = cast(PooledConnection, conn)  # the pools open only PooledConnections
+    pooled.held = held
+    pooled.pending_events = None  # events of an earlier borrower's transaction never reach this one's
     return rows_as(conn, named)
 
 
@@ -301,9 +314,13 @@ def savepoint(conn: Connection) -> Iterator[Db]:
     reuse one name: SQL's ROLLBACK TO and RELEASE name the newest savepoint of that name."""
     with conn.cursor() as cursor:
         cursor.execute('SAVEPOINT dbapi_transactional')
+    emitted = len(getattr(conn, 'pending_events', None) or ())
     try:
         yield Db(conn)
     except BaseException:
+        held = getattr(conn, 'pending_events', None)
+        if held:
+            del held[emitted:]  # the block's events go with its writes
         # On a broken connection this fails too; the error the block raised is the one to tell.
         with suppress(psycopg2.Error), conn.cursor() as cursor:
             cursor.execute('ROLLBACK TO SAVEPOINT dbapi_transactional; RELEASE SAVEPOINT dbapi_transactional')

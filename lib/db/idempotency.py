@@ -32,7 +32,7 @@ from psycopg2.extensions import cursor as Cursor  # rows as tuples, whatever the
 
 from lib.core.errors import ApiError, bad_request
 from lib.core.record import Answer
-from lib.db.connections import BorrowedConnection, ConnSpec
+from lib.db.connections import BorrowedConnection, ConnSpec, PooledConnection
 from lib.db.pool import ConnectionPool
 from lib.db.sql import Prepared, execute_prepared
 
@@ -194,8 +194,8 @@ def replay(claim: Claim, row: tuple[Any, ...]) -> Answer:
 def not_set_up(conn: Connection) -> ApiError:
     database = conn.info.dbname
     log.error(
-        "Idempotency-Key refused: database %r has no table dbapi_idempotency; apply dbapi's SQL to it:"
-        ' flask --app app apply-sql --database <its name>',
+        "Idempotency-Key refused: database %r has no table dbapi_idempotency; apply dbapi's migrations to it:"
+        ' flask --app app migrate --database <its name>',
         database,
     )
     return ApiError(500, 'idempotency-not-set-up', 'Idempotency-Key cannot be used yet; the logs say why')
@@ -234,6 +234,9 @@ def begin(conn: Connection, claim: Claim) -> Begun:
 def commit_with_answer(conn: Connection, claim: Claim, served: Answer, begun: Begun) -> bool:
     """Store `served` and commit, the work's writes with it; False (rolled back) when a live
     answer was stored meanwhile by a request that committed after `begin` read."""
+    pooled = cast(PooledConnection, conn)  # the pools open only PooledConnections
+    if pooled.pending_events:
+        pooled.write_events()  # the events the work emitted, in its transaction
     params = {
         'caller': claim.caller,
         'key': claim.key,
@@ -261,7 +264,8 @@ def commit_with_answer(conn: Connection, claim: Claim, served: Answer, begun: Be
 
 def rollback(conn: Connection) -> None:
     """End the claimed transaction without its writes (lib sent its BEGIN: psycopg2 does not
-    know of it)."""
+    know of it). The events the work emitted go with it."""
+    cast(PooledConnection, conn).pending_events = None  # the events the work emitted go with it
     with conn.cursor() as cursor:
         cursor.execute('ROLLBACK')
 

@@ -34,7 +34,7 @@ from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 
-# What an action must not rely on behind a transaction pooler: said once at start (lib/startup.py).
+# What an action must not rely on behind a transaction pooler: said once at start (lib/server/startup.py).
 SESSION_FEATURES = (
     'session-level SET (use SET LOCAL)',
     'PREPARE/EXECUTE of its own',

@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -180,8 +180,9 @@ PoolStats = Callable[[], Mapping[str, Mapping[str, int]]]  # database -> open, i
 class Metrics:
     """One app's metrics step and the pools' reports (a pool observer); the series are the process's own."""
 
-    def __init__(self, config: Config, pool_stats: PoolStats) -> None:
-        """`pool_stats`: this process's pools' state by database, sampled every SAMPLE_SECONDS."""
+    def __init__(self, config: Config, pool_stats: PoolStats, extra: Sequence[Collector] = ()) -> None:
+        """`pool_stats`: this process's pools' state by database, sampled every SAMPLE_SECONDS;
+        `extra`: collectors a scrape reads too."""
         self.pool_stats = pool_stats
         # prometheus_client chose its storage when it was imported, from the same directory.
         self.multiprocess = bool(config.server.metrics_dir)
@@ -192,6 +193,7 @@ class Metrics:
         self.sample_lock = threading.Lock()
         self.sampler_pid = 0
         self.lock = threading.Lock()
+        self.extra = extra  # collectors read at scrape time (the outbox's, lib.events.metrics)
         LIVE_METRICS.add(self)
         BUILD_INFO.labels(project_version()).set(1)
         for database in config.databases:  # every series present from the start, at 0
@@ -381,10 +383,12 @@ class ReplicaProcesses(Collector):
 
 
 class Exposition(Collector):
-    """`source`'s families, with the stored duration gauges shown as the histogram they hold."""
+    """`source`'s families, with the stored duration gauges shown as the histogram they hold,
+    then those of `extra` (read at scrape time)."""
 
-    def __init__(self, source: Collector) -> None:
+    def __init__(self, source: Collector, *extra: Collector) -> None:
         self.source = source
+        self.extra = extra
 
     def collect(self) -> Iterable[Metric]:
         buckets: dict[tuple[str, str], list[tuple[str, float]]] = {}
@@ -404,18 +408,21 @@ class Exposition(Collector):
             ordered = sorted(by_le, key=lambda bucket: float(bucket[0]))
             histogram.add_metric(list(key), ordered, sums.get(key, 0.0))
         yield histogram
+        for collector in self.extra:
+            yield from collector.collect()
 
 
-def scrape_registry(multiprocess: bool) -> Collector:
+def scrape_registry(multiprocess: bool, *extra: Collector) -> Collector:
     """What a scrape answers: in multiprocess mode, every worker's files, the replica's processes
-    and the Python version; otherwise this process's registry (with its process collector)."""
+    and the Python version; otherwise this process's registry (with its process collector); then
+    `extra`."""
     if not multiprocess:
-        return Exposition(REGISTRY)
+        return Exposition(REGISTRY, *extra)
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
     PlatformCollector(registry=registry)
     registry.register(ReplicaProcesses())
-    return Exposition(registry)
+    return Exposition(registry, *extra)
 
 
 def scrape(metrics: Metrics, accept: str) -> tuple[bytes, str]:
@@ -424,4 +431,4 @@ def scrape(metrics: Metrics, accept: str) -> tuple[bytes, str]:
     metrics.flush()
     metrics.sample_pools()
     encoder, content_type = choose_encoder(accept)
-    return encoder(scrape_registry(metrics.multiprocess)), content_type
+    return encoder(scrape_registry(metrics.multiprocess, *metrics.extra)), content_type

@@ -2,9 +2,13 @@
 
     flask --app app actions [--json]          every action: its fields, database and autocommit
     flask --app app new-module NAME [--root]  scaffold modules/NAME/ with one action and its test
-    flask --app app apply-sql [--database]    apply dbapi's own SQL and every module's schema.sql
+    flask --app app migrate [--status | --dry-run | --baseline] [--database NAME]
+                                              apply the pending migrations (docs/migrations.md)
+    flask --app app new-migration MODULE NAME the next numbered migration file of MODULE (or dbapi)
     flask --app app openapi                   the OpenAPI document, as GET /openapi.json serves it
     flask --app app new-token NAME            a new token for caller NAME, and its line for CALLERS_FILE
+    flask --app app events [--json]           every declared event: its type, module and data's fields
+    flask --app app relay [--database]        deliver the outbox's committed events to RabbitMQ (lib/events)
 
 Everything `actions` shows is read from the app's action registry (lib.contract.registry), the
 same records that serve requests, so the listing cannot drift from what is served.
@@ -17,26 +21,41 @@ import json
 import keyword
 import re
 import secrets
+from collections.abc import Mapping
+from datetime import UTC
 from pathlib import Path
 from string import Template
 from typing import Any
 
 import click
-import psycopg2
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 from marshmallow import Schema, fields
 
-from lib.apply_sql import apply_sql
 from lib.auth.callers import CallersError, check_caller_name, token_digest
 from lib.contract.openapi import document
 from lib.contract.registry import RESERVED_MODULES, Action, Registry
-from lib.core.config import BASE_DIR, DEFAULT_DATABASE, Config
+from lib.core.config import APP_ID, BASE_DIR, DEFAULT_DATABASE, Config, ConfigError
+from lib.db.migrations import (
+    OWN_DIRECTORY,
+    OWN_MODULE,
+    Applied,
+    Migration,
+    MigrationError,
+    Plan,
+    expected_migrations,
+    migrate,
+    migrations_directory,
+    module_name,
+    new_migration,
+    shown,
+    status,
+)
 from lib.web.flask_app import CONFIG_KEY, REGISTRY_KEY
 from lib.web.infrastructure import health_operations
 
 TEMPLATES = Path(__file__).resolve().parents[1] / 'templates' / 'module'
-MODULE_FILES = ('__init__.py', 'routes.py', 'actions.py', 'schemas.py', 'sql.py', 'schema.sql')
+MODULE_FILES = ('__init__.py', 'routes.py', 'actions.py', 'schemas.py', 'sql.py', 'migrations/0001_initial.sql')
 TEST_TEMPLATE = 'test_module.py'
 # Paths that are (or are planned as) the service's own, never a module's.
 RESERVED_NAMES = RESERVED_MODULES | {'actions'}
@@ -133,6 +152,69 @@ def actions_command(as_json: bool) -> None:
         click.echo('no actions: MODULES registers no module')
 
 
+# --- events --------------------------------------------------------------------------------
+
+
+@click.command('events')
+@click.option('--json', 'as_json', is_flag=True, help='Print a JSON list instead of a table.')
+@with_appcontext
+def events_command(as_json: bool) -> None:
+    """List every event the modules declare: its type, module and data's fields.
+
+    What `emit` accepts and the relay publishes to the exchange dbapi.events (routing key = the
+    type); GET /asyncapi.json is the same list as an AsyncAPI document.
+    """
+    rows: list[dict[str, Any]] = [
+        {'type': event.type, 'module': event.module, 'fields': schema_fields(event.schema)}
+        for event in registry().events
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo('no events: no module declares any (module_blueprint(..., events=[...]))')
+        return
+    lines: list[tuple[str, str, str]] = [('TYPE', 'MODULE', 'FIELDS')]
+    lines += [(row['type'], row['module'], fields_text(row['fields'])) for row in rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(2)]
+    for line in lines:
+        click.echo(f'{line[0].ljust(widths[0])}  {line[1].ljust(widths[1])}  {line[2]}'.rstrip())
+
+
+@click.command('relay')
+@click.option('--database', default=DEFAULT_DATABASE, show_default=True, help='The database whose outbox to relay.')
+@click.option('--exchange', default='dbapi.events', show_default=True, help='The topic exchange to publish to.')
+@with_appcontext
+def relay_command(database: str, exchange: str) -> None:
+    """Deliver the committed events of the outbox to RabbitMQ, until SIGTERM.
+
+    Publishes each event to the durable topic exchange (routing key = its type) with publisher
+    confirms, as a CloudEvents JSON document; one or more relays may run (docs/events.md). The
+    broker is EVENTS_AMQP_URL; its counters are on EVENTS_METRICS_PORT (0: off).
+    """
+    from prometheus_client import start_http_server
+
+    from lib.events.metrics import RELAY_REGISTRY
+    from lib.events.relay import Relay
+
+    settings = config()
+    if not settings.events_amqp_url:
+        raise click.ClickException('EVENTS_AMQP_URL is not set: the relay needs the broker to publish to')
+    if database not in settings.databases:
+        raise click.ClickException(f'no database named {database!r} (known: {", ".join(settings.databases)})')
+    if database in settings.pgbouncer:
+        raise click.ClickException(
+            f'database {database!r} is reached through pgbouncer in transaction mode, where LISTEN cannot work:'
+            f' give the relay a direct connection ({database.upper()}_DB_HOST/_PORT of PostgreSQL itself)'
+        )
+    if settings.events_metrics_port:
+        start_http_server(settings.events_metrics_port, registry=RELAY_REGISTRY)
+    url, retention = settings.events_amqp_url, settings.events_retention
+    relay = Relay(dict(settings.databases[database].params), url, APP_ID, retention, exchange)
+    relay.install_signals()
+    relay.run()
+
+
 # --- new-module ----------------------------------------------------------------------------
 
 
@@ -158,7 +240,7 @@ def targets(root: Path, name: str) -> dict[Path, str]:
     for path in (package, test):
         if path.exists():
             raise click.ClickException(f'{path.relative_to(root)} already exists: choose another module name')
-    paths = {package / file: file for file in MODULE_FILES}
+    paths = {package / file: Path(file).name for file in MODULE_FILES}
     paths[test] = TEST_TEMPLATE
     return paths
 
@@ -239,6 +321,7 @@ def new_module_command(name: str, root: Path) -> None:
     paths = targets(root, name)
     (root / 'modules' / name).mkdir()
     for path, template in paths.items():
+        path.parent.mkdir(exist_ok=True)
         path.write_text(render(template, name), encoding='utf-8')
         click.echo(f'created {path.relative_to(root)}')
     entry = f'modules.{name}'
@@ -247,47 +330,120 @@ def new_module_command(name: str, root: Path) -> None:
         click.echo(f'settings.py: MODULES is not the expected list; add this line to it:\n    {entry!r},', err=True)
     else:
         click.echo(done)
-    click.echo(
-        f'next: flask --app app apply-sql, then pytest tests/test_module_{name}.py; the action is POST /{name}/add_item'
-    )
+    # The commands as typed at the project root; a running scripts/serve.sh serves the module within seconds.
+    click.echo('next: scripts/flask --app app migrate   (scripts/serve.sh does it for you while it runs)')
+    click.echo(f'      scripts/test.sh tests/test_module_{name}.py')
+    click.echo(f'      POST /{name}/add_item is the action')
 
 
-# --- apply-sql -----------------------------------------------------------------------------
+# --- migrate -------------------------------------------------------------------------------
 
 
-def shown(path: Path) -> str:
-    return str(path.relative_to(BASE_DIR) if path.is_relative_to(BASE_DIR) else path)
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-@click.command('apply-sql')
-@click.option('--database', default=DEFAULT_DATABASE, show_default=True, help='A configured database.')
-@with_appcontext
-def apply_sql_command(database: str) -> None:
-    """Apply dbapi's own SQL, then every module's schema.sql, to a database.
-
-    The modules are those of MODULES, in order; each file runs in one transaction, and the
-    files are written to be re-run (`CREATE ... IF NOT EXISTS`).
-    """
-    databases = config().databases
-    if database not in databases:
-        raise click.ClickException(f'no database named {database!r} (known: {", ".join(databases)})')
-    params = databases[database].params
+def planned() -> dict[str, list[Migration]]:
+    """Each database's migrations for the app's modules (docs/migrations.md, "Which database")."""
     try:
-        for path in apply_sql(params, []):  # dbapi's own tables
-            click.echo(f'applied {shown(path)}')
-    except psycopg2.Error as error:
-        raise click.ClickException(f"dbapi's own SQL not applied: {first_line(error)}") from None
-    for module in config().modules:
-        try:
-            applied = apply_sql(params, [module], project=False)
-        except psycopg2.Error as error:
-            raise click.ClickException(f'{module}: schema.sql not applied: {first_line(error)}') from None
-        for path in applied:
-            click.echo(f'applied {shown(path)}')
+        return expected_migrations(config())
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def applied_text(row: Applied) -> str:
+    how = 'recorded by --baseline' if row.baseline else f'in {row.duration.total_seconds() * 1000:.0f} ms'
+    return f'applied {row.applied_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC {how}, by {row.applied_by}'
+
+
+def status_rows(database: str, plan: Plan) -> list[tuple[str, str, str]]:
+    """One row per migration, applied or pending, then those applied with no file here."""
+    rows = []
+    changed = {migration.key for migration, _ in plan.changed}
+    for migration in plan.migrations:
+        row = plan.applied.get(migration.key)
+        if row is None:
+            state = 'pending' + ('' if migration.transactional else ' (no-transaction)')
+        else:
+            state = applied_text(row)
+            if migration.key in changed:
+                state += f'; CHANGED since: sha256 {row.sha256} applied, {migration.sha256} now'
+        rows.append((database, migration.label, state))
+    for row in plan.unknown:
+        rows.append((database, row.label, f"{applied_text(row)}; no file here (a newer release's?)"))
+    return rows
+
+
+def status_table(rows: list[tuple[str, str, str]]) -> str:
+    lines = [('DATABASE', 'MIGRATION', 'STATE'), *rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(2)]
+    return '\n'.join(f'{line[0].ljust(widths[0])}  {line[1].ljust(widths[1])}  {line[2]}' for line in lines)
+
+
+def reading_params(name: str) -> Mapping[str, Any]:
+    """Where --status and --dry-run read: migrate's address, else (a pooler, no lock needed) the service's."""
+    database = config().databases[name]
+    try:
+        return database.migrate_params()
+    except ConfigError:
+        return database.params
+
+
+@click.command('migrate')
+@click.option('--status', 'show_status', is_flag=True, help='List applied and pending migrations; change nothing.')
+@click.option('--dry-run', is_flag=True, help='Say what would run; change nothing.')
+@click.option('--baseline', is_flag=True, help="Record each module's first migration as applied without running it.")
+@click.option('--database', default=None, help='One database of DATABASES (default: each that gets migrations).')
+@with_appcontext
+def migrate_command(show_status: bool, dry_run: bool, baseline: bool, database: str | None) -> None:
+    """Apply the pending migrations: dbapi's own, then each module's, in order.
+
+    Each file runs once per database, in one transaction (or outside one when its first line is
+    `-- dbapi: no-transaction`), under a lock that makes concurrent runs wait; the first
+    failure stops the run. --baseline adopts a database built by the old schema.sql files.
+    """
+    if show_status and (dry_run or baseline):
+        raise click.ClickException('--status lists only: it takes neither --dry-run nor --baseline')
+    databases = config().databases
+    targets = planned()
+    if database is not None:
+        if database not in databases:
+            raise click.ClickException(f'no database named {database!r} (known: {", ".join(databases)})')
+        if database not in targets:
+            raise click.ClickException(f"no module's actions use database {database!r}: it gets no migrations")
+        targets = {database: targets[database]}
+    rows: list[tuple[str, str, str]] = []
+    try:
+        for name, migrations in targets.items():
+            params = reading_params(name) if show_status or dry_run else databases[name].migrate_params()
+            if show_status:
+                rows += status_rows(name, status(params, migrations, name))
+            else:
+                migrate(params, migrations, database=name, baseline=baseline, dry_run=dry_run, say=click.echo)
+    except (MigrationError, ConfigError) as error:
+        raise click.ClickException(str(error)) from None
+    if show_status:
+        click.echo(status_table(rows))
+
+
+@click.command('new-migration')
+@click.argument('module')
+@click.argument('name')
+@with_appcontext
+def new_migration_command(module: str, name: str) -> None:
+    """Write MODULE's next migration file, migrations/NNNN_NAME.sql.
+
+    MODULE is a registered module's name (`example`), or `dbapi` for dbapi's own (lib/sql/).
+    """
+    modules = {module_name(entry): entry for entry in config().modules}
+    try:
+        if module == OWN_MODULE:
+            directory = OWN_DIRECTORY
+        elif module in modules:
+            directory = migrations_directory(modules[module])
+        else:
+            known = ', '.join([OWN_MODULE, *modules])
+            raise click.ClickException(f'no module named {module!r} in MODULES (known: {known})')
+        path = new_migration(directory, module, name)
+    except MigrationError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f'created {shown(path)}: write the change, then flask --app app migrate')
 
 
 # --- openapi -------------------------------------------------------------------------------
@@ -331,5 +487,15 @@ def new_token_command(name: str) -> None:
 
 
 def init_app(app: Flask) -> None:
-    for command in (actions_command, new_module_command, apply_sql_command, openapi_command, new_token_command):
+    commands = (
+        actions_command,
+        new_module_command,
+        migrate_command,
+        new_migration_command,
+        openapi_command,
+        new_token_command,
+        events_command,
+        relay_command,
+    )
+    for command in commands:
         app.cli.add_command(command)

@@ -26,7 +26,8 @@ from typing import Any
 import psycopg2
 
 from lib.core import process
-from lib.core.config import Config, ConfigError, Pgbouncer, load
+from lib.core.config import Config, ConfigError, Pgbouncer
+from lib.db.migrations import expected_migrations, migrate
 from lib.db.pgbouncer import limits_line
 
 PROBE_TIMEOUT_SECONDS = 3
@@ -215,14 +216,21 @@ def check_connection_budget(config: Config, workers: int, replicas: int) -> list
     return checked
 
 
-def check_master(workers: int) -> tuple[Config, list[Budget]]:
-    """Everything the master checks before forking; ConfigError names the bad setting.
-    The databases behind pgbouncer are named once, with what cannot work through it."""
-    config = load()  # the modules do not count: only the settings and the databases
+def check_master(config: Config, workers: int) -> list[Budget]:
+    """Everything the master checks before forking (`config`: settings.MODULES' configuration);
+    ConfigError names the bad setting. The databases behind pgbouncer are named once, with what
+    cannot work through them. With MIGRATE_ON_START the pending migrations are applied last,
+    under the same lock as `flask --app app migrate` (replicas starting together apply each file
+    once), before any worker serves; MigrationError names the file."""
+    planned = expected_migrations(config)  # a misnamed file stops the master here, with one line
     checked = check_connection_budget(config, workers, config.server.replicas)
+    log = logging.getLogger(STARTUP_LOGGER)
     if config.pgbouncer:
-        logging.getLogger(STARTUP_LOGGER).info(limits_line(list(config.pgbouncer)))
-    return config, checked
+        log.info(limits_line(list(config.pgbouncer)))
+    if config.migrate_on_start:
+        for name, migrations in planned.items():
+            migrate(config.databases[name].migrate_params(), migrations, database=name, say=log.info)
+    return checked
 
 
 def announce_worker_ready(worker: Any) -> None:

@@ -1,6 +1,11 @@
 """The routes Flask serves for the infrastructure, outside the POST space and without a token:
-health (`/health/live`, `/health/ready`), the contract (`/openapi.json` and its page `/docs`,
-while API_DOCS is on) and `/metrics` (while METRICS is on).
+health (`/health/live`, `/health/ready`), the contracts (`/openapi.json` and its page `/docs`,
+and the events' `/asyncapi.json`, while API_DOCS is on) and `/metrics` (while METRICS is on).
+
+Readiness is the gate of a rolling update: a replica whose code needs a migration that its
+database has not recorded answers 503 naming it, so no request reaches code whose tables or
+columns do not exist yet; once `migrate` has run, the next probe answers 200 (one query a
+database per probe: the pending check replaces `SELECT 1`).
 
 The page is Swagger UI as the flask-swagger-ui package ships it (its assets are in the wheel, so
 nothing comes from a CDN); a developer authorizes with a token and calls the actions of the
@@ -10,6 +15,7 @@ same server.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg2
@@ -21,16 +27,21 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from lib.contract.openapi import HEALTH_TAG, RETRY_AFTER_HEADER, docstring_parts
 from lib.core.config import Config
-from lib.core.errors import RETRY_AFTER_SECONDS
+from lib.core.errors import RETRY_AFTER_SECONDS, ApiError
 from lib.core.json import JSON_MIMETYPE, dumps
+from lib.core.record import RequestRecord
 from lib.db.connections import Pools
+from lib.db.migrations import Migration, pending_on
 from lib.observability.metrics import Metrics, scrape
+from lib.web.gateway import RECORD_KEY
 
 log = logging.getLogger('dbapi.health')
 
 READY_TIMEOUT_SECONDS = 2.0
-STATES = ('ok', 'unavailable')
+STATES = ('ok', 'unavailable', 'migrations pending')
+OK, UNAVAILABLE, PENDING = STATES
 DOCUMENT_PATH = '/openapi.json'
+ASYNCAPI_PATH = '/asyncapi.json'
 PAGE_PATH = '/docs'
 # Swagger UI's options (its `config` object). No online validator badge: nothing leaves the page.
 PAGE_CONFIG = {
@@ -51,8 +62,10 @@ class LiveSchema(Schema):
 
 
 class ReadySchema(Schema):
-    status = fields.String(required=True, validate=OneOf(STATES))
+    status = fields.String(required=True, validate=OneOf([OK, UNAVAILABLE]))
     databases = fields.Dict(keys=fields.String(), values=fields.String(validate=OneOf(STATES)), required=True)
+    # Each database's pending migrations (`module NNNN_name`), when it has some.
+    pending = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
 
 
 # What each health route answers, by status: the OpenAPI document shows it.
@@ -62,7 +75,8 @@ HEALTH_ANSWERS: dict[str, dict[int, type[Schema]]] = {
 }
 
 
-def health_blueprint(config: Config, pools: Pools) -> Blueprint:
+def health_blueprint(config: Config, pools: Pools, expected: Mapping[str, Sequence[Migration]]) -> Blueprint:
+    """`expected`: the migrations each database must have recorded for this code."""
     blueprint = Blueprint('health', __name__, url_prefix='/health')
 
     @blueprint.get('/live')
@@ -70,39 +84,73 @@ def health_blueprint(config: Config, pools: Pools) -> Blueprint:
         """The process answers."""
         return json_response({'status': 'ok'})
 
-    def check_database(name: str) -> str:
+    def check_database(name: str) -> tuple[str, list[str]]:
+        """The database's state, and the labels of its pending migrations: one query."""
+        migrations = expected.get(name, ())
         try:
-            with pools.get(name).connection(timeout=READY_TIMEOUT_SECONDS) as conn, conn.cursor() as cursor:
-                cursor.execute('SELECT 1')
-                cursor.fetchone()
-                conn.rollback()
+            with pools.get(name).connection(timeout=READY_TIMEOUT_SECONDS) as conn:
+                try:
+                    if migrations:
+                        pending = [migration.label for migration in pending_on(conn, migrations)]
+                    else:
+                        with conn.cursor() as cursor:
+                            cursor.execute('SELECT 1')
+                            cursor.fetchone()
+                        pending = []
+                finally:
+                    conn.rollback()
         except psycopg2.Error as error:
             log.warning('readiness: database %r is not answering: %s', name, str(error).strip())
-            return 'unavailable'
-        return 'ok'
+            return UNAVAILABLE, []
+        return (PENDING if pending else OK), pending
 
     @blueprint.get('/ready')
     def ready() -> Response:
-        """Every configured database answers `SELECT 1`; 503 names those that do not."""
-        checks: dict[str, Any] = {name: check_database(name) for name in config.databases}
-        healthy = all(state == 'ok' for state in checks.values())
-        body = {'status': 'ok' if healthy else 'unavailable', 'databases': checks}
+        """Every configured database answers, and has recorded every migration this code needs;
+        503 names the databases that do not and the migrations pending."""
+        checks: dict[str, Any] = {}
+        pending: dict[str, list[str]] = {}
+        for name in config.databases:
+            checks[name], waiting = check_database(name)
+            if waiting:
+                pending[name] = waiting
+        healthy = all(state == OK for state in checks.values())
+        body: dict[str, Any] = {'status': OK if healthy else UNAVAILABLE, 'databases': checks}
+        if pending:
+            body['pending'] = pending
         response = json_response(body, 200 if healthy else 503)
         if not healthy:
             response.headers['Retry-After'] = RETRY_AFTER_SECONDS
+            record: RequestRecord | None = request.environ.get(RECORD_KEY)
+            if record is not None:  # the access record says why
+                record.problem = not_ready(checks, pending)
         return response
 
     return blueprint
 
 
-def docs_blueprints(app: Flask, document: bytes) -> None:
-    """GET /openapi.json (`document`, built once) and its page, GET /docs."""
+def not_ready(checks: Mapping[str, str], pending: Mapping[str, list[str]]) -> ApiError:
+    if pending:
+        detail = '; '.join(f'database {db!r}: migrations pending: {", ".join(names)}' for db, names in pending.items())
+        return ApiError(503, 'migrations-pending', f'{detail} (flask --app app migrate)')
+    down = ', '.join(repr(name) for name, state in checks.items() if state != OK)
+    return ApiError(503, 'database-unavailable', f'database {down} not answering')
+
+
+def docs_blueprints(app: Flask, document: bytes, events: bytes) -> None:
+    """GET /openapi.json (`document`, built once) and its page, GET /docs; GET /asyncapi.json
+    (`events`, the AsyncAPI document of the declared events)."""
     blueprint = Blueprint('openapi', __name__)
 
     @blueprint.get(DOCUMENT_PATH)
     def openapi_json() -> Response:
         """The OpenAPI document, built once when the app was made."""
         return Response(document, mimetype=JSON_MIMETYPE)
+
+    @blueprint.get(ASYNCAPI_PATH)
+    def asyncapi_json() -> Response:
+        """The AsyncAPI document of the declared events, built once when the app was made."""
+        return Response(events, mimetype=JSON_MIMETYPE)
 
     app.register_blueprint(blueprint)
     app.register_blueprint(get_swaggerui_blueprint(PAGE_PATH, DOCUMENT_PATH, config=PAGE_CONFIG, blueprint_name='docs'))

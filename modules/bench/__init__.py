@@ -2,6 +2,6 @@
 
 from lib import module_blueprint
 
-from .routes import routes
+from .routes import events, routes
 
-blueprint = module_blueprint(__name__, routes)
+blueprint = module_blueprint(__name__, routes, events=events)

@@ -1,6 +1,6 @@
 from psycopg2.extensions import connection as Connection
 
-from lib import Row, get_db_from_conn, inject_conn, use_schema
+from lib import Row, emit, get_db_from_conn, inject_conn, use_schema
 
 from .schemas import KeySchema, RowsSchema, UpsertSchema
 from .sql import READ, SQL_ROWS, UPSERT
@@ -25,6 +25,15 @@ def read_tx(conn: Connection, aid: int) -> Row | None:
 def upsert(conn: Connection, aid: int, bid: int, abalance: int) -> Row | None:
     # inject_conn's transaction: committed when the action returns
     return get_db_from_conn(conn).fetch_row(UPSERT, dict(aid=aid, bid=bid, abalance=abalance))
+
+
+# The same upsert, and its event (bench.events: the cost of emit, the relay's throughput).
+@use_schema(UpsertSchema)
+@inject_conn(named=True, autocommit=False)
+def upsert_event(conn: Connection, aid: int, bid: int, abalance: int) -> Row | None:
+    row = get_db_from_conn(conn).fetch_row(UPSERT, dict(aid=aid, bid=bid, abalance=abalance))
+    emit(conn, 'bench.account_saved', row, key=str(aid))
+    return row
 
 
 @use_schema(RowsSchema)

@@ -19,3 +19,11 @@ class UpsertSchema(Schema):
 class RowsSchema(Schema):
     first = KEY
     count = fields.Integer(load_default=MAX_ROWS, strict=True, validate=Range(min=1, max=MAX_ROWS))
+
+
+class AccountSavedSchema(Schema):
+    """The event of bench/upsert_event: the account as written."""
+
+    aid = fields.Integer(required=True)
+    bid = fields.Integer(required=True)
+    abalance = fields.Integer(required=True)

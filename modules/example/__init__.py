@@ -1,5 +1,5 @@
 from lib import module_blueprint
 
-from .routes import routes
+from .routes import events, routes
 
-blueprint = module_blueprint(__name__, routes)
+blueprint = module_blueprint(__name__, routes, events=events)

@@ -5,7 +5,7 @@ from typing import Any
 
 from psycopg2.extensions import connection as Connection
 
-from lib import Row, get_db_from_conn, inject_conn, not_found, returns, use_schema
+from lib import Row, emit, get_db_from_conn, inject_conn, not_found, returns, use_schema
 
 from .schemas import FooResultSchema, FooSchema, NameSchema, NewUserSchema, UserSchema
 from .sql import SQL_USER
@@ -27,9 +27,11 @@ def foo(name: str, email: str | None = None) -> dict[str, Any]:
 @returns(UserSchema, many=True)
 @inject_conn()  # one transaction: committed when the action returns, rolled back if it raises
 def bar(conn: Connection, name: str, email: str | None = None) -> list[Row]:
-    """Create or update the user `name`, and answer the stored rows for that name."""
+    """Create or update the user `name`, and answer the stored rows for that name; every other
+    service hears `user.saved` once the transaction commits."""
     db = get_db_from_conn(conn)
-    db.upsert('users', dict(email=email or ''), dict(name=name))
+    saved = db.upsert('users', dict(email=email or ''), dict(name=name))
+    emit(conn, 'user.saved', saved, key=name)
     return db.fetch_all(SQL_USER, dict(name=name))
 
 

@@ -31,3 +31,9 @@ class FooResultSchema(Schema):
 class UserSchema(Schema):
     name = fields.String(required=True)
     email = fields.String(required=True)  # '' when the user was stored without one
+
+
+# The event example/bar emits (`user.saved`): consumers get these fields as its `data`.
+class UserSavedSchema(Schema):
+    name = fields.String(required=True)
+    email = fields.String(required=True)  # '' when the user was stored without one

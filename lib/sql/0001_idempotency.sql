@@ -1,5 +1,6 @@
 -- dbapi's own table: the stored answers of requests sent with an Idempotency-Key (lib/idempotency.py).
--- Applied before the modules' schema.sql by `flask --app app apply-sql`; safe to re-run.
+-- dbapi's first migration (`flask --app app migrate`), applied before any module's. It was
+-- lib/idempotency.sql, hence IF NOT EXISTS: a database it built adopts it with `migrate --baseline`.
 CREATE TABLE IF NOT EXISTS dbapi_idempotency (
     caller       text        NOT NULL,  -- the caller's name: keys belong to the caller that sent them
     key          text        NOT NULL,

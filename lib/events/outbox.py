@@ -1,0 +1,269 @@
+"""Events a module declares and `emit`s: each is written to `dbapi_outbox` in the transaction
+that writes the action's data, so it exists if and only if that transaction commits.
+
+A module declares its events next to its routes (`module_blueprint(__name__, routes,
+events=events)`, each entry `dict(type='user.saved', schema=UserSavedSchema)`); `declare` checks
+them and keeps them where `emit` finds them. `emit(conn, type, data, key=None)` checks the type
+and the data at once and keeps the event on the connection (a `PooledConnection`); the
+connection's commit writes every event it holds in one statement just before its COMMIT
+(`flush`, installed as the db layer's `PooledConnection.write_events`), a rollback forgets them,
+and a savepoint rolled back forgets the ones emitted inside it (lib.db.connections). So an event
+written is one committed: a rolled-back action, a
+failing batch step and a replayed Idempotency-Key emit nothing, and the row's `time` is the
+commit's time.
+
+Per key, events are written in commit order: the flush first takes a transaction-level advisory
+lock on each of its keys (in one global order, so two flushes never deadlock), then takes the
+rows' `seq`; a second transaction with the same key waits for the first to commit or roll back.
+So for one key, `seq` order is commit order, and a relay delivers them in `seq` order
+(lib/events/relay.py; docs/architecture.md).
+
+The flush also sends `NOTIFY dbapi_outbox`, at most once per NOTIFY_EVERY seconds per process:
+PostgreSQL serializes the commits of notifying transactions (one lock, held through the commit's
+WAL flush), so one per transaction would halve a busy database's write rate; the relay polls a
+few times after each wake-up and at least once a second, so a NOTIFY left out delays nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from marshmallow import Schema
+from psycopg2.extensions import TRANSACTION_STATUS_INTRANS
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as PlainCursor
+
+from lib.core.json import dumps
+from lib.db.connections import PooledConnection
+from lib.db.sql import Prepared, execute_prepared
+
+CHANNEL = 'dbapi_outbox'  # LISTEN/NOTIFY channel: "events were committed"
+EXCHANGE = 'dbapi.events'  # the durable topic exchange the relay publishes to
+# Routing keys of a topic exchange: dot-separated words; `*` and `#` are for bindings only.
+TYPE = re.compile(r'[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)*')
+MAX_TYPE_LENGTH = 255  # AMQP's shortstr
+MAX_KEY_LENGTH = 1000
+# pg_advisory_xact_lock(int, int) classes: the writers' per-key lock and the relays' claim on a
+# key. The two-key form never meets the one-key form lib.idempotency uses.
+WRITE_LOCK_CLASS = 0x64626501
+RELAY_LOCK_CLASS = 0x64626502
+NOTIFY_EVERY = 0.1  # seconds: the most often one process sends NOTIFY
+
+
+class EventError(RuntimeError):
+    """A module's bug in emitting an event (a 500; nothing is committed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventType:
+    """One declared event: its type (the routing key), the module that declares it, the schema
+    of its `data`."""
+
+    type: str
+    module: str
+    schema: Schema
+    description: str = ''
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An emitted event, not yet written."""
+
+    id: str
+    type: str
+    key: str | None
+    lock: int | None  # the key's 32-bit hash: its advisory lock and the relays' claim
+    data: str  # the JSON document of `data`
+
+
+# Every declared event type, by type: what `emit` checks against. Filled when a module's
+# blueprint is made (lib.actions.module_blueprint), once per process.
+DECLARED: dict[str, EventType] = {}
+
+
+def declare(module: str, events: Iterable[Mapping[str, Any]]) -> tuple[EventType, ...]:
+    """`events` checked (a type that is a routing key, a marshmallow schema) and declared; a type
+    another module declares is refused. The module's entries replace its earlier ones."""
+    declared: dict[str, EventType] = {}
+    for entry in events:
+        unknown = set(entry) - {'type', 'schema', 'description'}
+        name, schema = entry.get('type'), entry.get('schema')
+        if unknown:
+            raise ValueError(f'module {module!r}: event {name!r} has unknown keys {sorted(unknown)}')
+        if not isinstance(name, str) or len(name) > MAX_TYPE_LENGTH or not TYPE.fullmatch(name):
+            raise ValueError(
+                f'module {module!r}: event type {name!r} must be lowercase words (a-z, 0-9, _ and -) joined'
+                f' by dots, at most {MAX_TYPE_LENGTH} characters, e.g. user.saved'
+            )
+        instance = schema() if isinstance(schema, type) and issubclass(schema, Schema) else schema
+        if not isinstance(instance, Schema):
+            raise ValueError(f'module {module!r}: event {name!r} needs a marshmallow Schema, got {schema!r}')
+        if name in declared:
+            raise ValueError(f'module {module!r}: event {name!r} is declared twice')
+        owner = DECLARED.get(name)
+        if owner is not None and owner.module != module:
+            raise ValueError(f'module {module!r}: event {name!r} is already declared by module {owner.module!r}')
+        declared[name] = EventType(name, module, instance, str(entry.get('description') or ''))
+    for name in [name for name, event in DECLARED.items() if event.module == module]:
+        del DECLARED[name]
+    DECLARED.update(declared)
+    return tuple(declared.values())
+
+
+def key_lock(key: str) -> int:
+    """The key's 32-bit hash, signed as PostgreSQL's integer: its advisory locks' second key."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), 'big', signed=True)
+
+
+def in_transaction(conn: Connection) -> bool:
+    """Whether what `conn` writes now is committed by lib as one transaction: psycopg2 runs it
+    in a transaction, or lib sent BEGIN on it itself (a keyed request's, lib.idempotency)."""
+    if not conn.autocommit:
+        return True
+    return bool(getattr(conn, 'held', False)) and conn.info.transaction_status == TRANSACTION_STATUS_INTRANS
+
+
+def payload(event: EventType, data: Any) -> str:
+    """`data` dumped through the event's schema, as consumers get it; EventError when it is not
+    a mapping of the schema's fields, or when the dumped document fails the schema's own checks."""
+    if not isinstance(data, Mapping):
+        raise EventError(f'emit({event.type!r}): data must be a mapping, not {type(data).__name__}')
+    schema = event.schema
+    fails = f'emit({event.type!r}): the data fails {type(schema).__name__} (declared by module {event.module!r})'
+    known = {field.attribute or name for name, field in schema.fields.items()}
+    unknown = sorted(str(name) for name in data if name not in known)
+    try:
+        dumped = schema.dump(data)
+    except (TypeError, ValueError, AttributeError) as error:
+        raise EventError(f'{fails}: it cannot be dumped: {error}') from None
+    errors: dict[str, Any] = schema.validate(dumped)
+    for name in unknown:
+        errors.setdefault(name, ['Unknown field.'])
+    if errors:
+        raise EventError(f'{fails}: {errors}')
+    return dumps(dumped).decode()
+
+
+def emit(conn: Connection, type: str, data: Any, key: str | None = None) -> str:
+    """Emit the event `type` with `data` (its declared schema's fields) and `key` (events with the
+    same key are delivered in commit order), in the transaction of `conn`; its id, a UUID string.
+
+    Raises EventError (a 500: a bug in the module, nothing committed) for an undeclared type, data
+    the schema refuses, a key that is not a short string, or a connection in autocommit."""
+    event = DECLARED.get(type)
+    if event is None:
+        known = ', '.join(sorted(DECLARED)) or 'none'
+        raise EventError(
+            f'emit({type!r}): no module declares this event type (declared: {known}); list it in the'
+            " module's events: module_blueprint(__name__, routes, events=[dict(type=..., schema=...)])"
+        )
+    if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or '\x00' in key):
+        raise EventError(f'emit({type!r}): key must be a string of at most {MAX_KEY_LENGTH} characters, without NUL')
+    if not hasattr(conn, 'pending_events') or not in_transaction(conn):
+        raise EventError(
+            f"emit({type!r}) needs the action's transaction: the connection is in autocommit or not one of lib's"
+            ' (use inject_conn() without autocommit, or a transactional(conn) block)'
+        )
+    document = payload(event, data)
+    pending = Pending(str(uuid.uuid4()), type, key, None if key is None else key_lock(key), document)
+    held: list[Pending] | None = getattr(conn, 'pending_events', None)
+    if held is None:
+        setattr(conn, 'pending_events', [pending])  # noqa: B010 - lib's PooledConnection has it
+    else:
+        held.append(pending)
+    return pending.id
+
+
+class Notifier:
+    """When this process last sent NOTIFY: at most one per NOTIFY_EVERY seconds."""
+
+    last = float('-inf')
+
+    @classmethod
+    def due(cls) -> bool:
+        now = time.monotonic()
+        if now - cls.last < NOTIFY_EVERY:
+            return False
+        cls.last = now
+        return True
+
+
+INSERT = (
+    'INSERT INTO dbapi_outbox (id, type, key, key_lock, data, time)'
+    ' SELECT e.id, e.type, e.key, e.lock, e.data, statement_timestamp()'
+    ' FROM unnest(%(ids)s::uuid[], %(types)s::text[], %(keys)s::text[], %(locks)s::integer[], %(data)s::json[])'
+    ' WITH ORDINALITY AS e(id, type, key, lock, data, n) ORDER BY e.n'
+)
+
+
+# One event, the common case: prepared once per connection. The materialized CTE takes the key's
+# lock (none for a NULL key: the function is strict) before the row takes its seq.
+INSERT_ONE = Prepared(
+    """
+WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(class)s, %(lock)s))
+INSERT INTO dbapi_outbox (id, type, key, key_lock, data, time)
+SELECT %(id)s, %(type)s, %(key)s, %(lock)s, %(data)s, statement_timestamp() FROM locked
+""",
+    id='uuid',
+    type='text',
+    key='text',
+    lock='integer',
+    data='json',
+    **{'class': 'integer'},
+)
+
+
+def flush_statement(events: list[Pending], notify: bool) -> tuple[str, dict[str, Any]]:
+    """The SQL that writes `events`: the key locks in ascending order, the rows in emit order,
+    and NOTIFY; one message, one round trip."""
+    locks = sorted({event.lock for event in events if event.lock is not None})
+    params: dict[str, Any] = {
+        'class': WRITE_LOCK_CLASS,
+        'ids': [event.id for event in events],
+        'types': [event.type for event in events],
+        'keys': [event.key for event in events],
+        'locks': [event.lock for event in events],
+        'data': [event.data for event in events],
+    }
+    parts = []
+    if locks:
+        calls = ', '.join(f'pg_advisory_xact_lock(%(class)s, %(lock{index})s)' for index in range(len(locks)))
+        params.update({f'lock{index}': lock for index, lock in enumerate(locks)})
+        parts.append(f'SELECT {calls}')
+    parts.append(INSERT)
+    if notify:
+        parts.append(f'NOTIFY {CHANNEL}')
+    return '; '.join(parts), params
+
+
+def flush(conn: Connection) -> int:
+    """Write the events `conn` holds, in its open transaction (its commit follows); how many."""
+    held: list[Pending] | None = getattr(conn, 'pending_events', None)
+    if not held:
+        return 0
+    setattr(conn, 'pending_events', None)  # noqa: B010 - lib's PooledConnection has it
+    notify = Notifier.due()
+    with conn.cursor(cursor_factory=PlainCursor) as cursor:
+        if len(held) == 1:
+            event = held[0]
+            params = {'class': WRITE_LOCK_CLASS, 'id': event.id, 'type': event.type, 'key': event.key}
+            params.update(lock=event.lock, data=event.data)
+            execute_prepared(cursor, INSERT_ONE, params, after=f'; NOTIFY {CHANNEL}' if notify else '')
+        else:
+            statement, many = flush_statement(held, notify)
+            cursor.execute(statement, many)
+    return len(held)
+
+
+def write_events(conn: PooledConnection) -> None:
+    """The writer a PooledConnection's commit (and a keyed request's) runs for its pending events."""
+    flush(conn)
+
+
+PooledConnection.write_events = write_events  # type: ignore[method-assign,assignment]  # the db layer's hook
