@@ -25,9 +25,9 @@ from lib.db.migrations import expected_migrations
 from lib.db.pool import ConnectionPool
 from lib.events import asyncapi
 from lib.events.metrics import OutboxCollector
-from lib.observability.access_log import AccessRecords
+from lib.observability.access_log import AccessRecords, MeteredRecords
 from lib.observability.logging_setup import setup_logging
-from lib.observability.metrics import MeteredRecords, Metrics
+from lib.observability.metrics import Metrics
 from lib.pipeline.path import Pipeline
 from lib.server import cli
 from lib.web.blueprints import registry_of

@@ -40,7 +40,6 @@ from prometheus_client.registry import Collector
 from lib.core import process
 from lib.core.config import Config, project_version
 from lib.core.record import RequestRecord
-from lib.observability.access_log import AccessRecords, WSGIEnviron
 
 BATCH = 'batch'  # the module name of POST /batch in the series
 SAMPLE_SECONDS = 1.0  # how often each process writes its counts, durations and pools' state
@@ -319,30 +318,6 @@ def sample_every(ref: weakref.ref[Metrics]) -> None:
         metrics.flush()
         metrics.sample_pools()
         del metrics
-
-
-class MeteredRecords(AccessRecords):
-    """The last step of every request: its access record, then its metrics."""
-
-    def __init__(self, proxy_hops: int, metrics: Metrics) -> None:
-        super().__init__(proxy_hops)
-        self.metrics = metrics
-        self.tallies = metrics.tallies
-
-    def write(self, record: RequestRecord, environ: WSGIEnviron, duration_ns: int, error: BaseException | None) -> None:
-        """The record, then the request's metrics: for a registered action's request without a
-        database error or a replay, two appends to its tally, here rather than in Metrics.record (a call
-        less per request); Metrics.record for any other."""
-        try:
-            AccessRecords.write(self, record, environ, duration_ns, error)  # not super(): a lookup less
-        finally:
-            by_action = self.tallies.get(record.module)
-            tally = None if by_action is None else by_action.get(record.action)
-            if tally is None or record.database_error is not None or record.replayed:
-                self.metrics.record(record, duration_ns)
-            else:
-                tally.durations.append(duration_ns)
-                tally.keys.append((record.status, record.caller))
 
 
 def replica_pids() -> list[int]:
