@@ -408,18 +408,19 @@ class ChunkedInput:
         self.body = body
 
     def read(self, size: int | None = None) -> bytes:
+        return self.parsed(self.body.read, size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        return self.parsed(self.body.readline, size)
+
+    @staticmethod
+    def parsed(read: Any, size: int | None) -> bytes:
+        """`read(size)`, gunicorn's parse errors raised as InvalidBody."""
         try:
-            data: bytes = self.body.read(size)
+            data: bytes = read(size)
         except ParseException as error:
             raise InvalidBody(str(error)) from error
         return data
-
-    def readline(self, size: int | None = None) -> bytes:
-        try:
-            line: bytes = self.body.readline(size)
-        except ParseException as error:
-            raise InvalidBody(str(error)) from error
-        return line
 
     def __iter__(self) -> Iterator[bytes]:
         while line := self.readline():
