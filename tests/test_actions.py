@@ -48,7 +48,7 @@ def test_validation_failure_is_422_and_never_reaches_the_action(api, db):
     assert query(db, "SELECT count(*) FROM probe_items WHERE code = 'x'") == [(0,)]
 
 
-def test_article_defect_2_validation_errors_are_not_http_200(api):
+def test_validation_errors_are_422_not_200(api):
     response = api.post('/example/foo', {'email': 'not-an-email'})
     assert response.status_code == 422
     assert response.content_type == 'application/problem+json'

@@ -38,7 +38,7 @@ def test_every_action_answers_with_the_token(app):
             assert response.status_code not in {401, 404, 405}, (name, route, response.status_code)
 
 
-def test_article_defect_1_no_token_is_never_served(api, client, db):
+def test_a_request_without_a_token_is_never_served(api, client, db):
     from tests.conftest import query
 
     response = client.post('/example/bar', json={'name': 'intruder', 'email': 'i@example.com'})

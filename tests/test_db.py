@@ -164,7 +164,7 @@ def test_forgotten_connection_goes_back_when_the_request_ends(database, log_dir)
     app.extensions['dbapi.pools'].close()
 
 
-def test_article_defect_4_connections_are_pooled_not_opened_per_call(database, log_dir, db):
+def test_connections_are_pooled_not_opened_per_call(database, log_dir, db):
     app = make_app(database, log_dir, POOL_SIZE=3)
     client = app.test_client()
     for i in range(30):

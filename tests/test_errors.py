@@ -154,7 +154,7 @@ def test_500_hides_internals(api, path):
     assert body['detail'].startswith('internal error')
 
 
-def test_article_defect_3_errors_are_never_html(api, client):
+def test_errors_are_never_html(api, client):
     for response in (
         api.post('/probe/crash'),
         api.post('/example/foo', {'name': 'x', 'unknown': 1}),
