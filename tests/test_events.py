@@ -330,6 +330,49 @@ def test_an_idle_relay_makes_at_most_one_query_a_second(events_database: Any) ->
     assert made <= 2 + 3 + seconds + 1, made
 
 
+def rows_read(plan: dict[str, Any]) -> int:
+    """The rows every node of an EXPLAIN (ANALYZE, FORMAT JSON) plan read from dbapi_outbox or its
+    indexes: what it returned and what its filters threw away."""
+    read = 0
+    if plan.get('Relation Name') == 'dbapi_outbox' or str(plan.get('Index Name', '')).startswith('dbapi_outbox'):
+        removed = plan.get('Rows Removed by Filter', 0) + plan.get('Rows Removed by Index Recheck', 0)
+        read += (plan['Actual Rows'] + removed) * plan['Actual Loops']
+    return read + sum(rows_read(child) for child in plan.get('Plans', []))
+
+
+def test_the_claim_and_the_mark_read_a_window_whatever_the_backlog_and_the_statistics(db: Any) -> None:
+    from lib.events.outbox import RELAY_LOCK_CLASS
+    from lib.events.relay import BATCH, CLAIM, MARK, WINDOW
+
+    # 20,000 delivered rows of the retention and a backlog of 5,000, not analyzed yet (a fresh
+    # table, or one filled faster than autovacuum looks at it).
+    query(
+        db,
+        'INSERT INTO dbapi_outbox (id, type, key, key_lock, data, time, delivered_at) SELECT gen_random_uuid(),'
+        " 'user.saved', 'k' || g % 1000, g % 1000, '{}', now(), CASE WHEN g <= 20000 THEN now() END"
+        ' FROM generate_series(1, 25000) AS g',
+    )
+
+    def read(statement: str, params: dict[str, Any]) -> int:
+        query(db, 'BEGIN')
+        try:
+            [(plan,)] = query(db, 'EXPLAIN (ANALYZE, FORMAT JSON) ' + statement, params)
+        finally:
+            query(db, 'ROLLBACK')
+        return rows_read(plan[0]['Plan'])
+
+    claim = CLAIM.replace('BEGIN;', '', 1)
+    claimed = query(db, 'BEGIN; ' + claim, {'window': WINDOW, 'class': RELAY_LOCK_CLASS, 'batch': BATCH})
+    query(db, 'ROLLBACK')
+    oldest = query(db, 'SELECT seq FROM dbapi_outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT %s', [BATCH])
+    assert [row[0] for row in claimed] == [row[0] for row in oldest]
+    # The window's rows twice (for their keys, then for themselves), each an index entry and a
+    # heap row, and the oldest one's index entry: not the backlog (5,000), not the table (25,000).
+    assert read(claim, {'window': WINDOW, 'class': RELAY_LOCK_CLASS, 'batch': BATCH}) <= 4 * WINDOW + 10
+    mark = MARK.removesuffix('; COMMIT')
+    assert read(mark, {'seqs': [row[0] for row in claimed]}) <= 2 * BATCH  # an index entry and a row each
+
+
 def test_delivered_events_are_pruned_after_the_retention(events_database: Any, api: Any, db: Any) -> None:
     for stream in ('p', 'q', 'q'):
         api.post('/stream/append', {'stream': stream})

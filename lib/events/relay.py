@@ -3,9 +3,9 @@ of `dbapi_outbox` to RabbitMQ, at least once, one key's events in commit order, 
 relays running at once (docs/architecture.md, "Events").
 
 One cycle, in one transaction on the relay's own connection:
-1. claim: take the relay lock of each key among the oldest undelivered events that no other
-   relay holds (`pg_try_advisory_xact_lock`), then the undelivered rows of those keys and the
-   key-less ones, in `seq` order, `FOR UPDATE SKIP LOCKED`;
+1. claim: within WINDOW seqs of the oldest undelivered event, take the relay lock of each key
+   that no other relay holds (`pg_try_advisory_xact_lock`), then the undelivered rows of those
+   keys and the key-less ones, in `seq` order, `FOR UPDATE SKIP LOCKED`;
 2. publish them to the exchange (persistent, publisher confirms) and wait for the confirms;
 3. mark delivered the rows the broker confirmed, but for each key only up to its first
    unconfirmed row, and commit: the locks go with the commit.
@@ -44,7 +44,7 @@ from lib.events.outbox import CHANNEL, RELAY_LOCK_CLASS
 log = logging.getLogger('dbapi.events')
 
 BATCH = 500  # events per cycle at most
-WINDOW = 2000  # the oldest undelivered events whose keys a cycle tries to claim
+WINDOW = 2000  # seqs from the oldest undelivered event: what one claim reads, at most
 IDLE_POLL = 1.0  # seconds between the idle relay's queries
 LINGER = (0.02, 0.05, 0.1)  # polls after the last work: a commit that sent no NOTIFY is found at once
 PRUNE_EVERY = 60.0  # seconds
@@ -55,20 +55,27 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0  # seconds: the first retry, and the longe
 
 CLAIM = """
 BEGIN;
-WITH held AS MATERIALIZED (
+WITH window_end AS MATERIALIZED (
+    SELECT min(seq) + %(window)s AS seq FROM dbapi_outbox WHERE delivered_at IS NULL
+), held AS MATERIALIZED (
     SELECT lock FROM (
-        SELECT DISTINCT key_lock AS lock FROM (
-            SELECT key_lock FROM dbapi_outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT %(window)s
-        ) AS oldest WHERE key_lock IS NOT NULL
+        SELECT DISTINCT key_lock AS lock FROM dbapi_outbox
+        WHERE delivered_at IS NULL AND seq < (SELECT seq FROM window_end) AND key_lock IS NOT NULL
     ) AS keys
     WHERE pg_try_advisory_xact_lock(%(class)s, lock)
 )
 SELECT seq, id::text, type, key, data::text, time FROM dbapi_outbox
-WHERE delivered_at IS NULL AND (key_lock IS NULL OR key_lock IN (SELECT lock FROM held))
+WHERE delivered_at IS NULL AND seq < (SELECT seq FROM window_end)
+  AND (key_lock IS NULL OR key_lock IN (SELECT lock FROM held))
 ORDER BY seq LIMIT %(batch)s
 FOR UPDATE SKIP LOCKED
 """
-MARK = 'UPDATE dbapi_outbox SET delivered_at = clock_timestamp() WHERE seq = ANY(%(seqs)s); COMMIT'
+# `delivered_at IS NULL` lets the planner use the partial index: without it, every mark scans
+# the whole table, delivered rows of the retention included.
+MARK = (
+    'UPDATE dbapi_outbox SET delivered_at = clock_timestamp()'
+    ' WHERE seq = ANY(%(seqs)s) AND delivered_at IS NULL; COMMIT'
+)
 # The idle poll: anything undelivered? With `prune`, delivered rows past the retention go first.
 POLL = 'SELECT 0, EXISTS (SELECT 1 FROM dbapi_outbox WHERE delivered_at IS NULL)'
 PRUNE_AND_POLL = """
