@@ -78,6 +78,7 @@ SCENARIOS = {
         Scenario('read', 'read by key', 'app', '/bench/read', 'read'),
         Scenario('upsert', 'upsert in a transaction', 'app', '/bench/upsert', 'upsert'),
         Scenario('upsert_keyed', 'upsert with an Idempotency-Key', 'app', '/bench/upsert', 'upsert', keyed=True),
+        Scenario('upsert_event', 'upsert emitting one event', 'app', '/bench/upsert_event', 'upsert'),
         Scenario('foo', 'example/foo (no database)', 'app', '/example/foo', 'foo'),
         Scenario('batch_read', 'a batch of 100 reads, per read', 'app', '/batch', 'batch_read', actions=BATCH),
         Scenario('bare_read', 'bare read (bench/bare.py)', 'bare', '/bench/read', 'read'),

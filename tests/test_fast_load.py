@@ -1,7 +1,8 @@
-"""The simple loader (lib/pipeline/input.py) against marshmallow's `Schema.load`: on any body, the
-same result, or it declines and marshmallow judges. Also the adapter's test: it fails when a
-marshmallow upgrade changes what the loader relies on (`Schema._hooks`, the load path's methods,
-the fields' attributes, what a field of a simple kind loads a value of its type as)."""
+"""The simple loader and dumper (marshmallow's adapter, lib/pipeline/input.py) against marshmallow's
+`Schema.load` and `Schema.dump`: on any body or data, the same result, or they decline and
+marshmallow judges. Also the adapter's test: it fails when a marshmallow upgrade changes what
+they rely on (`Schema._hooks`, the load and dump paths' methods, the fields' attributes, what a
+field of a simple kind loads and dumps a value of its type as)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,24 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load, validates, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    post_dump,
+    post_load,
+    pre_dump,
+    pre_load,
+    validates,
+    validates_schema,
+)
 from marshmallow.validate import Length, OneOf, Range
 
 from bench.instructions import make_bodies
-from lib.pipeline.input import Loaders, arguments, loader, simple_loader, simple_plan
-from modules.bench.schemas import KeySchema, RowsSchema, UpsertSchema
+from lib.events.outbox import EventError, EventType, payload
+from lib.pipeline.input import Loaders, arguments, loader, simple_dumper, simple_loader, simple_plan, simple_validator
+from modules.bench.schemas import AccountSavedSchema, KeySchema, RowsSchema, UpsertSchema
 from modules.example.schemas import FooSchema, NameSchema, NewUserSchema
 
 DECLINED: dict[str, Any] = {}  # what the loader under test falls back to: this very object
@@ -65,6 +78,7 @@ class Empty(Schema):
 
 
 SIMPLE = [KeySchema, UpsertSchema, RowsSchema, FooSchema, NewUserSchema, NameSchema, Keyed, Flags, Empty]
+SIMPLE += [AccountSavedSchema]
 
 
 def the_same(got: dict[str, Any], expected: dict[str, Any]) -> bool:
@@ -281,3 +295,128 @@ def test_one_loader_per_schema_and_none_for_no_schema() -> None:
     other = UpsertSchema()  # not registered: built the first time it is asked for
     assert loaders[other]({'aid': 1, 'bid': 1, 'abalance': 0}) == {'aid': 1, 'bid': 1, 'abalance': 0}
     assert other in loaders
+
+
+# --- The dump side: what `emit` checks an event's data with ----------------------------------------
+
+
+def emitted(event: EventType, data: Any) -> tuple[str, str]:
+    """What `payload` makes of `data`: the JSON text, or the EventError's message."""
+    try:
+        return 'written', payload(event, data)
+    except EventError as error:
+        return 'refused', str(error)
+    except LookupError as error:  # `broken`: the validator's own exception goes through
+        return 'raised', type(error).__name__
+
+
+@st.composite
+def event_data(draw: st.DrawFn) -> tuple[Schema, dict[str, Any]]:
+    """A simple schema and data for it: mostly its own attributes, with values of every kind
+    (so that many are valid), and now and then a key it does not know."""
+    schema = draw(st.sampled_from(SIMPLE))()
+    kinds: dict[type, st.SearchStrategy[Any]] = {
+        fields.Integer: st.integers(-(2**31), 2**31) | st.sampled_from([0, 7, 13, 1000, 1001, 2**64]),
+        fields.String: st.text(max_size=6),
+        fields.Email: st.emails() | st.text(max_size=6),
+        fields.Boolean: st.booleans(),
+    }
+    data: dict[str, Any] = {}
+    for name, field in schema.dump_fields.items():
+        if draw(st.integers(0, 9)) == 0:
+            continue  # left out
+        typed = kinds[type(field)]
+        data[field.attribute or name] = draw(typed if draw(st.integers(0, 4)) else st.none() | VALUES)
+    if draw(st.integers(0, 9)) == 0:
+        data['other'] = draw(VALUES)
+    return schema, data
+
+
+@settings(max_examples=600, deadline=None)
+@given(drawn=event_data())
+def test_the_simple_dumper_agrees_with_schema_dump_or_declines(drawn: tuple[Schema, dict[str, Any]]) -> None:
+    schema, data = drawn
+    dump, valid = simple_dumper(schema), simple_validator(schema)
+    assert dump is not None and valid is not None
+    dumped = dump(data)
+    if dumped is not None:
+        assert the_same(dumped, schema.dump(data)), (data, dumped)
+        if valid(dumped):
+            assert schema.validate(dumped) == {}, (data, dumped)
+    # What emit writes with the shortcut and without it: the same document, or the same error.
+    fast = EventType('t.saved', 'm', schema, '', dump, valid)
+    slow = EventType('t.saved', 'm', schema)
+    assert emitted(fast, data) == emitted(slow, data)
+
+
+def test_the_bench_event_is_dumped_and_checked_without_marshmallow() -> None:
+    import modules.bench  # noqa: F401 - its blueprint declares the event, with the shortcuts
+    from lib.events.outbox import DECLARED
+
+    event = DECLARED['bench.account_saved']
+    dump, valid, schema = event.dump, event.valid, event.schema
+    assert dump is not None and valid is not None
+    data = {'aid': 1, 'bid': 1, 'abalance': -5}
+    dumped = dump(data)
+    assert dumped is not None and valid(dumped) and the_same(dumped, schema.dump(data))
+
+
+class WithPreDump(Schema):
+    aid = fields.Integer()
+
+    @pre_dump
+    def trim(self, data: Any, **kwargs: Any) -> Any:
+        return data
+
+
+class WithPostDump(Schema):
+    aid = fields.Integer()
+
+    @post_dump
+    def wrap(self, data: Any, **kwargs: Any) -> Any:
+        return data
+
+
+class WithIntegerAsString(Schema):
+    aid = fields.Integer(as_string=True)
+
+
+class WithDumpDefault(Schema):
+    aid = fields.Integer(dump_default=0)
+
+
+class WithDumpOnly(Schema):
+    aid = fields.Integer()
+    made = fields.String(dump_only=True)
+
+
+class WithOwnDump(Schema):
+    aid = fields.Integer()
+
+    def dump(self, obj: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return super().dump(obj, **kwargs)
+
+
+@pytest.mark.parametrize(
+    'schema',
+    [
+        WithPreDump(),
+        WithPostDump(),
+        WithIntegerAsString(),
+        WithDumpDefault(),
+        WithDumpOnly(),
+        WithOwnDump(),
+        WithFloat(),
+    ],
+    ids=lambda schema: type(schema).__name__,
+)
+def test_schemas_that_are_not_simple_are_dumped_by_marshmallow(schema: Schema) -> None:
+    assert simple_dumper(schema) is None
+
+
+@pytest.mark.parametrize('schema_class', SIMPLE)
+def test_simple_schemas_are_seen_as_simple_to_dump(schema_class: type[Schema]) -> None:
+    """Fails when marshmallow no longer has what simple_dumper reads (emit would then check
+    every event with marshmallow's whole dump and validate again: correct, 143,000 instructions)."""
+    assert simple_dumper(schema_class()) is not None
+    assert simple_validator(schema_class()) is not None

@@ -3,9 +3,10 @@ JSON object; then loaded by the action's marshmallow schema into keyword argumen
 
 marshmallow is the judge of every body, but a schema of simple fields gets a loader that returns
 what `Schema.load` would, without its machinery, for the bodies it can prove valid, and hands
-every other body to `Schema.load` (`simple_loader`). This file is marshmallow's adapter: the one
-place that reads a private name of it (`Schema._hooks`, to know a schema has no hooks);
-tests/test_fast_load.py fails when an upgrade changes what the loader relies on.
+every other body to `Schema.load` (`simple_loader`); the same proofs check an event's data for
+`emit` (`data_checks`, given to the events layer when a module declares its events). This file
+is marshmallow's adapter: the one place that reads a private name of it (`Schema._hooks`, to know
+a schema has no hooks); tests/test_fast_load.py fails when an upgrade changes what it relies on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import orjson
 from marshmallow import RAISE, Schema, fields, missing
-from marshmallow.decorators import POST_LOAD, PRE_LOAD, VALIDATES, VALIDATES_SCHEMA
+from marshmallow.decorators import POST_DUMP, POST_LOAD, PRE_DUMP, PRE_LOAD, VALIDATES, VALIDATES_SCHEMA
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from lib.core.errors import ApiError, bad_request
@@ -215,6 +216,81 @@ def simple_loader(schema: Schema, fallback: Load) -> Load | None:
         return loaded
 
     return load
+
+
+DUMP_HOOKS = (PRE_DUMP, POST_DUMP)
+# The methods of Schema.dump's path: a schema that overrides one is not simple to dump.
+DUMP_PATH = ('dump', '_serialize', 'get_attribute')
+
+Dump = Callable[[Mapping[str, Any]], dict[str, Any] | None]
+
+
+def simple_dumper(schema: Schema) -> Dump | None:
+    """A function that returns `schema.dump(data)` for the data it can prove it for, and None for
+    any other (`schema.dump` is then the judge); None when `schema` is not simple to dump: it must
+    be simple to load (`simple_plan`), dump the same fields it loads, none of them an Integer
+    `as_string` or with a `dump_default`, and have no dump hooks. The data it dumps is a dict
+    whose keys are all fields' attributes and whose values are each of its field's exact type, or
+    None: each such value dumps as itself."""
+    plan = simple_plan(schema)
+    cls = type(schema)
+    try:
+        if plan is None or any(cls._hooks.get(tag) for tag in DUMP_HOOKS):
+            return None
+        if any(getattr(cls, name) is not getattr(Schema, name) for name in DUMP_PATH):
+            return None
+        if list(schema.dump_fields.items()) != list(schema.load_fields.items()):
+            return None
+        for field in schema.dump_fields.values():
+            if getattr(field, 'as_string', False) or field.dump_default is not missing:
+                return None
+    except AttributeError:
+        return None
+    steps = tuple((key, attribute, kind) for key, attribute, kind, *_ in plan)
+    known = frozenset(attribute for _, attribute, _ in steps)
+
+    def dump(data: Mapping[str, Any]) -> dict[str, Any] | None:
+        if type(data) is not dict or not known.issuperset(data):
+            return None
+        dumped: dict[str, Any] = {}
+        for key, attribute, kind in steps:
+            value = data.get(attribute, missing)
+            if value is missing:
+                continue
+            if value is not None and type(value) is not kind:
+                return None
+            dumped[key] = value
+        return dumped
+
+    return dump
+
+
+def simple_validator(schema: Schema) -> Callable[[Mapping[str, Any]], bool] | None:
+    """A function that answers True when `schema.validate(data)` would find no error, as far as
+    the simple loader can prove it, and False when it cannot (`schema.validate` is then the
+    judge); None when `schema` is not simple (`simple_plan`)."""
+
+    def undecided(_body: Mapping[str, Any]) -> dict[str, Any]:
+        raise _Declined
+
+    load = simple_loader(schema, undecided)
+    if load is None:
+        return None
+
+    def valid(data: Mapping[str, Any]) -> bool:
+        try:
+            load(data)
+        except _Declined:
+            return False
+        return True
+
+    return valid
+
+
+def data_checks(schema: Schema) -> tuple[Dump | None, Callable[[Mapping[str, Any]], bool] | None]:
+    """`emit`'s shortcuts for an event's schema (lib.events.outbox.declare): its simple dumper
+    and validator, each None when the schema is not simple."""
+    return simple_dumper(schema), simple_validator(schema)
 
 
 def loader(schema: Schema | None) -> Load:

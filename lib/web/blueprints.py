@@ -10,6 +10,7 @@ from flask import Blueprint, Flask
 
 from lib.contract.registry import ROOT_ENDPOINT, Action, Registry, build_actions
 from lib.events.outbox import EventType, declare
+from lib.pipeline.input import data_checks
 
 
 class ModuleBlueprint(Blueprint):
@@ -35,7 +36,7 @@ def module_blueprint(
     """
     module = import_name.rpartition('.')[2]
     actions = build_actions(module, routes)
-    blueprint = ModuleBlueprint(module, import_name, actions, declare(module, events))
+    blueprint = ModuleBlueprint(module, import_name, actions, declare(module, events, data_checks))
     for route in actions:
         endpoint = route.replace('.', '_') or ROOT_ENDPOINT
         blueprint.add_url_rule(f'/{route}', endpoint, methods=['POST'], provide_automatic_options=False)
