@@ -23,6 +23,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from lib.core.errors import ApiError, bad_request
 from lib.core.json import INT64_MIN, JSON_MIMETYPE, UINT64_MAX, contains_nul
+from lib.events.outbox import Dump, Valid
 
 MAX_TEXT_IN_MESSAGE = 80
 # What an action without a schema loads its body with: any field is refused, in marshmallow's words.
@@ -222,16 +223,14 @@ DUMP_HOOKS = (PRE_DUMP, POST_DUMP)
 # The methods of Schema.dump's path: a schema that overrides one is not simple to dump.
 DUMP_PATH = ('dump', '_serialize', 'get_attribute')
 
-Dump = Callable[[Mapping[str, Any]], dict[str, Any] | None]
-
 
 def simple_dumper(schema: Schema) -> Dump | None:
     """A function that returns `schema.dump(data)` for the data it can prove it for, and None for
     any other (`schema.dump` is then the judge); None when `schema` is not simple to dump: it must
     be simple to load (`simple_plan`), dump the same fields it loads, none of them an Integer
     `as_string` or with a `dump_default`, and have no dump hooks. The data it dumps is a dict
-    whose keys are all fields' attributes and whose values are each of its field's exact type, or
-    None: each such value dumps as itself."""
+    whose keys are among the fields' attributes and whose values are each of its field's exact
+    type, or None: each such value dumps as itself."""
     plan = simple_plan(schema)
     cls = type(schema)
     try:
@@ -265,7 +264,7 @@ def simple_dumper(schema: Schema) -> Dump | None:
     return dump
 
 
-def simple_validator(schema: Schema) -> Callable[[Mapping[str, Any]], bool] | None:
+def simple_validator(schema: Schema) -> Valid | None:
     """A function that answers True when `schema.validate(data)` would find no error, as far as
     the simple loader can prove it, and False when it cannot (`schema.validate` is then the
     judge); None when `schema` is not simple (`simple_plan`)."""
@@ -287,7 +286,7 @@ def simple_validator(schema: Schema) -> Callable[[Mapping[str, Any]], bool] | No
     return valid
 
 
-def data_checks(schema: Schema) -> tuple[Dump | None, Callable[[Mapping[str, Any]], bool] | None]:
+def data_checks(schema: Schema) -> tuple[Dump | None, Valid | None]:
     """`emit`'s shortcuts for an event's schema (lib.events.outbox.declare): its simple dumper
     and validator, each None when the schema is not simple."""
     return simple_dumper(schema), simple_validator(schema)
