@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = judge(results)
         print(table(results, targets))
         tops = {}
-        for name in ('read', 'upsert', 'bare_read', 'bare_upsert') if args.top else ():
+        for name in results if args.top else ():
             if name in results:
                 scenario, found = SCENARIOS[name], forks[0][name]
                 rows = breakdown(found[str(scenario.requests(args.count))], found['0'], scenario.actions)

@@ -40,6 +40,7 @@ BODIES = {
         'bench/upsert', [{'aid': 4242 + 9973 * step, 'bid': 1, 'abalance': 7} for step in range(BATCH)]
     ),
     'upsert_keyed': b'{"aid":4242,"bid":1,"abalance":7}',  # with a new Idempotency-Key on every call
+    'upsert_event': b'{"aid":4242,"bid":1,"abalance":7}',  # the upsert and its event (bench.events)
 }
 KEYS = itertools.count()
 KEY_PREFIX = secrets.token_hex(8)

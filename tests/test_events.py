@@ -21,8 +21,11 @@ from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_structured
 from cloudevents.core.formats.json import JSONFormat
 from flask import Flask
 from marshmallow import Schema, fields
+from psycopg2.extras import RealDictCursor, RealDictRow
 
 from lib.core.config import ConfigError, load
+from lib.core.json import dumps
+from lib.db.connections import PooledConnection
 from lib.events import outbox
 from lib.events.cloudevent import document as cloudevent_document
 from lib.events.relay import Row, delivered
@@ -186,25 +189,119 @@ def test_declarations_are_checked() -> None:
 
 def test_data_is_checked_against_the_schema_as_consumers_get_it() -> None:
     event = outbox.DECLARED['stream.appended']
-    assert outbox.payload(event, {'stream': 's', 'n': 3}) == '{"stream":"s","n":3}'
+    assert outbox.payload(event, {'stream': 's', 'n': 3}) == b'{"stream":"s","n":3}'
     for data, error in [
         ({'stream': 's'}, "'n': ['Missing data for required field.']"),
         ({'stream': 's', 'n': 0}, "'n': ['Must be greater than or equal to 1.']"),
         ({'stream': 's', 'n': 1, 'extra': 2}, "'extra': ['Unknown field.']"),
         (['s', 1], 'data must be a mapping'),
+        ({'stream': 'a\x00b', 'n': 1}, 'the data holds U.0000 .NUL.'),
     ]:
         with pytest.raises(outbox.EventError, match=error.replace('[', r'\[').replace(']', r'\]')):
             outbox.payload(event, data)
+    # A backslash and "u0000" as text is no NUL: it is stored as written.
+    assert outbox.payload(event, {'stream': '\\u0000', 'n': 1}) == b'{"stream":"\\\\u0000","n":1}'
 
 
-def test_the_flush_locks_each_key_once_in_one_order_and_notifies_at_most_so_often() -> None:
-    events = [outbox.Pending(str(n), 't', key, outbox.key_lock(key), '{}') for n, key in enumerate('bab')]
-    statement, params = outbox.flush_statement(events, notify=True)
-    locks = sorted({outbox.key_lock('a'), outbox.key_lock('b')})
-    assert statement.startswith('SELECT pg_advisory_xact_lock(%(class)s, %(lock0)s), pg_advisory_xact_lock(')
-    assert [params['lock0'], params['lock1']] == locks and 'lock2' not in params
-    assert statement.endswith('; NOTIFY dbapi_outbox')
-    assert 'NOTIFY' not in outbox.flush_statement(events, notify=False)[0]
+def test_a_row_of_a_named_connection_is_checked_as_the_dict_of_its_columns(db: Any) -> None:
+    """What an action most often emits is the row it wrote (a RealDictRow): it takes the dumper's
+    path, with the answer marshmallow gives, and one it refuses is still refused."""
+    event = outbox.DECLARED['stream.appended']
+    assert event.dump is not None
+    with db.cursor(cursor_factory=RealDictCursor) as cursor:
+        cursor.execute("SELECT 's' AS stream, 3 AS n")
+        row = cursor.fetchone()
+        cursor.execute("SELECT 's' AS stream, 0 AS n")
+        refused = cursor.fetchone()
+    assert type(row) is RealDictRow and event.dump(row) is None  # the dumper itself takes exact dicts only
+    calls: list[Any] = []
+    dump = event.dump
+
+    def seen(data: Any) -> Any:
+        calls.append(data)
+        return dump(data)
+
+    try:
+        object.__setattr__(event, 'dump', seen)
+        assert outbox.payload(event, row) == b'{"stream":"s","n":3}' == dumps(event.schema.dump(row))
+    finally:
+        object.__setattr__(event, 'dump', dump)
+    assert calls == [{'stream': 's', 'n': 3}] and type(calls[0]) is dict
+    with pytest.raises(outbox.EventError, match='Must be greater than or equal to 1'):
+        outbox.payload(event, refused)
+
+
+def pending(key: str | None, n: int) -> outbox.Pending:
+    return outbox.Pending(
+        str(uuid.uuid4()),
+        'stream.appended',
+        key,
+        None if key is None else outbox.key_lock(key),
+        dumps({'stream': str(key), 'n': n}),
+    )
+
+
+def test_the_flush_takes_each_keys_lock_in_ascending_order_then_writes_in_emit_order(
+    events_database: Any, db: Any
+) -> None:
+    """Two flushes never deadlock: each takes its keys' locks in one order (ascending), before any
+    row takes its seq; the rows keep emit order. Seen from pg_locks: with the larger key held
+    elsewhere, a flush emitting it first waits on it holding the smaller one."""
+    for statement in (outbox.FLUSH_ONE, outbox.FLUSH_MANY):  # the class is written out in their SQL
+        assert f'pg_advisory_xact_lock({outbox.WRITE_LOCK_CLASS},' in statement.query
+    small, large = sorted(['a', 'b', 'c', 'd'], key=outbox.key_lock)[::3]
+    events = [pending(large, 1), pending(None, 2), pending(small, 3), pending(large, 4), pending(small, 5)]
+    holder = psycopg2.connect(**events_database)
+    writer = psycopg2.connect(**events_database, connection_factory=PooledConnection)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute('SELECT pg_advisory_xact_lock(%s, %s)', [outbox.WRITE_LOCK_CLASS, outbox.key_lock(large)])
+        pid = writer.get_backend_pid()
+        writer.pending_events = list(events)
+        flushing = threading.Thread(target=writer.commit)
+        flushing.start()
+        held = 'SELECT objid::integer, granted FROM pg_locks WHERE locktype = %s AND pid = %s AND classid = %s'
+        deadline = time.monotonic() + 10
+        while not any(not granted for _, granted in query(db, held, ['advisory', pid, outbox.WRITE_LOCK_CLASS])):
+            assert time.monotonic() < deadline, 'the flush never waited on the held key'
+            time.sleep(0.01)
+        as_objid = {outbox.key_lock(k): k for k in (small, large)}  # objid::integer: the key's lock as signed
+        locks = {
+            as_objid[objid]: granted for objid, granted in query(db, held, ['advisory', pid, outbox.WRITE_LOCK_CLASS])
+        }
+        assert locks == {small: True, large: False}
+        assert rows(db) == []
+        holder.rollback()
+        flushing.join(10)
+        assert not flushing.is_alive()
+    finally:
+        holder.close()
+        writer.close()
+    assert [(id_, key, data['n']) for id_, _, key, data in rows(db)] == [
+        (e.id, e.key, n) for n, e in enumerate(events, 1)
+    ]
+
+
+def test_a_flush_notifies_at_most_once_so_often(events_database: Any, db: Any) -> None:
+    listener = psycopg2.connect(**events_database)
+    listener.autocommit = True
+    writer = psycopg2.connect(**events_database, connection_factory=PooledConnection)
+    try:
+        with listener.cursor() as cursor:
+            cursor.execute(f'LISTEN {outbox.CHANNEL}')
+        outbox.Notifier.last = float('-inf')
+        for n in range(3):  # one NOTIFY: the next two come within NOTIFY_EVERY of it (a class attribute set once)
+            writer.pending_events = [pending('k', n + 1)]
+            writer.commit()
+            if n == 0:
+                outbox.Notifier.last = float('inf')  # "just now", whatever the clock reads
+        listener.poll()
+        assert [note.channel for note in listener.notifies] == [outbox.CHANNEL]
+    finally:
+        outbox.Notifier.last = float('-inf')
+        listener.close()
+        writer.close()
+    assert len(rows(db)) == 3
 
 
 def test_a_key_is_marked_delivered_only_up_to_its_first_unconfirmed_event() -> None:

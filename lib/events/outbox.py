@@ -34,12 +34,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import orjson
 from marshmallow import Schema
 from psycopg2.extensions import TRANSACTION_STATUS_INTRANS
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as PlainCursor
+from psycopg2.extras import RealDictRow
 
-from lib.core.json import dumps
+from lib.core.json import contains_nul, dumps
 from lib.db.connections import PooledConnection
 from lib.db.sql import Prepared, execute_prepared
 
@@ -90,7 +92,7 @@ class Pending(NamedTuple):
     type: str
     key: str | None
     lock: int | None  # the key's 32-bit hash: its advisory lock and the relays' claim
-    data: str  # the JSON document of `data`
+    data: bytes  # the JSON document of `data`
 
 
 # Every declared event type, by type: what `emit` checks against. Filled when a module's
@@ -153,21 +155,27 @@ def in_transaction(conn: Connection) -> bool:
     return bool(getattr(conn, 'held', False)) and conn.info.transaction_status == TRANSACTION_STATUS_INTRANS
 
 
-def payload(event: EventType, data: Any) -> str:
-    """`data` dumped through the event's schema, as consumers get it; EventError when it is not
-    a mapping of the schema's fields, when the dumped document fails the schema's own checks, or
-    when it cannot be written as JSON (an integer beyond 64 bits, say)."""
+def payload(event: EventType, data: Any) -> bytes:
+    """`data` dumped through the event's schema, as consumers get it, as JSON; EventError when it
+    is not a mapping of the schema's fields, when the dumped document fails the schema's own
+    checks, or when it cannot be written as JSON (an integer beyond 64 bits, say) or stored by
+    PostgreSQL's JSON functions (a string holding U+0000)."""
     dumped = checked(event, data)
     try:
-        return dumps(dumped).decode()
+        document = dumps(dumped)
     except TypeError as error:  # orjson.JSONEncodeError is one
         raise EventError(f'emit({event.type!r}): the data cannot be written as JSON: {error}') from None
+    if b'\\u0000' in document and contains_nul(dumped):
+        raise EventError(f'emit({event.type!r}): the data holds U+0000 (NUL), which PostgreSQL cannot store in text')
+    return document
 
 
 def checked(event: EventType, data: Any) -> Any:
     """`data` dumped through the event's schema and found valid by it; EventError otherwise."""
     if event.dump is not None and event.valid is not None:
-        dumped = event.dump(data)
+        # A row of a named connection (what an action most often emits) is an OrderedDict of its
+        # columns: the dumper, which takes exact dicts only, gets the plain dict of them.
+        dumped = event.dump(dict(data) if type(data) is RealDictRow else data)
         if dumped is not None and event.valid(dumped):
             return dumped  # what the lines below make of it, proven so
     if not isinstance(data, Mapping):
@@ -232,52 +240,52 @@ class Notifier:
         return True
 
 
-INSERT = (
-    'INSERT INTO dbapi_outbox (id, type, key, key_lock, data, time)'
-    ' SELECT e.id, e.type, e.key, e.lock, e.data, statement_timestamp()'
-    ' FROM unnest(%(ids)s::uuid[], %(types)s::text[], %(keys)s::text[], %(locks)s::integer[], %(data)s::json[])'
-    ' WITH ORDINALITY AS e(id, type, key, lock, data, n) ORDER BY e.n'
-)
-
-
-# One event, the common case: prepared once per connection. The materialized CTE takes the key's
-# lock (none for a NULL key: the function is strict) before the row takes its seq.
-INSERT_ONE = Prepared(
+# The flush's statements take the events as one JSON parameter, objects of id, type, key, lock
+# and data (psycopg2 adapts each parameter for about 2 us: one per event field was most of what a
+# flush cost the app), read by json_to_record(set), which keeps `data`'s text as written. Each
+# takes its keys' locks (class 1684169985: WRITE_LOCK_CLASS; a NULL key takes none, the function
+# is strict) in a materialized CTE, before any row takes its seq. Prepared once per connection.
+#
+# One event, the common case: the cheaper statement for PostgreSQL (23 us a row against 33 us).
+FLUSH_ONE = Prepared(
     """
-WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(class)s, %(lock)s))
+WITH e AS MATERIALIZED (
+    SELECT * FROM json_to_record(%(events)s) AS e(id uuid, type text, key text, lock integer, data json)
+), locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(1684169985, e.lock) FROM e)
 INSERT INTO dbapi_outbox (id, type, key, key_lock, data, time)
-SELECT %(id)s, %(type)s, %(key)s, %(lock)s, %(data)s, statement_timestamp() FROM locked
+SELECT e.id, e.type, e.key, e.lock, e.data, statement_timestamp() FROM e, locked
 """,
-    id='uuid',
-    type='text',
-    key='text',
-    lock='integer',
-    data='json',
-    **{'class': 'integer'},
+    events='json',
+)
+# Several: each key's lock once, in ascending order (so two flushes never deadlock); the rows in
+# emit order (nextval runs above the sort).
+FLUSH_MANY = Prepared(
+    """
+WITH e AS MATERIALIZED (
+    SELECT * FROM ROWS FROM (
+        json_to_recordset(%(events)s) AS (id uuid, type text, key text, lock integer, data json)
+    ) WITH ORDINALITY AS e(id, type, key, lock, data, n)
+), locked AS MATERIALIZED (
+    SELECT pg_advisory_xact_lock(1684169985, k.lock)
+    FROM (SELECT DISTINCT lock FROM e WHERE lock IS NOT NULL ORDER BY lock) AS k
+)
+INSERT INTO dbapi_outbox (id, type, key, key_lock, data, time)
+SELECT e.id, e.type, e.key, e.lock, e.data, statement_timestamp()
+FROM e, (SELECT count(*) FROM locked) AS l
+ORDER BY e.n
+""",
+    events='json',
 )
 
 
-def flush_statement(events: list[Pending], notify: bool) -> tuple[str, dict[str, Any]]:
-    """The SQL that writes `events`: the key locks in ascending order, the rows in emit order,
-    and NOTIFY; one message, one round trip."""
-    locks = sorted({event.lock for event in events if event.lock is not None})
-    params: dict[str, Any] = {
-        'class': WRITE_LOCK_CLASS,
-        'ids': [event.id for event in events],
-        'types': [event.type for event in events],
-        'keys': [event.key for event in events],
-        'locks': [event.lock for event in events],
-        'data': [event.data for event in events],
+def as_json(event: Pending) -> dict[str, Any]:
+    return {
+        'id': event.id,
+        'type': event.type,
+        'key': event.key,
+        'lock': event.lock,
+        'data': orjson.Fragment(event.data),
     }
-    parts = []
-    if locks:
-        calls = ', '.join(f'pg_advisory_xact_lock(%(class)s, %(lock{index})s)' for index in range(len(locks)))
-        params.update({f'lock{index}': lock for index, lock in enumerate(locks)})
-        parts.append(f'SELECT {calls}')
-    parts.append(INSERT)
-    if notify:
-        parts.append(f'NOTIFY {CHANNEL}')
-    return '; '.join(parts), params
 
 
 def flush(conn: Connection) -> int:
@@ -286,16 +294,13 @@ def flush(conn: Connection) -> int:
     if not held:
         return 0
     setattr(conn, 'pending_events', None)  # noqa: B010 - lib's PooledConnection has it
-    notify = Notifier.due()
+    after = f'; NOTIFY {CHANNEL}' if Notifier.due() else ''
+    if len(held) == 1:
+        statement, events = FLUSH_ONE, orjson.dumps(as_json(held[0]))
+    else:
+        statement, events = FLUSH_MANY, orjson.dumps([as_json(event) for event in held])
     with conn.cursor(cursor_factory=PlainCursor) as cursor:
-        if len(held) == 1:
-            event = held[0]
-            params = {'class': WRITE_LOCK_CLASS, 'id': event.id, 'type': event.type, 'key': event.key}
-            params.update(lock=event.lock, data=event.data)
-            execute_prepared(cursor, INSERT_ONE, params, after=f'; NOTIFY {CHANNEL}' if notify else '')
-        else:
-            statement, many = flush_statement(held, notify)
-            cursor.execute(statement, many)
+        execute_prepared(cursor, statement, {'events': events.decode()}, after=after)
     return len(held)
 
 
