@@ -79,10 +79,10 @@ def test_injected_connection_commits_on_return(api, db):
     assert query(db, 'SELECT note FROM probe_log WHERE id = %s', [response.get_json()]) == [('committed',)]
 
 
-def test_transactional_commits_and_restores_autocommit(api, db):
+def test_transactional_in_an_injected_transaction_commits_with_it(api, db):
     before = query(db, "SELECT count(*) FROM probe_log WHERE note = 'tx'")[0][0]
     response = api.post('/probe/in_transaction')
-    assert response.get_json() == {'autocommit': False}
+    assert response.get_json() == {'in_transaction': True}
     assert query(db, "SELECT count(*) FROM probe_log WHERE note = 'tx'") == [(before + 1,)]
 
 

@@ -32,6 +32,7 @@ from lib.events.relay import Row, delivered
 from tests.amqp import Received, relay_thread, tap, undelivered, wait_delivered
 from tests.conftest import AUTH, MODULES, TOKEN, make_app, query, schema_database
 from tests.logs import read_lines
+from tests.pg_wire import QueryLog
 
 STREAM = 'tests.modules.stream'
 
@@ -302,6 +303,28 @@ def test_a_flush_notifies_at_most_once_so_often(events_database: Any, db: Any) -
         listener.close()
         writer.close()
     assert len(rows(db)) == 3
+
+
+def test_the_events_statement_carries_the_commit(events_database: dict[str, Any], log_dir: str, db: Any) -> None:
+    """An action's events cost it no round trip of their own: their statement goes out with the
+    COMMIT (and with the BEGIN too when the action ran nothing else), read off the wire."""
+    with QueryLog(events_database['host'], events_database['port']) as wire:
+        app = make_app({**events_database, **wire.params}, log_dir, MODULES=[*MODULES, STREAM])
+        try:
+            client = app.test_client()
+            for path, body in [('/stream/note', {'note': 'warm'}), ('/stream/append', {'stream': 'w'})]:
+                assert client.post(path, json=body, headers=AUTH).status_code == 200  # statements prepared
+            wire.take()
+            assert client.post('/stream/note', json={'note': 'n'}, headers=AUTH).status_code == 200
+            [alone] = wire.take()
+            assert alone.startswith('BEGIN; EXECUTE dbapi_') and alone.endswith('; COMMIT')
+            assert client.post('/stream/append', json={'stream': 's'}, headers=AUTH).status_code == 200
+            first, log, flush = wire.take()
+            assert first.startswith('BEGIN; \nINSERT INTO stream_heads') and log.startswith('INSERT INTO stream_log')
+            assert flush.startswith('EXECUTE dbapi_') and flush.endswith('; COMMIT')
+        finally:
+            app.extensions['dbapi.pools'].close()
+    assert [(type_, key) for _, type_, key, _ in rows(db)][-2:] == [('stream.noted', None), ('stream.appended', 's')]
 
 
 def test_a_key_is_marked_delivered_only_up_to_its_first_unconfirmed_event() -> None:

@@ -174,7 +174,7 @@ def test_transactions_commit_and_roll_back(app: Flask, pg: PrivatePostgres) -> N
     failed_note, kept_note = note(), note()
     assert post(app, '/probe/write_then_fail', {'note': failed_note}).status_code == 500
     assert post(app, '/probe/write_note', {'note': kept_note}).status_code == 200
-    assert post(app, '/probe/in_transaction').json == {'autocommit': False}  # restored after its transaction
+    assert post(app, '/probe/in_transaction').json == {'in_transaction': True}  # the block did not end it
     notes = pg.query('SELECT note FROM probe_log WHERE note = ANY(%s)', [[failed_note, kept_note]], dbname=DBNAME)
     assert notes == [(kept_note,)]
 

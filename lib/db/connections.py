@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, cast
 
 import psycopg2
 from flask import current_app, has_app_context
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INERROR
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as PlainCursor
 from psycopg2.extras import RealDictCursor
@@ -55,16 +57,48 @@ class PooledConnection(Connection):
     committed or rolled back by an action while its transaction is the request's (`held`);
     psycopg2's `with conn:` ends a transaction through these same methods. The events emitted in
     its transaction (`pending_events`) are written by its commit, just before the COMMIT, and
-    forgotten by its rollback."""
+    forgotten by its rollback.
+
+    The transaction of an action's request (`run`) is begun by lib, not psycopg2 (`lib_begins`):
+    psycopg2 runs in autocommit and the first statement goes out as `BEGIN; <statement>`, one
+    message (`begin_next`, `BeginningCursor`), where psycopg2 would send BEGIN alone first; the
+    COMMIT goes out with the statement writing the events, if any (`end_transaction`). A round
+    trip fewer for every transactional action, two for one that emits."""
 
     named: bool = True
     session_state = True  # lib.db.sql may keep prepared statements on it (not so behind pgbouncer)
     held: bool = False  # its transaction belongs to dbapi (the transaction step): `transactional` nests in it
     pending_events: list[Any] | None = None  # emitted in its transaction, not yet written (lib.events.outbox)
+    lib_begins: bool = False  # lib sends this borrower's BEGIN and COMMIT itself (psycopg2 is in autocommit)
+    begin_next: bool = False  # lib_begins, and nothing has gone out yet: the next statement carries BEGIN
+    # What `cursor(cursor_factory=PlainCursor)` makes for this borrower: lib's Db helpers make it
+    # directly (`Db.cursor`), without this class's `cursor` in Python on every statement.
+    tuple_cursor: type[PlainCursor] = PlainCursor
 
-    def write_events(self) -> None:
-        """Write `pending_events` in the transaction. lib.events.outbox installs the writer (the db
-        layer cannot import the events layer above it); until then none can have been emitted."""
+    def cursor(
+        self, name: Any = None, cursor_factory: Any = None, withhold: bool = False, scrollable: Any = None
+    ) -> Any:
+        if self.lib_begins:
+            if name is not None and self.autocommit:
+                hand_over(self)  # psycopg2 refuses a named cursor in autocommit
+            # outermost, so that it begins before a pgbouncer cursor looks at the transaction
+            default: Any = self.cursor_factory  # None unless set on the connection
+            cursor_factory = beginning(cursor_factory or default or PlainCursor)
+        return super().cursor(name, cursor_factory, withhold, scrollable)
+
+    def cursor_class(self, factory: Any) -> Any:
+        """The class `cursor(cursor_factory=factory)` makes, for lib to make its own directly."""
+        return beginning(factory) if self.lib_begins else factory
+
+    def lobject(self, *args: Any, **kwargs: Any) -> Any:
+        if self.lib_begins and self.autocommit:
+            hand_over(self)  # psycopg2 refuses a large object in autocommit
+        return super().lobject(*args, **kwargs)
+
+    def write_events(self, after: str = '') -> None:
+        """Write `pending_events` in the transaction, the SQL `after` in the same message (`; COMMIT`).
+        lib.events.outbox installs the writer (the db layer cannot import the events layer above
+        it); until then none can have been emitted."""
         raise RuntimeError('events were emitted but lib.events.outbox is not loaded to write them')
 
     def commit(self) -> None:
@@ -79,6 +113,119 @@ class PooledConnection(Connection):
             raise HeldTransaction('roll back')
         self.pending_events = None
         super().rollback()
+
+
+class BeginningCursor(PlainCursor):
+    """A cursor of a connection whose transaction lib begins: the statement that begins it goes
+    out as `BEGIN; <statement>`, one message. executemany, callproc and COPY send BEGIN alone
+    first. Mixed into whatever cursor class is asked for (`beginning`)."""
+
+    __slots__ = ()
+    connection: PooledConnection
+
+    def execute(self, query: Any, vars: Any = None) -> None:
+        conn = self.connection
+        if not conn.begin_next:
+            super().execute(query, vars)
+            return
+        conn.begin_next = False
+        try:
+            super().execute(pgbouncer.prefixed(query, 'BEGIN; '), vars)
+        except BaseException:
+            not_begun(conn)
+            raise
+
+    def begin(self) -> None:
+        """BEGIN alone, for the statements that cannot carry it."""
+        conn = self.connection
+        if conn.begin_next:
+            conn.begin_next = False
+            try:
+                super().execute('BEGIN')
+            except BaseException:
+                not_begun(conn)
+                raise
+
+    def executemany(self, query: Any, vars_list: Any) -> None:
+        self.begin()
+        super().executemany(query, vars_list)
+
+    def callproc(self, procname: Any, parameters: Any = None) -> Any:
+        self.begin()
+        return super().callproc(procname, parameters)
+
+    def copy_expert(self, *args: Any, **kwargs: Any) -> None:
+        self.begin()
+        super().copy_expert(*args, **kwargs)
+
+    def copy_from(self, *args: Any, **kwargs: Any) -> None:
+        self.begin()
+        super().copy_from(*args, **kwargs)
+
+    def copy_to(self, *args: Any, **kwargs: Any) -> None:
+        self.begin()
+        super().copy_to(*args, **kwargs)
+
+
+def not_begun(conn: PooledConnection) -> None:
+    """The statement that was to begin the transaction failed: if it was refused before it went
+    out (nothing began), the next statement begins instead."""
+    if conn.get_transaction_status() == TRANSACTION_STATUS_IDLE:
+        conn.begin_next = True
+
+
+@lru_cache(maxsize=64)
+def beginning(factory: type[PlainCursor]) -> type[BeginningCursor]:
+    """`factory` with lib's BEGIN mixed in (itself when it has it already)."""
+    if issubclass(factory, BeginningCursor):
+        return factory
+    return type(f'Beginning{factory.__name__}', (BeginningCursor, factory), {'__slots__': ()})
+
+
+def hand_over(conn: PooledConnection) -> None:
+    """psycopg2 takes over the transaction lib begins (for what it refuses in autocommit): it
+    sends BEGIN itself at the next statement, or, when lib's has gone out, again (PostgreSQL
+    warns and goes on in the same transaction); `end_transaction` then commits through it."""
+    conn.begin_next = False
+    conn.autocommit = False
+
+
+class TransactionFailed(RuntimeError):
+    """The request's transaction failed (a statement's error was caught and the action went
+    on): its COMMIT would be a rollback PostgreSQL reports as success. A 500, a bug in the
+    action; nothing is committed."""
+
+
+def end_transaction(conn: Connection) -> None:
+    """Commit the request's transaction (after `release`): the events' statement carries the
+    COMMIT; without events, COMMIT alone, or nothing when no statement went out."""
+    pooled = cast(PooledConnection, conn)
+    if not conn.autocommit:  # handed over to psycopg2
+        pooled.commit()
+        return
+    status = conn.get_transaction_status()
+    if status == TRANSACTION_STATUS_INERROR:
+        raise TransactionFailed(
+            "the request's transaction had failed: a statement's error was caught and the action went on;"
+            ' nothing is committed'
+        )
+    if pooled.pending_events:
+        pooled.write_events('; COMMIT')  # with BEGIN in front when nothing went out yet (begin_next)
+    elif status != TRANSACTION_STATUS_IDLE:
+        own_cursor(pooled).execute('COMMIT')
+    pooled.begin_next = False
+
+
+def own_cursor(conn: PooledConnection) -> PlainCursor:
+    """lib's own plain cursor of `conn`, made once, for statements with no rows to read (no
+    prefix of lib's BEGIN or pgbouncer's timeout: for statements inside a transaction)."""
+    cursor: PlainCursor | None = conn.__dict__.get(OWN_CURSOR)
+    if cursor is None or cursor.closed:
+        cursor = conn.__dict__[OWN_CURSOR] = PlainCursor(conn)
+    return cursor
+
+
+OWN_CURSOR = 'dbapi_own_cursor'
 
 
 def release(conn: Connection) -> Connection:
@@ -207,10 +354,14 @@ def pools() -> Pools:
 
 
 def prepare(conn: Connection, named: bool, autocommit: bool, held: bool = False) -> Connection:
-    """Set up a borrowed connection for its user; `held`: dbapi owns its transaction (commits it)."""
-    conn.autocommit = autocommit  # client-side in psycopg2: no round trip
+    """Set up a borrowed connection for its user; `held`: dbapi owns its transaction (commits it),
+    and without `autocommit` lib begins it (`PooledConnection`)."""
     pooled = cast(PooledConnection, conn)  # the pools open only PooledConnections
+    lib_begins = held and not autocommit
+    conn.autocommit = autocommit or lib_begins  # client-side in psycopg2: no round trip
     pooled.held = held
+    pooled.lib_begins = pooled.begin_next = lib_begins
+    pooled.tuple_cursor = pooled.cursor_class(PlainCursor)
     pooled.pending_events = None  # events of an earlier borrower's transaction never reach this one's
     return rows_as(conn, named)
 
@@ -280,7 +431,7 @@ def run(pool: ConnectionPool, spec: ConnSpec, work: Work) -> Any:
     with BorrowedConnection(pool, spec.named, spec.autocommit, held=not spec.autocommit) as conn:
         result = work(conn)
         if not spec.autocommit:
-            release(conn).commit()
+            end_transaction(release(conn))
         return result
 
 

@@ -98,6 +98,12 @@ class PgbouncerConnection(Connection):
         factory = timed(cursor_factory or default or Cursor)
         return super().cursor(name, cursor_factory=factory, withhold=withhold, scrollable=scrollable)
 
+    def cursor_class(self, factory: Any) -> Any:
+        """The class `cursor(cursor_factory=factory)` makes, for lib to make its own directly."""
+        parent = getattr(super(), 'cursor_class', None)
+        made = timed(factory)
+        return parent(made) if parent is not None else made
+
 
 @lru_cache(maxsize=64)
 def timed(factory: type[Cursor]) -> type[TimeoutCursor]:

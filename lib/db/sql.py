@@ -245,8 +245,12 @@ class Db:
         self.named = getattr(conn, 'named', True)
 
     def cursor(self) -> PlainCursor:
-        # Always tuples underneath: `_rows` builds the dicts itself.
-        return self.conn.cursor(cursor_factory=PlainCursor)
+        # Always tuples underneath: `_rows` builds the dicts itself. A pooled connection names
+        # the class its `cursor(cursor_factory=PlainCursor)` would make: made directly, cheaper.
+        make: type[PlainCursor] | None = getattr(self.conn, 'tuple_cursor', None)
+        if make is None:
+            return self.conn.cursor(cursor_factory=PlainCursor)
+        return make(self.conn)
 
     def _rows(self, cursor: Any) -> list[Row]:
         if cursor.description is None:

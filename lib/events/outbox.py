@@ -149,8 +149,9 @@ def new_id() -> str:
 
 def in_transaction(conn: Connection) -> bool:
     """Whether what `conn` writes now is committed by lib as one transaction: psycopg2 runs it
-    in a transaction, or lib sent BEGIN on it itself (a keyed request's, lib.idempotency)."""
-    if not conn.autocommit:
+    in a transaction, or lib begins it (an action's request: its next statement carries BEGIN),
+    or lib sent BEGIN on it itself (a keyed request's, lib.idempotency)."""
+    if not conn.autocommit or getattr(conn, 'lib_begins', False):
         return True
     return bool(getattr(conn, 'held', False)) and conn.info.transaction_status == TRANSACTION_STATUS_INTRANS
 
@@ -288,25 +289,28 @@ def as_json(event: Pending) -> dict[str, Any]:
     }
 
 
-def flush(conn: Connection) -> int:
-    """Write the events `conn` holds, in its open transaction (its commit follows); how many."""
+def flush(conn: Connection, after: str = '') -> int:
+    """Write the events `conn` holds, in its transaction, the SQL `after` in the same message
+    (`; COMMIT`; otherwise the commit follows); how many."""
     held: list[Pending] | None = getattr(conn, 'pending_events', None)
     if not held:
         return 0
     setattr(conn, 'pending_events', None)  # noqa: B010 - lib's PooledConnection has it
-    after = f'; NOTIFY {CHANNEL}' if Notifier.due() else ''
+    if Notifier.due():
+        after = f'; NOTIFY {CHANNEL}{after}'
     if len(held) == 1:
         statement, events = FLUSH_ONE, orjson.dumps(as_json(held[0]))
     else:
         statement, events = FLUSH_MANY, orjson.dumps([as_json(event) for event in held])
-    with conn.cursor(cursor_factory=PlainCursor) as cursor:
+    make: type[PlainCursor] = getattr(conn, 'tuple_cursor', PlainCursor)  # what conn.cursor() would make
+    with make(conn) as cursor:
         execute_prepared(cursor, statement, {'events': events.decode()}, after=after)
     return len(held)
 
 
-def write_events(conn: PooledConnection) -> None:
+def write_events(conn: PooledConnection, after: str = '') -> None:
     """The writer a PooledConnection's commit (and a keyed request's) runs for its pending events."""
-    flush(conn)
+    flush(conn, after)
 
 
 PooledConnection.write_events = write_events  # type: ignore[method-assign,assignment]  # the db layer's hook

@@ -1,14 +1,19 @@
+import contextlib
 import datetime
 import decimal
+import io
 import logging
 import uuid
 
+import psycopg2
 from flask import has_app_context, has_request_context
+from psycopg2.extensions import TRANSACTION_STATUS_INTRANS
 from psycopg2.extensions import connection as Connection
+from psycopg2.extras import NamedTupleCursor
 
 from lib import DEFAULT_DATABASE, get_conn_from_dbname, get_db_from_conn, inject_conn, transactional, use_schema
 
-from .schemas import ItemSchema, NoteSchema, NoteSleepSchema, SleepSchema, TypesSchema
+from .schemas import ItemSchema, NoteFailSchema, NoteSchema, NoteSleepSchema, SleepSchema, TypesSchema
 
 calls: list[str] = []  # what reached an action: validation failures must never show up here
 
@@ -89,7 +94,8 @@ def backend_pid(conn: Connection) -> int:
 def in_transaction(conn: Connection) -> dict:
     with transactional(conn) as db:
         db.insert('probe_log', dict(note='tx'))
-    return {'autocommit': conn.autocommit}
+    # The block was a savepoint: the action's transaction is still open, committed only when it returns.
+    return {'in_transaction': conn.get_transaction_status() == TRANSACTION_STATUS_INTRANS}
 
 
 @inject_conn()
@@ -140,3 +146,63 @@ def context() -> dict:
     """What an action sees of Flask's contexts (none), and a log line written from inside it."""
     logging.getLogger('probe').warning('inside the action')
     return {'app_context': has_app_context(), 'request_context': has_request_context()}
+
+
+# --- what an action's transaction takes in, whatever it runs it with --------------------------
+
+
+@use_schema(NoteFailSchema)
+@inject_conn()
+def note_then_named_cursor(conn: Connection, note: str, fail: bool) -> list[int]:
+    """A note, then a server-side cursor (psycopg2 refuses one outside a transaction)."""
+    get_db_from_conn(conn).insert('probe_log', dict(note=note))
+    with conn.cursor('probe_rows') as cursor:
+        cursor.execute('SELECT generate_series(1, 3) AS n')
+        rows = [row['n'] for row in cursor]
+    if fail:
+        raise RuntimeError('boom after the cursor')
+    return rows
+
+
+@use_schema(NoteFailSchema)
+@inject_conn(named=False)
+def named_cursor_then_note(conn: Connection, note: str, fail: bool) -> list[int]:
+    with conn.cursor('probe_rows') as cursor:
+        cursor.execute('SELECT generate_series(1, 3)')
+        rows = [row[0] for row in cursor]
+    get_db_from_conn(conn).insert('probe_log', dict(note=note))
+    if fail:
+        raise RuntimeError('boom after the note')
+    return rows
+
+
+@use_schema(NoteFailSchema)
+@inject_conn()
+def many_notes(conn: Connection, note: str, fail: bool) -> int:
+    """Two notes by executemany, on a cursor of the action's own class."""
+    with conn.cursor(cursor_factory=NamedTupleCursor) as cursor:
+        cursor.executemany('INSERT INTO probe_log (note) VALUES (%s)', [(note,), (note,)])
+    if fail:
+        raise RuntimeError('boom after executemany')
+    return 2
+
+
+@use_schema(NoteFailSchema)
+@inject_conn()
+def copied_note(conn: Connection, note: str, fail: bool) -> int:
+    with conn.cursor() as cursor:
+        cursor.copy_expert('COPY probe_log (note) FROM STDIN', io.StringIO(note + '\n'))
+    if fail:
+        raise RuntimeError('boom after COPY')
+    return 1
+
+
+@use_schema(NoteSchema)
+@inject_conn()
+def swallowed_error(conn: Connection, note: str) -> str:
+    """Writes, then catches a statement's error and goes on: the transaction has failed."""
+    db = get_db_from_conn(conn)
+    db.insert('probe_log', dict(note=note))
+    with contextlib.suppress(psycopg2.Error):
+        db.fetch_one('SELECT 1 / 0')
+    return 'went on'

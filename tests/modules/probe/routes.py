@@ -23,5 +23,10 @@ routes = [
         'crash',
         'returns_string',
         'context',
+        'note_then_named_cursor',
+        'named_cursor_then_note',
+        'many_notes',
+        'copied_note',
+        'swallowed_error',
     )
 ] + [dict(route='nested/name', action=actions.returns_none)]

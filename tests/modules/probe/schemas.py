@@ -11,6 +11,11 @@ class NoteSchema(Schema):
     note = fields.String(required=True, validate=validate.Length(max=10_000_000))
 
 
+class NoteFailSchema(Schema):
+    note = fields.String(required=True)
+    fail = fields.Boolean(load_default=False)
+
+
 class SleepSchema(Schema):
     seconds = fields.Float(required=True)
 
