@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from lib.db.connections import ConnSpec, pools, run
+from lib.db.sql import tuple_cursor
 from tests.conftest import AUTH, make_app, query
 from tests.logs import read_lines
 from tests.pg_wire import QueryLog
@@ -112,3 +114,22 @@ def test_an_action_that_catches_a_statements_error_and_goes_on_commits_nothing_a
     [logged] = [r for r in read_lines(log_dir) if r['log.logger'] == 'dbapi.errors']
     assert logged['error.type'] == 'TransactionFailed'
     assert logged['error.message'].startswith("the request's transaction had failed")
+
+
+def test_the_next_user_of_a_connection_inherits_no_transaction_to_begin(app: Flask, db: Any) -> None:
+    """An action that raised before running anything leaves lib's BEGIN unsent: a user of the
+    pool's connection without `prepare` (the pool's own sweep) must not send it for it."""
+    text = note()
+    with app.app_context():
+        pool = pools().get('default')
+
+        def fails(conn: Any) -> None:
+            raise RuntimeError('before any statement')
+
+        with pytest.raises(RuntimeError):
+            run(pool, ConnSpec('default', named=True, autocommit=False), fails)
+        with pool.connection() as conn:  # the same one: the pool lends the warmest
+            conn.autocommit = True
+            with tuple_cursor(conn) as cursor:
+                cursor.execute('INSERT INTO probe_log (note) VALUES (%s)', [text])
+    assert notes(db, text) == 1

@@ -396,7 +396,13 @@ class BorrowedConnection:
             raise
 
     def __exit__(self, *_: object) -> None:
-        self.pool.putconn(release(self.conn))  # rolled back first if the block left a transaction
+        conn: PooledConnection = self.conn  # type: ignore[assignment]  # the pools open only these
+        # Nothing of the borrow stays for the next user, who may take it without `prepare` (the
+        # pool's own sweep): no transaction of lib's to begin, no events held (a transaction that
+        # committed wrote them already). What `release` does, and more; every borrow passes here.
+        conn.held = conn.lib_begins = conn.begin_next = False
+        conn.pending_events = None
+        self.pool.putconn(conn)  # rolled back first if the block left a transaction
 
 
 def connection(name: str, named: bool = True, autocommit: bool = True) -> BorrowedConnection:

@@ -28,13 +28,12 @@ from typing import Any, cast
 import psycopg2
 import psycopg2.errors
 from psycopg2.extensions import connection as Connection
-from psycopg2.extensions import cursor as Cursor  # rows as tuples, whatever the action's connection gives
 
 from lib.core.errors import ApiError, bad_request
 from lib.core.record import Answer
 from lib.db.connections import BorrowedConnection, ConnSpec, PooledConnection
 from lib.db.pool import ConnectionPool
-from lib.db.sql import Prepared, execute_prepared
+from lib.db.sql import Prepared, execute_prepared, tuple_cursor
 
 log = logging.getLogger('dbapi.idempotency')
 
@@ -215,7 +214,7 @@ def begin(conn: Connection, claim: Claim) -> Begun:
     up: its live answer to replay, or nothing once its lock is taken, for the work to run. 409
     when another request holds the lock; the transaction is then already rolled back."""
     try:
-        with conn.cursor(cursor_factory=Cursor) as cursor:
+        with tuple_cursor(conn) as cursor:
             execute_prepared(cursor, LOOKUP, {**claim.params, 'lock': claim.lock}, before='BEGIN; ')
             row = cast(tuple[Any, ...], cursor.fetchone())  # LOOKUP always answers one row
     except psycopg2.errors.UndefinedTable:
@@ -246,7 +245,7 @@ def commit_with_answer(conn: Connection, claim: Claim, served: Answer, begun: Be
         'content_type': served.content_type,
         'answer': served.body,
     }
-    with conn.cursor(cursor_factory=Cursor) as cursor:
+    with tuple_cursor(conn) as cursor:
         if not begun.expired:
             try:
                 execute_prepared(cursor, INSERT, params, after='; COMMIT')
@@ -279,7 +278,7 @@ def rollback_quietly(conn: Connection) -> None:
 def stored_answer(conn: Connection, claim: Claim) -> Answer:
     """The key's committed live answer (one statement, no transaction of its own); 409 when
     there is none yet (the request that holds the key has not committed)."""
-    with conn.cursor(cursor_factory=Cursor) as cursor:
+    with tuple_cursor(conn) as cursor:
         execute_prepared(cursor, STORED, claim.params)
         row = cursor.fetchone()
     if row is None:
@@ -365,7 +364,7 @@ def sweep(pool: ConnectionPool, ttl: float, batch: int = SWEEP_BATCH) -> int:
     with pool.connection() as conn:
         conn.autocommit = True
         while True:
-            with conn.cursor(cursor_factory=Cursor) as cursor:
+            with tuple_cursor(conn) as cursor:
                 cursor.execute(SWEEP, {'ttl': ttl, 'batch': batch})
                 deleted += cursor.rowcount
             if cursor.rowcount < batch:

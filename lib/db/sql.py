@@ -237,6 +237,16 @@ def execute_query(cursor: PlainCursor, query: Query, params: Params) -> None:
         cursor.execute(query, params)
 
 
+def tuple_cursor(conn: Connection) -> PlainCursor:
+    """`conn.cursor(cursor_factory=PlainCursor)`: rows as tuples. A pooled connection names the
+    class that makes (`tuple_cursor`, lib.db.connections): made directly, without its `cursor`
+    method in Python."""
+    make: type[PlainCursor] | None = getattr(conn, 'tuple_cursor', None)
+    if make is None:
+        return conn.cursor(cursor_factory=PlainCursor)
+    return make(conn)
+
+
 class Db:
     """Small helpers over one connection: identifiers quoted, every value a bound parameter."""
 
@@ -245,8 +255,8 @@ class Db:
         self.named = getattr(conn, 'named', True)
 
     def cursor(self) -> PlainCursor:
-        # Always tuples underneath: `_rows` builds the dicts itself. A pooled connection names
-        # the class its `cursor(cursor_factory=PlainCursor)` would make: made directly, cheaper.
+        # Always tuples underneath: `_rows` builds the dicts itself. `tuple_cursor`, inlined:
+        # every statement of the helpers passes here.
         make: type[PlainCursor] | None = getattr(self.conn, 'tuple_cursor', None)
         if make is None:
             return self.conn.cursor(cursor_factory=PlainCursor)

@@ -38,12 +38,11 @@ import orjson
 from marshmallow import Schema
 from psycopg2.extensions import TRANSACTION_STATUS_INTRANS
 from psycopg2.extensions import connection as Connection
-from psycopg2.extensions import cursor as PlainCursor
 from psycopg2.extras import RealDictRow
 
 from lib.core.json import contains_nul, dumps
 from lib.db.connections import PooledConnection
-from lib.db.sql import Prepared, execute_prepared
+from lib.db.sql import Prepared, execute_prepared, tuple_cursor
 
 CHANNEL = 'dbapi_outbox'  # LISTEN/NOTIFY channel: "events were committed"
 EXCHANGE = 'dbapi.events'  # the durable topic exchange the relay publishes to
@@ -302,8 +301,7 @@ def flush(conn: Connection, after: str = '') -> int:
         statement, events = FLUSH_ONE, orjson.dumps(as_json(held[0]))
     else:
         statement, events = FLUSH_MANY, orjson.dumps([as_json(event) for event in held])
-    make: type[PlainCursor] = getattr(conn, 'tuple_cursor', PlainCursor)  # what conn.cursor() would make
-    with make(conn) as cursor:
+    with tuple_cursor(conn) as cursor:
         execute_prepared(cursor, statement, {'events': events.decode()}, after=after)
     return len(held)
 
