@@ -213,14 +213,13 @@ def end_transaction(conn: Connection) -> None:
         pooled.write_events('; COMMIT')  # with BEGIN in front when nothing went out yet (begin_next)
     elif status != TRANSACTION_STATUS_IDLE:
         own_cursor(pooled).execute('COMMIT')
-    pooled.begin_next = False
 
 
 def own_cursor(conn: PooledConnection) -> PlainCursor:
     """lib's own plain cursor of `conn`, made once, for statements with no rows to read (no
     prefix of lib's BEGIN or pgbouncer's timeout: for statements inside a transaction)."""
     cursor: PlainCursor | None = conn.__dict__.get(OWN_CURSOR)
-    if cursor is None or cursor.closed:
+    if cursor is None:
         cursor = conn.__dict__[OWN_CURSOR] = PlainCursor(conn)
     return cursor
 

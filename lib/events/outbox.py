@@ -306,9 +306,6 @@ def flush(conn: Connection, after: str = '') -> int:
     return len(held)
 
 
-def write_events(conn: PooledConnection, after: str = '') -> None:
-    """The writer a PooledConnection's commit (and a keyed request's) runs for its pending events."""
-    flush(conn, after)
-
-
-PooledConnection.write_events = write_events  # type: ignore[method-assign,assignment]  # the db layer's hook
+# The writer a PooledConnection's commit, its transaction step and a keyed request run for the
+# events it holds (the db layer cannot import the events layer above it).
+PooledConnection.write_events = flush  # type: ignore[method-assign,assignment]
